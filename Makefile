@@ -1,0 +1,34 @@
+# Two set-up commands for a newcomer: `make demo` and `make test`. Each creates .venv if missing
+# and installs the package with its pinned dependencies (constraints.txt pins torch to the CPU build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench bench-baseline clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e '.[test]'
+	touch $(STAMP)
+
+$(VENV)/.bench: $(STAMP)
+	$(PIP) -e '.[test,bench]'
+	touch $(VENV)/.bench
+
+demo: $(STAMP)
+	$(BIN)/nncompress demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: bench-baseline
+
+bench-baseline: $(VENV)/.bench
+	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

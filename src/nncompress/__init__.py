@@ -1,0 +1,17 @@
+"""nncompress: compress PyTorch models with measured results.
+
+    import nncompress
+    from nncompress.distill import FinetuneConfig
+    model = nncompress.apply(model, FinetuneConfig(epochs=1), context=nncompress.Context(data=data))
+    nncompress.save(model, "out/")          # safetensors + manifest, no pickle
+    same = nncompress.load("out/")          # rebuilt architecture, identical outputs
+"""
+from .core import (Config, ConfigError, Context, NNCompressError, Targets, TrainConfig, apply,
+                   history, names, register)
+from . import distill  # noqa: F401  (registers the fine-tune stage)
+from .saving import load, save
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ConfigError", "Context", "NNCompressError", "Targets", "TrainConfig", "apply",
+           "history", "load", "names", "register", "save", "__version__"]

@@ -1,0 +1,147 @@
+"""`Config`: the frozen dataclass every technique's options derive from.
+
+A config round-trips through plain dicts (and so YAML): `Cfg.from_dict(cfg.to_dict()) == cfg`.
+`from_dict` checks every field's type and reports the first problem with its path:
+
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True)
+... class Demo(Config):
+...     ratio: float = 0.5
+>>> Demo.from_dict({"ratio": "x"}, path="stages[0]")
+Traceback (most recent call last):
+...
+nncompress.core.errors.ConfigError: stages[0].ratio: expected a number, got 'x'
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+from .errors import ConfigError
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise `ConfigError(field, message)` unless `condition`; for `__post_init__` validation."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base class for configs: frozen dataclasses with typed, path-aware (de)serialisation."""
+
+    kind: ClassVar[str] = ""  # set by the registry at the definition site
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind} if self.kind else {}
+        for f in dataclasses.fields(self):
+            out[f.name] = _to_plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "") -> "Config":
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected a mapping of {cls.__name__} fields, got {_show(data)}")
+        data = {k: v for k, v in data.items() if k != "kind"}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(_join(path, unknown[0]), f"unknown field; {cls.__name__} takes {', '.join(sorted(fields)) or 'no fields'}")
+        values = {name: _coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
+        missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(_join(path, missing[0]), "required field is missing")
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise e.under(path) if path else e
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, type):
+        return value.__name__
+    return value
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the type `hint` and convert YAML-shaped values (lists -> tuples)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(path, " or ".join(dict.fromkeys(errors)))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {_show(value)}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(value) != len(args):
+                raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item = args[0] if args else Any
+            items = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_show(value)}")
+        vt = args[1] if args else Any
+        return {k: _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, Config):
+        return hint.from_dict(value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_show(value)}")
+        return value
+    return value

@@ -1,0 +1,106 @@
+"""The one training loop every stage that trains reuses (fine-tune, QAT, distillation, ...).
+
+A loss is a function `loss_fn(model, batch) -> scalar tensor`; distillation and regularizers are
+extra terms added through `extra_losses`, so the loop itself never changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .config import Config, check
+from .errors import TrainingError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Options of the shared training loop."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    max_grad_norm: float = 0.0  # 0 disables clipping
+    max_steps: int = 0  # 0: no limit; a budget in optimizer steps across epochs
+
+    def __post_init__(self):
+        check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *,
+        extra_losses: tuple[LossFn, ...] = (), optimizer: torch.optim.Optimizer | None = None,
+        after_step: Callable[[nn.Module], None] | None = None, progress: bool = False,
+        desc: str = "train") -> list[float]:
+    """Train `model` in place; returns the mean loss of each epoch.
+
+    extra_losses: terms added to the loss (distillation, sparsity penalties)
+    after_step:   called after each optimizer step (e.g. to re-apply masks)
+    A non-finite loss stops training with a `TrainingError` that says where and what to change.
+    """
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    total = cfg.epochs * n_batches if n_batches else None
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps) if total else cfg.max_steps
+    opt = optimizer or make_optimizer(model.parameters(), cfg)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+             if cfg.schedule == "cosine" and total else None)
+    was_training = model.training
+    model.train()
+    history: list[float] = []
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    try:
+        for epoch in range(cfg.epochs):
+            losses = []
+            for i, batch in enumerate(loader):
+                loss = loss_fn(model, batch)
+                for term in extra_losses:
+                    loss = loss + term(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                        f"lower the learning rate (lr={cfg.lr:g}) or set max_grad_norm, and check the data for NaNs")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                if after_step is not None:
+                    after_step(model)
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+            history.append(sum(losses) / max(len(losses), 1))
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    return [h for h in history if not math.isnan(h)]

@@ -1,0 +1,122 @@
+"""Checkpoints: safetensors weights plus a JSON manifest, no pickle anywhere.
+
+A checkpoint folder holds `model.safetensors` and `manifest.json`. The manifest records where the
+base architecture comes from (`source`, e.g. `{"name": "mnist1d_cnn", "kwargs": {}}`), the transforms
+applied (`history`, replayed on load to rebuild changed shapes) and the weights' SHA-256, so a
+corrupt or swapped file is caught before it is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from ..core.errors import ModelLoadError
+from .atomic import atomic_path, atomic_write_text
+
+FORMAT = "nncompress-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder as read back: what to build, what to replay, where the weights are."""
+
+    path: Path
+    source: dict[str, Any]
+    history: list[dict[str, Any]]
+    extra: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, Any],
+                     history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s weights and manifest into `directory`; each file is written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS) as tmp:
+        # save_model (not save_file) de-duplicates tied weights, which safetensors cannot share.
+        save_model(model, str(tmp), metadata={"format": FORMAT})
+    import nncompress  # the version only; no circular use
+    manifest = {
+        "format": FORMAT, "version": VERSION, "nncompress": nncompress.__version__,
+        "torch": torch.__version__, "source": source, "history": history,
+        "weights": {"file": WEIGHTS, "sha256": sha256(directory / WEIGHTS)},
+        "extra": extra or {},
+    }
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint folder's manifest and checksum (the weights are loaded later)."""
+    directory = Path(directory)
+    if directory.is_file() and directory.name in (WEIGHTS, MANIFEST):
+        directory = directory.parent
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelLoadError(f"{directory}: no {MANIFEST} here; point at a folder written by nncompress.save")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{manifest_path}: not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt, re-save the model") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelLoadError(f"{manifest_path}: not an nncompress manifest (format field missing or wrong)")
+    if manifest.get("version", 0) > VERSION:
+        raise ModelLoadError(f"{manifest_path}: manifest version {manifest['version']} is newer than this "
+                             f"nncompress reads ({VERSION}); upgrade nncompress")
+    weights = directory / manifest["weights"]["file"]
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights}: weights file is missing; copy the whole checkpoint folder")
+    if sha256(weights) != manifest["weights"]["sha256"]:
+        raise ModelLoadError(f"{weights}: checksum does not match the manifest (file corrupt or replaced); re-save the model")
+    return Checkpoint(directory, manifest["source"], manifest.get("history", []), manifest.get("extra", {}))
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint) -> nn.Module:
+    """Load the checkpoint's tensors into `model` (built and replayed); shapes and names must match."""
+    try:
+        tensors = load_file(str(ckpt.weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{ckpt.weights}: cannot read safetensors ({e}); the file is corrupt, re-save the model") from None
+    state = model.state_dict()
+    for name, tensor in tensors.items():
+        if name not in state:
+            raise ModelLoadError(f"{ckpt.weights}: tensor {name!r} has no place in the rebuilt model; "
+                                 "the manifest and weights do not belong together")
+        if state[name].shape != tensor.shape:
+            raise ModelLoadError(f"{ckpt.weights}: {name} has shape {tuple(tensor.shape)} but the rebuilt model "
+                                 f"expects {tuple(state[name].shape)}; the manifest and weights do not belong together")
+    # Tied weights are stored once: fill the aliases from the tensor that was kept.
+    missing = [k for k in state if k not in tensors]
+    data_ptrs = {}
+    for k, v in state.items():
+        data_ptrs.setdefault(v.data_ptr(), []).append(k)
+    full = dict(tensors)
+    for k in missing:
+        alias = next((a for a in data_ptrs[state[k].data_ptr()] if a in tensors), None)
+        if alias is None:
+            raise ModelLoadError(f"{ckpt.weights}: tensor {k!r} is missing; the file is incomplete, re-save the model")
+        full[k] = tensors[alias]
+    model.load_state_dict(full, strict=True)
+    return model
