@@ -18,6 +18,7 @@ from .registry import lookup, transform_for
 from .targets import Targets
 
 HISTORY_ATTR = "_nncompress_history"
+SOURCE_ATTR = "_nncompress_source"
 
 
 def apply(model: nn.Module, config: Config, targets: Targets | None = None,
@@ -53,4 +54,15 @@ def replay(model: nn.Module, entries: list[dict[str, Any]]) -> nn.Module:
                       record=dict(entry.get("record", {})))
         model = transform_for(cfg).fn(model, cfg, ctx)
     setattr(model, HISTORY_ATTR, list(entries))
+    return model
+
+
+def model_source(model: nn.Module) -> dict[str, Any] | None:
+    """The spec (`{"name": ..., "kwargs": ...}`) the model was built from, if nncompress built it."""
+    return getattr(model, SOURCE_ATTR, None)
+
+
+def tag_source(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Remember how `model` was built, so `save` can write it and `load` can rebuild it."""
+    setattr(model, SOURCE_ATTR, {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {})})
     return model

@@ -92,8 +92,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error, with its own path
+            return _coerce(value, candidates[0], path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in candidates:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as e:

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import Config, ConfigError, Context, TrainConfig, check, fit, register
+from ..core import ConfigError, Context, TrainConfig, check, fit, register
+from ..core.train import make_optimizer
 from ..core.errors import DataError
 from .losses import embedding_distill_loss, kd_logits_loss
 
@@ -73,7 +74,11 @@ def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Modul
         return loss
 
     train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
-    losses = fit(model, ctx.data.train, loss_fn, train_cfg, progress=ctx.progress, desc="finetune")
+    # Only the targeted modules train; with the default targets that is the whole model.
+    params = {id(p): p for _, m in ctx.targets.select(model) for p in m.parameters()}
+    optimizer = make_optimizer(params.values(), train_cfg)
+    losses = fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer, progress=ctx.progress,
+                 desc="finetune")
     ctx.record["epoch_losses"] = [round(x, 6) for x in losses]
     model.eval()
     return model

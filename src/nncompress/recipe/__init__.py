@@ -1,0 +1,15 @@
+"""Recipes: YAML -> validated stages -> run -> run directory with report, plots, model, manifest."""
+from importlib import resources
+from pathlib import Path
+
+from .runner import RunResult, run_recipe
+from .schema import DataSpec, MeasureConfig, ModelSpec, Recipe, Stage, load_recipe, parse_recipe
+
+
+def demo_recipe_path() -> Path:
+    """The packaged recipe `nncompress demo` runs."""
+    return Path(str(resources.files(__package__) / "demo.yaml"))
+
+
+__all__ = ["RunResult", "run_recipe", "DataSpec", "MeasureConfig", "ModelSpec", "Recipe", "Stage",
+           "load_recipe", "parse_recipe", "demo_recipe_path"]

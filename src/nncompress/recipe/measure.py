@@ -1,0 +1,96 @@
+"""Measure a model after each recipe stage: quality, size, MACs, bytes on disk, latency.
+
+Every figure is measured here, on the stage's real model and files: the checkpoint written for the
+stage is the file whose bytes are reported, and the ONNX file whose latency is reported is the one
+exported from that stage's model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.errors import DataError, UnsupportedOpError
+from ..eval.latency import measure_latency, measure_onnx_latency
+from ..eval.measure import call_model, count_macs, count_nonzero_params, count_params, file_bytes
+from ..eval.metrics import accuracy, embed, embedding_fidelity
+from ..eval.report import StageMetrics, run_info
+from ..export.onnx import export_onnx
+from ..saving import save
+from .schema import MeasureConfig
+
+__all__ = ["Measurer", "call_model", "inputs_of_batch"]
+
+
+def inputs_of_batch(data, batch: int):
+    """`batch` real samples from the calibration set, repeated cyclically when it holds fewer."""
+    try:
+        return data.example_batch(batch)
+    except DataError:
+        pass
+    parts = []
+    for b in data.calib:
+        parts.append(b if isinstance(b, dict) else b[0])
+    if isinstance(parts[0], dict):
+        full = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        n = len(next(iter(full.values())))
+        idx = torch.arange(batch) % n
+        return {k: v[idx] for k, v in full.items()}
+    full = torch.cat(parts)
+    return full[torch.arange(batch) % len(full)]
+
+
+@dataclasses.dataclass
+class Measurer:
+    """Measures stages of one run the same way, against the same reference."""
+
+    config: MeasureConfig
+    data: Any
+    teacher: nn.Module
+    out: Path
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.inputs = {b: inputs_of_batch(self.data, b) for b in self.config.batch_sizes}
+        self.reference = embed(self.teacher, self.data.test) if self.data.task == "embedding" else None
+
+    def quality(self, model: nn.Module) -> tuple[str, float, dict[str, float]]:
+        device = self.config.device
+        if self.data.task == "embedding":
+            fid = embedding_fidelity(self.reference, embed(model, self.data.test, device=device))
+            return "cosine", fid["cosine"], {k: v for k, v in fid.items() if k != "cosine"}
+        return "accuracy", accuracy(model, self.data.test, device=device), {}
+
+    def measure(self, model: nn.Module, label: str, kind: str, seconds: float) -> StageMetrics:
+        cfg = self.config
+        folder = self.out / "stages" / (label if label != "baseline" else "00_baseline")
+        save(model, folder / "checkpoint")
+        name, value, extra = self.quality(model)
+        small = self.inputs[min(cfg.batch_sizes)]
+        latencies = [measure_latency(model, self.inputs[b], warmup=cfg.warmup, repeats=cfg.repeats,
+                                     threads=cfg.threads, device=cfg.device) for b in cfg.batch_sizes]
+        if cfg.onnx:
+            try:
+                onnx_path = export_onnx(model, small, folder / "model.onnx")
+            except UnsupportedOpError as e:  # reported, not fatal: the torch figures still stand
+                self.warnings.append(f"{label}: no ONNX latency ({e})")
+            else:
+                latencies += [measure_onnx_latency(onnx_path, self.inputs[b], warmup=cfg.warmup,
+                                                   repeats=cfg.repeats, threads=cfg.threads)
+                              for b in cfg.batch_sizes]
+        return StageMetrics(
+            stage=label, kind=kind, quality_name=name, quality=value, extra=extra,
+            params=count_params(model), nonzero=count_nonzero_params(model),
+            macs=count_macs(model, self.inputs[1] if 1 in self.inputs else inputs_of_batch(self.data, 1)),
+            file_bytes=file_bytes(folder / "checkpoint" / "model.safetensors"),
+            latencies=latencies, seconds=round(seconds, 3))
+
+    def run_info(self, recipe) -> dict[str, Any]:
+        info = run_info(threads=self.config.threads, device=self.config.device)
+        info.update(recipe=recipe.name, model=recipe.model.name, data=recipe.data.name)
+        if self.warnings:
+            info["warnings"] = self.warnings
+        return info

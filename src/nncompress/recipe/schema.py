@@ -1,0 +1,149 @@
+"""Recipe schema: YAML -> validated configs, every error reported with its YAML path.
+
+A recipe is the model, the data, how to measure, and a list of stages `{kind: <registered name>,
+targets: {...}, ...config fields}`. Stages go through the same `Config.from_dict` as Python configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..core import Config, ConfigError, Targets, TrainConfig, check, lookup, names
+from ..core.errors import NNCompressError, RegistryError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(Config):
+    """Where the model comes from.
+
+    name: a built-in (`mnist1d_cnn`), `module:factory`, `hf:minilm` or `hf:/path/to/folder`
+    kwargs: passed to the factory
+    pretrain: train the model on the recipe's data before the baseline (cached by content hash)
+    """
+
+    name: str = "mnist1d_cnn"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrain: TrainConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec(Config):
+    """Where the data comes from: a built-in (`mnist1d`, `digits`, `sentences`) or `module:factory`."""
+
+    name: str = "mnist1d"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig(Config):
+    """How each stage is measured. Latency: median of `repeats` runs after `warmup`, `threads` fixed."""
+
+    batch_sizes: tuple[int, ...] = (1, 256)
+    threads: int = 2
+    warmup: int = 5
+    repeats: int = 30
+    device: Literal["cpu", "cuda"] = "cpu"
+    onnx: bool = True
+
+    def __post_init__(self):
+        check(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "batch_sizes",
+              "must be a non-empty list of positive integers")
+        check(self.threads > 0, "threads", f"must be > 0, got {self.threads}")
+        check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+        check(self.repeats > 0, "repeats", f"must be > 0, got {self.repeats}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One validated stage: its config, its module selection, and its position for messages."""
+
+    config: Config
+    targets: Targets
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.index + 1:02d}_{self.config.kind}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "targets": self.targets.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    measure: MeasureConfig
+    stages: tuple[Stage, ...]
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed, "model": self.model.to_dict(),
+                "data": self.data.to_dict(), "measure": self.measure.to_dict(),
+                "stages": [s.to_dict() for s in self.stages]}
+
+
+_TOP = {"name", "seed", "model", "data", "measure", "stages"}
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a whole recipe (a dict as loaded from YAML) before anything runs."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{source}: a recipe is a mapping with model, data and stages; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown recipe section; sections are {', '.join(sorted(_TOP))}")
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\"):
+        raise ConfigError("name", f"must be a non-empty string without slashes, got {name!r}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", f"expected an integer, got {seed!r}")
+    model = ModelSpec.from_dict(_shorthand(raw.get("model", "mnist1d_cnn")), "model")
+    data = DataSpec.from_dict(_shorthand(raw.get("data", "mnist1d")), "data")
+    measure = MeasureConfig.from_dict(raw.get("measure") or {}, "measure")
+    stages_raw = raw.get("stages") or []
+    if not isinstance(stages_raw, list):
+        raise ConfigError("stages", f"expected a list of stages, got {type(stages_raw).__name__}")
+    stages = tuple(parse_stage(s, i) for i, s in enumerate(stages_raw))
+    return Recipe(name=name, model=model, data=data, measure=measure, stages=stages, seed=seed)
+
+
+def parse_stage(raw: Any, index: int) -> Stage:
+    path = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"a stage is a mapping like {{kind: finetune, epochs: 1}}, got {raw!r}")
+    kind = raw.get("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{path}.kind", f"missing; one of: {', '.join(names())}")
+    try:
+        transform = lookup(kind)
+    except RegistryError:
+        raise ConfigError(f"{path}.kind", f"unknown stage kind {kind!r}; known: {', '.join(names())}") from None
+    fields = {k: v for k, v in raw.items() if k not in ("kind", "targets")}
+    targets = Targets.from_dict(raw.get("targets") or {}, f"{path}.targets")
+    return Stage(config=transform.config.from_dict(fields, path), targets=targets, index=index)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; YAML syntax errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NNCompressError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("", f"{path}:{where}: malformed YAML ({problem})") from None
+    return parse_recipe(raw, source=str(path))
+
+
+def _shorthand(value: Any) -> Any:
+    """`model: mnist1d_cnn` means `model: {name: mnist1d_cnn}`."""
+    return {"name": value} if isinstance(value, str) else value
