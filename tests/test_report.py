@@ -5,6 +5,7 @@ import doctest
 
 import pytest
 import torch
+import torch.nn as nn
 
 from nncompress.core.errors import DataError
 from nncompress.eval import Latency, Report, StageMetrics, pareto_png, run_info
@@ -105,3 +106,24 @@ def test_pareto_png_is_a_png_written_without_temporaries(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["pareto.png"]
     empty = pareto_png(Report([StageMetrics("baseline", "baseline")]), tmp_path / "empty.png")
     assert empty.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speedup_prefers_the_baseline_timed_beside_the_stage():
+    def lat(ms):
+        return Latency(ms, ms, ms, 5, 2, 1, "cpu")
+    base = StageMetrics("baseline", "baseline", quality=0.9, latencies=[lat(100.0)])
+    # Baseline re-timed alongside the stage at 10 ms (the machine was quieter then): 10 / 5 = 2x,
+    # not the 100 / 5 = 20x that comparing across the run would claim.
+    stage = StageMetrics("s", "k", quality=0.9, latencies=[lat(5.0)], reference=[lat(10.0)])
+    report = Report([base, stage])
+    assert "2.00x" in report.to_markdown() and "20.00x" not in report.to_markdown()
+    assert Report.from_json(report.to_json()) == report
+
+
+def test_compare_latency_times_every_model_alike():
+    from nncompress.eval.latency import compare_latency
+    a, b = nn.Linear(32, 32), nn.Linear(32, 4)
+    threads = torch.get_num_threads()
+    la, lb = compare_latency([a, b], torch.randn(3, 32), warmup=1, repeats=4, threads=1)
+    assert la.comparable(lb) and la.repeats == lb.repeats == 4 and la.batch == 3
+    assert torch.get_num_threads() == threads

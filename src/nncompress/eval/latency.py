@@ -130,6 +130,63 @@ def measure_latency(model: nn.Module, inputs: Inputs, *, warmup: int = 5, repeat
     return Latency(median, p10, p90, repeats, used, batch, dev.type)
 
 
+def _time_interleaved(runs: list[Callable[[], Any]], warmup: int, repeats: int,
+                      sync: Callable[[], None]) -> list[list[float]]:
+    """Time several candidates in alternating rounds, so drift (other load, clocks) hits all alike."""
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("repeats", f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    sync()
+    samples: list[list[float]] = [[] for _ in runs]
+    for r in range(repeats):
+        for j in range(len(runs)):
+            i = (j + r) % len(runs)  # rotate the order: no candidate always runs first
+            start = time.perf_counter_ns()
+            runs[i]()
+            sync()
+            samples[i].append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def compare_latency(models: list[nn.Module], inputs: Inputs, *, warmup: int = 5, repeats: int = 30,
+                    threads: int | None = None, device: str = "cpu") -> list[Latency]:
+    """Latency of several models on the same inputs, measured in interleaved rounds.
+
+    A speedup between two of them is then a ratio taken under the same conditions, not across
+    minutes in which the machine's load may have changed.
+
+    >>> a, b = nn.Linear(64, 64), nn.Linear(64, 8)
+    >>> la, lb = compare_latency([a, b], torch.randn(2, 64), warmup=1, repeats=5, threads=1)
+    >>> la.comparable(lb)
+    True
+    """
+    dev = _check_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batch = batch_size(inputs)
+    x = move_inputs(inputs, dev)
+    with contextlib.ExitStack() as stack:
+        used = stack.enter_context(num_threads(threads))
+        for m in models:
+            stack.enter_context(evaluating(m, dev))
+        stack.enter_context(torch.inference_mode())
+        samples = _time_interleaved([lambda m=m: call_model(m, x) for m in models], warmup, repeats, sync)
+    return [Latency(*_summary(s), repeats, used, batch, dev.type) for s in samples]
+
+
+def compare_onnx_latency(onnx_paths: list[str | os.PathLike], inputs: Inputs, *, warmup: int = 5,
+                         repeats: int = 30, threads: int | None = None) -> list[Latency]:
+    """`compare_latency` for ONNX files, each in its own onnxruntime CPU session."""
+    used = threads if threads is not None else torch.get_num_threads()
+    sessions = [ort_session(p, used) for p in onnx_paths]
+    feeds = [ort_feed(s, inputs) for s in sessions]
+    runs = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)]
+    samples = _time_interleaved(runs, warmup, repeats, lambda: None)
+    return [Latency(*_summary(x), repeats, used, batch_size(inputs), "cpu", runtime="onnxruntime")
+            for x in samples]
+
+
 def ort_feed(session: Any, inputs: Inputs) -> dict[str, np.ndarray]:
     """The onnxruntime feed for `inputs`: a tensor goes to the first graph input, a dict by name."""
     names = [i.name for i in session.get_inputs()]

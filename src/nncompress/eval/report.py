@@ -56,11 +56,13 @@ class StageMetrics:
     macs: int | None = None
     file_bytes: int | None = None
     latencies: list[Latency] = dataclasses.field(default_factory=list)
+    reference: list[Latency] = dataclasses.field(default_factory=list)
     seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["latencies"] = [lat.to_dict() for lat in self.latencies]
+        d["reference"] = [lat.to_dict() for lat in self.reference]
         return d
 
     @classmethod
@@ -68,6 +70,8 @@ class StageMetrics:
         d = _known_fields(cls, data, path)
         d["latencies"] = [Latency(**_known_fields(Latency, lat, f"{path}.latencies[{i}]"))
                           for i, lat in enumerate(d.get("latencies", []))]
+        d["reference"] = [Latency(**_known_fields(Latency, lat, f"{path}.reference[{i}]"))
+                          for i, lat in enumerate(d.get("reference", []))]
         try:
             return cls(**d)
         except TypeError as e:  # a required field is missing
@@ -76,6 +80,10 @@ class StageMetrics:
     def latency(self, runtime: str, batch: int) -> Latency | None:
         """The measured latency with this runtime and batch, or None."""
         return next((lat for lat in self.latencies if lat.runtime == runtime and lat.batch == batch), None)
+
+    def reference_latency(self, runtime: str, batch: int) -> Latency | None:
+        """The baseline's latency measured interleaved with this stage's, or None."""
+        return next((lat for lat in self.reference if lat.runtime == runtime and lat.batch == batch), None)
 
 
 @dataclasses.dataclass
@@ -273,7 +281,9 @@ def _quality(s: StageMetrics, base: StageMetrics | None) -> str:
 def _speedup(base: StageMetrics | None, s: StageMetrics, runtime: str, batch: int) -> str:
     if base is None:
         return NM
-    b, lat = base.latency(runtime, batch), s.latency(runtime, batch)
+    # Prefer the baseline timed in the same interleaved rounds as this stage (see compare_latency).
+    b = s.reference_latency(runtime, batch) or base.latency(runtime, batch)
+    lat = s.latency(runtime, batch)
     if b is None or lat is None or not b.comparable(lat) or lat.median_ms <= 0:
         return NM
     return f"{b.median_ms / lat.median_ms:.2f}x"

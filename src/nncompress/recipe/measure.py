@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import DataError, UnsupportedOpError
-from ..eval.latency import measure_latency, measure_onnx_latency
+from ..eval.latency import compare_latency, compare_onnx_latency
 from ..eval.measure import call_model, count_macs, count_nonzero_params, count_params, file_bytes
 from ..eval.metrics import accuracy, embed, embedding_fidelity
 from ..eval.report import StageMetrics, run_info
@@ -52,6 +52,7 @@ class Measurer:
     teacher: nn.Module
     out: Path
     warnings: list[str] = dataclasses.field(default_factory=list)
+    baseline_onnx: Path | None = None
 
     def __post_init__(self):
         self.inputs = {b: inputs_of_batch(self.data, b) for b in self.config.batch_sizes}
@@ -70,23 +71,47 @@ class Measurer:
         save(model, folder / "checkpoint")
         name, value, extra = self.quality(model)
         small = self.inputs[min(cfg.batch_sizes)]
-        latencies = [measure_latency(model, self.inputs[b], warmup=cfg.warmup, repeats=cfg.repeats,
-                                     threads=cfg.threads, device=cfg.device) for b in cfg.batch_sizes]
+        onnx_path = None
         if cfg.onnx:
             try:
                 onnx_path = export_onnx(model, small, folder / "model.onnx")
             except UnsupportedOpError as e:  # reported, not fatal: the torch figures still stand
                 self.warnings.append(f"{label}: no ONNX latency ({e})")
-            else:
-                latencies += [measure_onnx_latency(onnx_path, self.inputs[b], warmup=cfg.warmup,
-                                                   repeats=cfg.repeats, threads=cfg.threads)
-                              for b in cfg.batch_sizes]
+        latencies, reference = self.latencies(model, onnx_path, is_baseline=label == "baseline")
         return StageMetrics(
             stage=label, kind=kind, quality_name=name, quality=value, extra=extra,
             params=count_params(model), nonzero=count_nonzero_params(model),
             macs=count_macs(model, self.inputs[1] if 1 in self.inputs else inputs_of_batch(self.data, 1)),
             file_bytes=file_bytes(folder / "checkpoint" / "model.safetensors"),
-            latencies=latencies, seconds=round(seconds, 3))
+            latencies=latencies, reference=reference, seconds=round(seconds, 3))
+
+    def latencies(self, model: nn.Module, onnx_path: Path | None, is_baseline: bool):
+        """The stage's latencies, and the baseline's timed in the same interleaved rounds.
+
+        Timing the baseline again beside every stage makes each speedup a ratio of two medians taken
+        under the same machine load, rather than minutes apart.
+        """
+        cfg = self.config
+        opts = dict(warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads)
+        latencies, reference = [], []
+        for b in cfg.batch_sizes:
+            if is_baseline:
+                latencies += compare_latency([model], self.inputs[b], device=cfg.device, **opts)
+            else:
+                ref, lat = compare_latency([self.teacher, model], self.inputs[b], device=cfg.device, **opts)
+                latencies.append(lat)
+                reference.append(ref)
+        if onnx_path is not None:
+            if is_baseline:
+                self.baseline_onnx = onnx_path
+            for b in cfg.batch_sizes:
+                if is_baseline or self.baseline_onnx is None:
+                    latencies += compare_onnx_latency([onnx_path], self.inputs[b], **opts)
+                else:
+                    ref, lat = compare_onnx_latency([self.baseline_onnx, onnx_path], self.inputs[b], **opts)
+                    latencies.append(lat)
+                    reference.append(ref)
+        return latencies, reference
 
     def run_info(self, recipe) -> dict[str, Any]:
         info = run_info(threads=self.config.threads, device=self.config.device)
