@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from ..core.errors import ModelLoadError
 from .atomic import atomic_path, atomic_write_text
+from .codecs import decode_tensor, encode_tensor
 
 FORMAT = "nncompress-checkpoint"
 VERSION = 1
@@ -50,13 +51,18 @@ def sha256(path: Path) -> str:
 
 
 def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, Any],
-                     history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights and manifest into `directory`; each file is written atomically."""
+                     history: list[dict[str, Any]], extra: dict[str, Any] | None = None,
+                     compress: bool = True) -> Path:
+    """Write `model`'s weights and manifest into `directory`; each file is written atomically.
+
+    compress: store each tensor with its smallest exact codec (sparse, 2:4, codebook; see
+              `codecs`), so bytes on disk fall with sparsity and quantization.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tensors, codecs = encode_state(model.state_dict(), compress)
     with atomic_path(directory / WEIGHTS) as tmp:
-        # save_model (not save_file) de-duplicates tied weights, which safetensors cannot share.
-        save_model(model, str(tmp), metadata={"format": FORMAT})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "codecs": json.dumps(codecs)})
     import nncompress  # the version only; no circular use
     manifest = {
         "format": FORMAT, "version": VERSION, "nncompress": nncompress.__version__,
@@ -66,6 +72,40 @@ def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, 
     }
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return directory
+
+
+def encode_state(state: dict[str, torch.Tensor], compress: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten a state dict into safetensors parts plus per-tensor codec metadata.
+
+    Tied tensors (one storage under several names) are stored once; the others are aliases.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    codecs: dict[str, Any] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            codecs[name] = {"codec": "alias", "of": seen[key]}
+            continue
+        seen[key] = name
+        parts, meta = encode_tensor(t) if compress else ({"data": t.detach().contiguous().cpu()}, {"codec": "dense"})
+        for part, value in parts.items():
+            tensors[f"{name}::{part}"] = value
+        codecs[name] = meta
+    return tensors, codecs
+
+
+def decode_state(tensors: dict[str, torch.Tensor], codecs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, part = key.rpartition("::")
+        parts.setdefault(name, {})[part] = value
+    state = {n: decode_tensor(parts[n], meta) for n, meta in codecs.items() if meta["codec"] != "alias"}
+    for n, meta in codecs.items():
+        if meta["codec"] == "alias":
+            state[n] = state[meta["of"]]
+    return state
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
@@ -96,9 +136,13 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
 def load_weights(model: nn.Module, ckpt: Checkpoint) -> nn.Module:
     """Load the checkpoint's tensors into `model` (built and replayed); shapes and names must match."""
     try:
-        tensors = load_file(str(ckpt.weights))
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{ckpt.weights}: cannot read safetensors ({e}); the file is corrupt, re-save the model") from None
+        raw = load_file(str(ckpt.weights))
+        with safe_open(str(ckpt.weights), "pt") as f:
+            codecs = json.loads((f.metadata() or {})["codecs"])
+        tensors = decode_state(raw, codecs)
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise ModelLoadError(f"{ckpt.weights}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt, "
+                             "re-save the model") from None
     state = model.state_dict()
     for name, tensor in tensors.items():
         if name not in state:
@@ -107,16 +151,9 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> nn.Module:
         if state[name].shape != tensor.shape:
             raise ModelLoadError(f"{ckpt.weights}: {name} has shape {tuple(tensor.shape)} but the rebuilt model "
                                  f"expects {tuple(state[name].shape)}; the manifest and weights do not belong together")
-    # Tied weights are stored once: fill the aliases from the tensor that was kept.
     missing = [k for k in state if k not in tensors]
-    data_ptrs = {}
-    for k, v in state.items():
-        data_ptrs.setdefault(v.data_ptr(), []).append(k)
-    full = dict(tensors)
-    for k in missing:
-        alias = next((a for a in data_ptrs[state[k].data_ptr()] if a in tensors), None)
-        if alias is None:
-            raise ModelLoadError(f"{ckpt.weights}: tensor {k!r} is missing; the file is incomplete, re-save the model")
-        full[k] = tensors[alias]
-    model.load_state_dict(full, strict=True)
+    if missing:
+        raise ModelLoadError(f"{ckpt.weights}: tensor {missing[0]!r} is missing; the manifest and weights do not "
+                             "belong together, or the file is incomplete")
+    model.load_state_dict(tensors, strict=True)
     return model
