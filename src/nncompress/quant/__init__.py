@@ -1,0 +1,29 @@
+"""Quantization: observers, fake-quant wrappers, PTQ (`quantize`), GPTQ (`gptq`), QAT (`qat`), BN folding,
+cross-layer equalization.
+
+    from nncompress.quant import QuantizeConfig, QuantSpec
+    from nncompress.formats import IntFormat
+    model = nncompress.apply(model, QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=4))))
+
+Importing this package registers the transforms `quantize`, `gptq` and `qat` and the observers
+`minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`.
+"""
+from .bn_fold import equalization_scales, equalize, find_conv_bn_pairs, find_equalization_pairs, fold_batchnorm
+from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantLinear, QuantSpec, QuantWrapper, STEQuantize,
+                         calibrating, dorefa_weight, format_from_dict, format_to_dict, granularity_from_dict,
+                         lsq_quantize, pact_quantize, qparams, quantize_ste, quantize_values, wrap)
+from .gptq import GPTQConfig, gptq_quantize, gptq_transform
+from .observers import kl_threshold, observe
+from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity, quantize
+from .qat import QATConfig, convert, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
+
+__all__ = [
+    "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig",
+    "quantize", "quantization_aware_training", "gptq_transform", "gptq_quantize",
+    "prepare_qat", "convert", "refresh_weight_scales", "kd_loss",
+    "FakeQuant", "QuantWrapper", "QuantLinear", "QuantConv", "wrap", "calibrating", "calibrate", "bias_correct",
+    "quant_sensitivity", "STEQuantize", "GradScale", "quantize_ste", "quantize_values", "qparams",
+    "lsq_quantize", "pact_quantize", "dorefa_weight", "format_from_dict", "format_to_dict", "granularity_from_dict",
+    "observe", "kl_threshold",
+    "fold_batchnorm", "find_conv_bn_pairs", "equalize", "equalization_scales", "find_equalization_pairs",
+]

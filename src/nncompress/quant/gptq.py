@@ -1,0 +1,231 @@
+"""GPTQ (Frantar et al., 2022): weight-only quantization that corrects each rounding error with the
+not-yet-quantized weights of the same row, using the inverse Hessian H = 2 X X^T / n of the layer's
+inputs on calibration data.
+
+    cfg = GPTQConfig(weight=QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=64)))
+    model = nncompress.apply(model, cfg, context=nncompress.Context(data=data))
+
+As a recipe stage: `{kind: gptq, weight: {format: {kind: int, bits: 4}, granularity: {kind: per_group,
+size: 64}}, calib_batches: 8}`.
+
+The result is the same `QuantLinear` / `QuantConv` wrapper PTQ leaves, whose base weight already lies
+on the grid (fake-quantizing it again with the recorded scales is the identity), so `merge()` and
+save / load behave as for PTQ. Replay rebuilds the wrappers and scales; the corrected weights come
+from the checkpoint. Per-channel scales are fitted before the sweep; per-group scales when the sweep
+reaches the group, from the error-corrected weights (as the reference code does), or before the
+sweep with `act_order` ("static groups"). Conv1d/Conv2d inputs are unfolded into patches; grouped and
+3-D convolutions fall back to round to nearest.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core import Config, ConfigError, Context, check, lookup, register
+from ..core.errors import DataError, TargetError
+from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
+from .bn_fold import set_module
+from .fake_quant import QuantSpec, QuantWrapper, qparams, quantize_values, wrap
+from .ptq import (_batches, batch_inputs, call_model, layer_record, quantizable_layers, rebuild_layer,
+                  unwrap_layers)
+
+__all__ = ["GPTQConfig", "gptq_transform", "gptq_quantize", "layer_inputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(Config):
+    """GPTQ options.
+
+    weight:        an integer spec; per tensor, per output channel, or per group along the fan-in
+    calib_batches: calibration batches that estimate each layer's Hessian
+    damp:          dampening, as a fraction of the mean diagonal of H, added to its diagonal
+    block_size:    columns updated together (lazy batch updates; a multiple of the group size)
+    act_order:     quantize columns by decreasing diag(H) (with static group scales)
+    sequential:    collect each layer's inputs with the layers before it already quantized
+    """
+
+    weight: QuantSpec = QuantSpec(format=IntFormat(bits=4))
+    calib_batches: int = 8
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        w = self.weight
+        check(isinstance(w.format, IntFormat), "weight.format", "GPTQ quantizes onto an integer grid; use {kind: int}")
+        check(w.method == "rtn", "weight.method", "GPTQ computes the weights itself; use method rtn")
+        g = w.granularity
+        check(g is None or isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)
+              or (isinstance(g, PerGroup) and g.axis in (1, -1)), "weight.granularity",
+              "GPTQ takes per_tensor, per_channel (axis 0) or per_group along the fan-in (axis 1)")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+        check(self.damp > 0, "damp", f"must be > 0, got {self.damp}")
+        check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+
+
+# ------------------------------------------------------------------------------------ inputs -> H
+
+def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer's weight (O, C) multiplies: (M, C); patches for convolutions."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])                                    # (N * ..., I)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)                                                   # (N, C, 1, L)
+        k, s, d = (1, *layer.kernel_size), (1, *layer.stride), (1, *layer.dilation)
+    else:
+        k, s, d = layer.kernel_size, layer.stride, layer.dilation
+    cols = F.unfold(x, k, dilation=d, stride=s)                              # (N, C * k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])                   # (N * L, C * k)
+
+
+def _gptq_capable(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or (type(layer) in (nn.Conv1d, nn.Conv2d) and layer.groups == 1)
+
+
+def _hessians(model: nn.Module, layers: dict[str, nn.Module], loader, batches: int, device) -> dict[str, Tensor]:
+    """H = 2 X^T X / n (float64) per layer, from one pass over `batches` calibration batches."""
+    hs: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(m, args):
+            rows = layer_inputs(m, args[0].detach()).double()                # (M, C)
+            hs[name] = hs.get(name, 0) + 2 * rows.T @ rows
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in _batches(loader, batches):
+                call_model(model, batch_inputs(batch), device)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(layers) - set(hs))
+    if missing:
+        raise DataError(f"gptq: layer {missing[0]!r} saw no calibration input; exclude it with "
+                        f"targets.exclude: [{missing[0]!r}]")
+    return {n: hs[n] / counts[n] for n in hs}
+
+
+# ------------------------------------------------------------------------------------ the sweep
+
+def _fit(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) per row of `w` (O, G) from the spec's observer: (O, 1) each."""
+    fn = lookup(spec.observer, "observer")
+    g = PerTensor() if isinstance(spec.granularity, PerTensor) else PerChannel(0)
+    state = fn(None, g, spec.format, fn(w.float(), g, spec.format, None, **spec.observer_args),
+               **spec.observer_args)
+    scale, zp = qparams(state["lo"], state["hi"], spec.format)
+    return scale.expand(w.shape[0], 1), zp.expand(w.shape[0], 1)
+
+
+def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ on a weight (O, C) with Hessian `h` (C, C). Returns (Q (O, C) on the grid, in w's dtype,
+    scale and zero point in the compact layout of the spec's granularity).
+
+    With a diagonal H no error can be passed on, so GPTQ is round to nearest:
+
+    >>> w = torch.randn(4, 8)
+    >>> q, s, _ = gptq_quantize(w, torch.eye(8), QuantSpec(format=IntFormat(bits=3)))
+    >>> torch.equal(q, quantize_values(w, IntFormat(bits=3), s, 0))
+    True
+    """
+    spec = spec.resolved("weight")
+    fmt, gran = spec.format, spec.granularity
+    O, C = w.shape
+    group = gran.size if isinstance(gran, PerGroup) else C
+    if C % group:
+        raise ConfigError("weight.granularity.size", f"group size {group} does not divide the fan-in {C}")
+    W, H = w.detach().double().clone(), h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(C)
+    n_groups = C // group
+    scales = torch.zeros(O, n_groups)
+    zps = torch.zeros(O, n_groups, dtype=torch.int32)
+    if not isinstance(gran, PerGroup) or act_order:  # scales fitted before the sweep
+        for gi in range(n_groups):
+            scales[:, gi:gi + 1], zps[:, gi:gi + 1] = _fit(W[:, gi * group:(gi + 1) * group], spec)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)   # (C, C)
+    block = max(block_size // group, 1) * group if isinstance(gran, PerGroup) and not act_order else block_size
+    Q = torch.zeros_like(W)
+    for i1 in range(0, C, block):
+        i2 = min(i1 + block, C)
+        W1, E1, hinv1 = W[:, i1:i2].clone(), torch.zeros(O, i2 - i1, dtype=W.dtype), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            gi = col // group
+            if isinstance(gran, PerGroup) and not act_order and col % group == 0:   # lazy: corrected weights
+                scales[:, gi:gi + 1], zps[:, gi:gi + 1] = _fit(W1[:, i:i + group], spec)
+            q = quantize_values(W1[:, i].float(), fmt, scales[:, gi], zps[:, gi]).double()   # (O,)
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / hinv1[i, i]
+            W1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)].to(w.dtype)
+    if isinstance(gran, PerTensor):
+        return Q, scales[:1, :1], zps[:1, :1]                                # (1, 1)
+    return Q, scales, zps                                                    # (O, 1) or (O, C / group)
+
+
+# ------------------------------------------------------------------------------------ the transform
+
+def _quantize_layer(layer: nn.Module, h: Tensor | None, config: GPTQConfig) -> QuantWrapper:
+    wrapper = wrap(layer, config.weight)                                     # RTN scales; replaced below
+    if h is None:
+        return wrapper
+    w = layer.weight
+    q, scale, zp = gptq_quantize(w.flatten(1), h, config.weight, config.damp, config.block_size, config.act_order)
+    with torch.no_grad():
+        layer.weight.copy_(q.reshape(w.shape))
+    fq = wrapper.weight_quant
+    fq.scale, fq.zero_point = scale.to(w.device), zp.to(w.device)
+    return wrapper
+
+
+@register("gptq", config=GPTQConfig)
+def gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
+    """GPTQ weight quantization with calibration data (error-corrected rounding, layer by layer)."""
+    if ctx.replay:
+        model, _ = unwrap_layers(model, ctx.targets, ctx.record.get("unwrapped", []))
+        for name, rec in ctx.record.get("layers", {}).items():
+            model = set_module(model, name, rebuild_layer(model.get_submodule(name), rec))
+        return model
+    if ctx.data is None:
+        raise ConfigError("gptq", "needs calibration data; run it in a recipe or pass Context(data=...)")
+    model.eval()
+    model, ctx.record["unwrapped"] = unwrap_layers(model, ctx.targets)
+    layers = quantizable_layers(model, ctx.targets)
+    if not layers:
+        raise TargetError("gptq: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; check targets.include / types")
+    capable = {n: m for n, m in layers if _gptq_capable(m)}
+    hs: dict[str, Tensor] = {}
+    if not config.sequential:
+        hs = _hessians(model, capable, ctx.data.calib, config.calib_batches, ctx.device)
+    for name, layer in layers:
+        if config.sequential and name in capable:
+            hs[name] = _hessians(model, {name: layer}, ctx.data.calib, config.calib_batches, ctx.device)[name]
+        try:
+            wrapper = _quantize_layer(layer, hs.pop(name, None), config)
+        except ConfigError as e:
+            path = e.path if e.path.startswith("weight") else f"weight.granularity.{e.path}"
+            raise ConfigError(path, f"layer {name!r}: {e.message}; or exclude it with "
+                                    f"targets.exclude: [{name!r}]") from None
+        model = set_module(model, name, wrapper)
+    ctx.record["rtn"] = [n for n, _ in layers if n not in capable]
+    ctx.record["layers"] = {n: layer_record(model.get_submodule(n)) for n, _ in layers}
+    return model.eval()

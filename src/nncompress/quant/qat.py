@@ -1,0 +1,221 @@
+"""Quantization-aware training: prepare fake-quant wrappers, fine-tune through them, convert.
+
+    cfg = QATConfig(weight=QuantSpec(format=IntFormat(bits=4), method="lsq"), epochs=2, lr=1e-4)
+    model = nncompress.apply(model, cfg, context=nncompress.Context(data=data, teacher=teacher))
+
+Gradients pass the rounding by the straight-through estimator (`STEQuantize`); LSQ learns each step,
+PACT each activation clip, DoReFa trains tanh-normalised weights, rtn keeps the observer's range
+(weights re-observed after every optimizer step). Binary and ternary weight formats train the same
+way (their alpha is refitted from the weights at every forward).
+
+`bits_schedule: [8, 4, 2]` trains at each weight width in turn (progressive quantization, Zhuang
+et al. 2018), `epochs` at each; the activation format keeps its width.
+
+`convert` bakes exactly the tensors the fake-quant forward uses: weight-only layers become plain
+Linear/Conv modules holding the dequantized weights, layers with input quantization keep their
+(frozen) input quantizer around a baked base, so prepared and converted models agree bit for bit:
+
+>>> from nncompress.formats import IntFormat
+>>> m = prepare_qat(nn.Sequential(nn.Linear(4, 3)), QuantSpec(format=IntFormat(bits=4)))
+>>> x = torch.randn(2, 4)
+>>> y = m(x)                                           # fake-quant forward (straight-through backward)
+>>> torch.equal(convert(m)(x), y), type(m[0]).__name__
+(True, 'Linear')
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import ConfigError, Context, Targets, TrainConfig, check, fit, register
+from ..core.errors import DataError, TargetError
+from ..core.train import make_optimizer
+from ..formats import IntFormat, PerGroup
+from .bn_fold import fold_batchnorm, set_module
+from .fake_quant import FakeQuant, QuantSpec, QuantWrapper
+from .ptq import (batch_inputs, calibrate, call_model, layer_record, quantizable_layers, rebuild_layer, unwrap_layers,
+                  wrap_layers)
+
+__all__ = ["QATConfig", "quantization_aware_training", "prepare_qat", "convert", "refresh_weight_scales", "kd_loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig(TrainConfig):
+    """QAT options: the training loop's, plus
+
+    weight:        weight quantization (method rtn | lsq | dorefa; binary/ternary formats too)
+    activation:    input quantization of each wrapped layer (rtn | lsq | pact), or None
+    bits_schedule: integer weight widths to train at in turn, e.g. [8, 4, 2]; empty: the format's own
+    kd_alpha:      weight of logits distillation from ctx.teacher (label loss gets 1 - kd_alpha)
+    temperature:   distillation temperature T
+    calib_batches: calibration batches that initialise activation ranges (and LSQ steps, PACT alphas)
+    fold_bn:       fold BatchNorm into the preceding layer before training
+    """
+
+    weight: QuantSpec = QuantSpec()
+    activation: QuantSpec | None = None
+    bits_schedule: tuple[int, ...] = ()
+    kd_alpha: float = 0.0
+    temperature: float = 4.0
+    calib_batches: int = 8
+    fold_bn: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.weight.method != "pact", "weight.method",
+              "pact clips activations; for weights use rtn, lsq or dorefa")
+        if self.activation is not None:
+            check(self.activation.method != "dorefa", "activation.method",
+                  "dorefa here quantizes weights; for activations use rtn, lsq or pact")
+            check(not isinstance(self.activation.granularity, PerGroup), "activation.granularity",
+                  "activations take per_tensor or per_channel (their shape varies); per_group is for weights")
+        for i, b in enumerate(self.bits_schedule):
+            check(2 <= b <= 16, f"bits_schedule[{i}]", f"integer widths are 2..16, got {b}")
+        if self.bits_schedule:
+            check(isinstance(self.weight.format, IntFormat), "weight.format",
+                  "a bits_schedule needs an integer weight format ({kind: int})")
+        check(0.0 <= self.kd_alpha <= 1.0, "kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's logits distillation: T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean.
+
+    >>> kd_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), temperature=4.0).item()
+    0.0
+    """
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
+def _wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+
+
+def prepare_qat(model: nn.Module, weight: QuantSpec, activation: QuantSpec | None = None,
+                layers: list[tuple[str, nn.Module]] | None = None, calib: Any = None, calib_batches: int = 8,
+                device: torch.device | None = None) -> nn.Module:
+    """Wrap `layers` (default: every Linear/Conv) for training; activation quantizers are initialised
+    on `calib` (required when `activation` is given). rtn activations keep observing while training."""
+    layers = quantizable_layers(model, Targets()) if layers is None else layers
+    model, wrappers = wrap_layers(model, layers, weight, activation)
+    if activation is not None:
+        if calib is None:
+            raise ConfigError("activation", "initialising activation quantizers needs calibration data")
+        calibrate(model, calib, calib_batches, device)
+        for w in wrappers.values():
+            w.input_quant.track = w.input_quant.spec.method == "rtn"
+    return model
+
+
+def refresh_weight_scales(model: nn.Module) -> None:
+    """Re-observe every rtn weight quantizer on the current weights (after an optimizer step)."""
+    for _, w in _wrappers(model):
+        if w.weight_quant is not None and w.weight_quant.spec.method == "rtn":
+            w.calibrate_weight()
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Bake the quantized weights in (see the module docstring); returns the model, in eval mode.
+
+    Weight-only wrappers become plain modules; wrappers with an input quantizer keep it, frozen.
+    """
+    model.eval()
+    for name, w in _wrappers(model):
+        if w.input_quant is None:
+            model = set_module(model, name, w.merge())
+            continue
+        with torch.no_grad():
+            baked = w.quantized_weight().detach().clone()
+        w.base.weight = nn.Parameter(baked, requires_grad=w.base.weight.requires_grad)
+        w.weight_quant = None
+        w.input_quant.track = False
+        for p in w.input_quant.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _loss_fn(config: QATConfig, ctx: Context):
+    teacher, device = ctx.teacher, ctx.device
+    embedding = getattr(ctx.data, "task", "classification") == "embedding"
+    if (embedding or config.kd_alpha > 0) and teacher is None:
+        raise ConfigError("qat.kd_alpha", "distillation needs a teacher (the recipe provides the pre-recipe "
+                          "model); set kd_alpha: 0 or pass Context(teacher=...)")
+    if teacher is not None:
+        teacher.eval()
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        inputs = batch_inputs(batch)
+        out = call_model(m, inputs, device)
+        if embedding:
+            with torch.no_grad():
+                target = call_model(teacher, inputs, device)
+            return 1.0 - F.cosine_similarity(out, target, dim=-1).mean()
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise DataError("qat: classification batches must be (inputs, labels) pairs")
+        value = F.cross_entropy(out, batch[1].to(device))
+        if config.kd_alpha > 0:
+            with torch.no_grad():
+                t = call_model(teacher, inputs, device)
+            value = (1 - config.kd_alpha) * value + config.kd_alpha * kd_loss(out, t, config.temperature)
+        return value
+
+    return loss
+
+
+def _set_weight_spec(model: nn.Module, spec: QuantSpec) -> None:
+    """Swap every wrapper's weight quantizer for a fresh one with `spec`, fitted to the current weights."""
+    for _, w in _wrappers(model):
+        w.weight_quant = FakeQuant(spec, "weight").to(w.base.weight.device)
+        w.calibrate_weight()
+
+
+@register("qat", config=QATConfig)
+def quantization_aware_training(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
+    """Quantization-aware training through fake-quant wrappers, then convert (outputs kept bit for bit)."""
+    if ctx.replay:
+        return _replay(model, ctx)
+    if ctx.data is None:
+        raise ConfigError("qat", "needs training data; run it in a recipe or pass Context(data=...)")
+    loss_fn = _loss_fn(config, ctx)
+    model.to(ctx.device)
+    model, ctx.record["unwrapped"] = unwrap_layers(model, ctx.targets)  # e.g. after a quantize stage
+    if config.fold_bn:
+        model.eval()
+        ctx.record["folded"] = [list(p) for p in fold_batchnorm(model, ctx.data.example_batch(2))]
+    layers = quantizable_layers(model, ctx.targets)
+    if not layers:
+        raise TargetError("qat: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; check targets.include / types")
+    widths = list(config.bits_schedule) or [None]
+    specs = [config.weight if b is None else config.weight.with_bits(b) for b in widths]
+    model = prepare_qat(model, specs[0], config.activation, layers, ctx.data.calib, config.calib_batches, ctx.device)
+    train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    losses = []
+    for i, spec in enumerate(specs):
+        if i:
+            _set_weight_spec(model, spec)
+        optimizer = make_optimizer(model.parameters(), train_cfg)
+        losses.append(fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer,
+                          after_step=refresh_weight_scales, progress=ctx.progress,
+                          desc=f"qat{'' if widths[i] is None else f' {widths[i]}-bit'}"))
+    model = convert(model)
+    ctx.record["epoch_losses"] = [[round(x, 6) for x in stage] for stage in losses]
+    ctx.record["weight"] = specs[-1].resolved("weight").to_dict()
+    ctx.record["layers"] = {n: layer_record(w) for n, w in _wrappers(model)}
+    return model.eval()
+
+
+def _replay(model: nn.Module, ctx: Context) -> nn.Module:
+    """Rebuild the converted structure: folded BNs, and the wrappers that kept an input quantizer."""
+    model, _ = unwrap_layers(model, ctx.targets, ctx.record.get("unwrapped", []))
+    if ctx.record.get("folded"):
+        fold_batchnorm(model, pairs=ctx.record["folded"])
+    for name, rec in ctx.record.get("layers", {}).items():
+        model = set_module(model, name, rebuild_layer(model.get_submodule(name), rec))
+    return model
