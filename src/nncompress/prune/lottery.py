@@ -1,0 +1,138 @@
+"""Lottery tickets (Frankle & Carbin) by iterative magnitude pruning with rewinding: the `lottery` stage.
+
+    ticket = nncompress.apply(model, LotteryConfig(sparsity=0.8, rounds=3, epochs=2), context=ctx)
+
+Each round trains `epochs` with the current mask enforced, prunes the lowest-magnitude fraction of the
+surviving weights (globally by default) so that after `rounds` rounds `sparsity` is reached, and
+rewinds the survivors to their initial values (or to their values after `rewind_steps` optimizer
+steps, "late rewinding"). The ticket is then trained `final_epochs`. `reinit: true` is the control
+of the hypothesis: the same masks on a fresh random initialisation.
+The model stays plain modules with zeros; loading replays nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from ..core import Config, ConfigError, Context, TrainConfig, check, fit, register
+from .masks import global_masks, magnitude_scores, unstructured_mask
+from .sparsity import Masks, SparsityConfig, sparse_layers, training_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LotteryConfig(Config):
+    """Iterative magnitude pruning with rewinding.
+
+    sparsity:     final fraction of zeros in the targeted Linear / Conv weights
+    rounds:       prune-train rounds; each removes 1 - (1 - sparsity)^(1/rounds) of the survivors
+    epochs, lr:   training per round
+    rewind_steps: 0 rewinds to the initial weights; k > 0 to the weights after k optimizer steps
+    final_epochs: training of the ticket after the last rewind (default: epochs)
+    reinit:       control: re-initialise the survivors at random (seeded by `seed`) instead of rewinding
+    scope:        global (one magnitude threshold over all layers) | layer
+    """
+
+    sparsity: float = 0.8
+    rounds: int = 3
+    epochs: int = 1
+    lr: float = 1e-3
+    rewind_steps: int = 0
+    final_epochs: int | None = None
+    reinit: bool = False
+    scope: Literal["global", "layer"] = "global"
+    seed: int = 0
+
+    def __post_init__(self):
+        check(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(self.epochs >= 1, "epochs", f"the masks come from trained weights; must be >= 1, got {self.epochs}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.rewind_steps >= 0, "rewind_steps", f"must be >= 0, got {self.rewind_steps}")
+        check(self.final_epochs is None or self.final_epochs >= 0, "final_epochs",
+              f"must be >= 0, got {self.final_epochs}")
+
+
+@register("lottery", config=LotteryConfig)
+def lottery(model: nn.Module, config: LotteryConfig, ctx: Context) -> nn.Module:
+    """Find a winning ticket by iterative magnitude pruning with rewinding, then train it."""
+    if ctx.replay:  # the ticket's zeros come from the checkpoint
+        return model
+    model.to(ctx.device)
+    skipped: dict[str, str] = {}
+    layers = sparse_layers(model, SparsityConfig(), ctx.targets, skipped)
+    if not layers:
+        raise ConfigError("targets", "no Linear or Conv layer to prune; widen targets")
+    loss_fn = training_loss(ctx, model, "lottery")
+    masks: Masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+    rewind = _snapshot(model) if config.rewind_steps == 0 else None
+    steps, levels = 0, []
+
+    def after_step(m: nn.Module) -> None:
+        nonlocal steps, rewind
+        enforce(layers, masks)
+        steps += 1
+        if rewind is None and steps == config.rewind_steps:
+            rewind = _snapshot(model)
+
+    for r in range(1, config.rounds + 1):
+        fit(model, ctx.data.train, loss_fn, TrainConfig(epochs=config.epochs, lr=config.lr),
+            after_step=after_step, progress=ctx.progress, desc=f"lottery round {r}")
+        if rewind is None:
+            raise ConfigError("rewind_steps", f"{config.rewind_steps} is more than the {steps} steps of the "
+                              f"first round; lower rewind_steps or raise epochs")
+        level = 1 - (1 - config.sparsity) ** (r / config.rounds)
+        masks = prune_survivors(layers, masks, level, config.scope)
+        levels.append(round(level, 6))
+        model.load_state_dict(rewind)
+        enforce(layers, masks)
+    if config.reinit:
+        reinitialize(layers, config.seed)
+        enforce(layers, masks)
+    final = config.epochs if config.final_epochs is None else config.final_epochs
+    if final:
+        fit(model, ctx.data.train, loss_fn, TrainConfig(epochs=final, lr=config.lr),
+            after_step=lambda m: enforce(layers, masks), progress=ctx.progress, desc="lottery ticket")
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    ctx.record.update(sparsity=round(zeros / sum(m.numel() for m in masks.values()), 6), round_sparsity=levels,
+                      layers={n: round(float((~m).float().mean()), 6) for n, m in masks.items()})
+    if skipped:
+        ctx.record["skipped"] = skipped
+    return model.eval()
+
+
+def prune_survivors(layers: dict[str, nn.Module], masks: Masks, level: float, scope: str = "global") -> Masks:
+    """Masks at `level` by weight magnitude, the already pruned weights staying pruned.
+
+    >>> fc = nn.Linear(4, 1, bias=False).requires_grad_(False)
+    >>> _ = fc.weight.copy_(torch.tensor([[0.1, -3.0, 0.5, 2.0]]))
+    >>> prune_survivors({"fc": fc}, {"fc": torch.tensor([[True, True, True, False]])}, 0.5)["fc"].tolist()
+    [[False, True, True, False]]
+    """
+    scores = {n: magnitude_scores(m.weight).masked_fill(~masks[n], -math.inf) for n, m in layers.items()}
+    if scope == "global":
+        return global_masks(scores, level)
+    return {n: unstructured_mask(s, level) for n, s in scores.items()}
+
+
+def enforce(layers: dict[str, nn.Module], masks: Masks) -> None:
+    """Zero the pruned weights in place."""
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.weight.mul_(masks[n])
+
+
+def reinitialize(layers: dict[str, nn.Module], seed: int) -> None:
+    """Fresh random weights from each layer's own `reset_parameters`, seeded without touching the
+    global generator's state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in layers.values():
+            m.reset_parameters()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,657 @@
+"""Fine-grained, N:M, vector and kernel-pattern sparsity whose masks stay enforced: `sparsify`.
+
+    model = nncompress.apply(model, SparsityConfig(granularity="nm", n=2, m=4, importance="wanda"),
+                             context=Context(data=data))
+
+Pruned weights are exact zeros in plain modules, so the masks are implied by the checkpoint and
+loading replays nothing. Schedules: `one_shot`; `iterative` (prune -> fine-tune `rounds` times, each
+round removing the same fraction of what is left); `gradual` (Zhu & Gupta's cubic s_t over the
+fine-tune, a mask update every `frequency` steps). While fine-tuning, masks are re-applied after
+every optimizer step; with `soft` the forward uses w * mask while the dense w keeps its full
+gradient (straight-through) and the mask is recomputed from the dense weights every `frequency`
+steps, so pruned weights may regrow (seed 000, soft masking). Data-driven criteria: taylor and snip
+(gradients on labelled calibration batches), wanda and sparsegpt (calibration inputs per layer,
+pruned layer by layer in model order so later layers see the already pruned ones).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from ..core import Config, ConfigError, Context, Targets, TrainConfig, check, fit, lookup, names, register
+from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
+                    snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
+                    wanda_scores)
+from .structured import group_lasso_penalty
+
+Masks = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_SOLVERS = ("sparsegpt",)  # criteria that also rewrite the kept weights, beside the "saliency" scores
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig(Config):
+    """Fine-grained sparsity of Linear and Conv weights.
+
+    sparsity:     fraction of zeros (default 0.5; for nm it is 1 - n/m and may be left out)
+    granularity:  element | nm (n kept of every m along the input dim) | vector (whole vectors along
+                  vector_dim) | pattern (3x3 kernel patterns, plus whole kernels beyond 5/9)
+    scope:        layer (each layer at `sparsity`) | global (one threshold, element only)
+    importance:   magnitude | random | taylor | snip | wanda | sparsegpt
+    soft:         straight-through soft masks recomputed every `frequency` steps (needs epochs)
+    schedule:     one_shot | iterative (`rounds`; with snip: FORCE-like rounds before training) |
+                  gradual (cubic from initial_sparsity, reaching `sparsity` after `ramp` of the steps)
+    epochs, lr:   fine-tuning with masks enforced (per round for iterative)
+    l1:           strength of an L1 penalty on the targeted weights while fine-tuning
+    sequential, dampening, block_size: wanda / sparsegpt layer-wise options
+    """
+
+    sparsity: float | None = None
+    granularity: Literal["element", "nm", "vector", "pattern"] = "element"
+    n: int = 2
+    m: int = 4
+    vector_dim: int = -1
+    scope: Literal["layer", "global"] = "layer"
+    importance: str = "magnitude"
+    soft: bool = False
+    schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot"
+    initial_sparsity: float = 0.0
+    rounds: int = 3
+    epochs: int = 0
+    lr: float = 1e-3
+    frequency: int = 10
+    ramp: float = 0.75
+    l1: float = 0.0
+    calib_batches: int = 8
+    sequential: bool = True
+    dampening: float = 0.01
+    block_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        s = self.sparsity
+        check(s is None or 0.0 <= s < 1.0, "sparsity", f"must be in [0, 1), got {s}")
+        check(1 <= self.n <= self.m, "n", f"must be in [1, m={self.m}], got {self.n}")
+        if self.granularity == "nm" and s is not None:
+            check(abs(s - (1 - self.n / self.m)) < 1e-9, "sparsity", f"{self.n}:{self.m} keeps {self.n} of every "
+                  f"{self.m}, i.e. sparsity {1 - self.n / self.m:g}; leave sparsity out or set it to that")
+        check(self.scope == "layer" or self.granularity == "element", "scope",
+              f"global applies to granularity element, not {self.granularity}; use scope: layer")
+        check(self.schedule == "one_shot" or self.granularity in ("element", "vector"), "schedule",
+              f"{self.granularity} masks have a fixed sparsity; use schedule: one_shot")
+        check(0.0 <= self.initial_sparsity <= self.target, "initial_sparsity",
+              f"must be in [0, sparsity={self.target:g}], got {self.initial_sparsity}")
+        for name in ("rounds", "frequency", "calib_batches", "block_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0.0 < self.ramp <= 1.0, "ramp", f"must be in (0, 1], got {self.ramp}")
+        check(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
+        check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")
+        known = names("saliency") + list(_SOLVERS)
+        check(self.importance in known, "importance", f"unknown criterion {self.importance!r}; known: "
+              f"{', '.join(sorted(known))}")
+        if self.importance == "sparsegpt":
+            check(self.granularity in ("element", "nm") and self.scope == "layer", "importance",
+                  "sparsegpt prunes each layer on its own, element or nm; use scope: layer")
+            check(self.schedule == "one_shot" and not self.soft, "schedule",
+                  "sparsegpt is one-shot; use schedule: one_shot without soft")
+        check(not (self.soft or self.schedule == "gradual") or self.epochs > 0, "epochs",
+              "soft masks and the gradual schedule act while training; set epochs > 0")
+
+    @property
+    def target(self) -> float:
+        """The final fraction of zeros the schedule reaches."""
+        if self.granularity == "nm":
+            return 1 - self.n / self.m
+        if self.sparsity is None:
+            return 0.0 if self.granularity == "pattern" else 0.5
+        return self.sparsity
+
+
+# -------------------------------------------------------------------------------- criteria (saliency)
+
+
+def _saliency(name: str, needs: str | None = None):
+    """Register an element-wise criterion `fn(weight, stats) -> scores` with what data it needs."""
+    def wrap(fn):
+        fn.needs = needs
+        return register(name, namespace="saliency")(fn)
+    return wrap
+
+
+@_saliency("magnitude")
+def magnitude_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
+    return magnitude_scores(w)
+
+
+@_saliency("random")
+def random_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
+    return random_scores(w, stats.get("generator"))
+
+
+@_saliency("taylor", needs="grad")
+def taylor_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
+    return taylor_scores(w, stats["grad"])
+
+
+@_saliency("snip", needs="grad")
+def snip_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
+    return snip_scores(w, stats["grad"], stats.get("total"))
+
+
+@_saliency("wanda", needs="input_norm")
+def wanda_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
+    return wanda_scores(w, stats["input_norm"])
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+@register("sparsify", config=SparsityConfig)
+def sparsify(model: nn.Module, config: SparsityConfig, ctx: Context) -> nn.Module:
+    """Zero weights by an element, N:M, vector or kernel-pattern mask and keep them zero."""
+    if ctx.replay:  # the zeros come from the checkpoint: the masks are implied by them
+        return model
+    was_training = model.training
+    model.to(ctx.device)
+    skipped: dict[str, str] = {}
+    layers = sparse_layers(model, config, ctx.targets, skipped)
+    if not layers:
+        raise ConfigError("targets", "no Linear or Conv layer left to sparsify; widen targets"
+                          + (f" (skipped: {skipped})" if skipped else ""))
+    job = _Job(model, layers, config, ctx, torch.Generator().manual_seed(config.seed), [])
+    job.loss = training_loss(ctx, model, "sparsify.epochs") if config.epochs else None
+    if config.importance in _SOLVERS or (config.importance == "wanda" and config.schedule == "one_shot"
+                                         and config.sequential and not config.soft):
+        masks = _train(job, layerwise_prune(job))
+    elif config.importance == "snip" and config.schedule != "gradual":
+        masks = _train(job, snip_prune(job), _constant(config.target) if config.soft else None)
+    elif config.schedule == "gradual":
+        start = _apply(job, compute_masks(job, config.initial_sparsity)) if config.initial_sparsity else None
+        masks = _train(job, start, lambda step, total: cubic_sparsity(
+            step, max(1, round(config.ramp * total)), config.target, config.initial_sparsity))
+    else:
+        rounds = config.rounds if config.schedule == "iterative" else 1
+        masks = None
+        for k in range(1, rounds + 1):
+            level = 1 - (1 - config.target) ** (k / rounds)
+            masks = _apply(job, compute_masks(job, level, None if config.soft else masks))
+            masks = _train(job, masks, _constant(level) if config.soft else None)
+    _record(ctx, masks, skipped, job.notes)
+    model.train(was_training)
+    return model
+
+
+def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta's gradual schedule s_t = s_f + (s_i - s_f)(1 - t/T)^3, held at s_f after T.
+
+    >>> [round(cubic_sparsity(t, 4, 0.8), 4) for t in (0, 2, 4, 9)]
+    [0.0, 0.7, 0.8, 0.8]
+    """
+    t = min(max(step, 0), total) / max(total, 1)
+    return final + (initial - final) * (1 - t) ** 3
+
+
+def sparse_layers(model: nn.Module, config: SparsityConfig, targets: Targets,
+                  skipped: dict[str, str]) -> dict[str, nn.Module]:
+    """The targeted Linear and Conv layers that `config` can sparsify; the others land in `skipped`."""
+    layers = {}
+    for name, mod in targets.select(model):
+        if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        fan_in, kernel = mod.weight.shape[1], tuple(mod.weight.shape[2:])
+        if config.granularity == "nm" and fan_in % config.m:
+            skipped[name] = f"{fan_in} inputs are not a multiple of m={config.m}"
+        elif config.granularity == "pattern" and kernel != (3, 3):
+            skipped[name] = f"pattern pruning needs 3x3 kernels, got {kernel or 'a Linear'}"
+        elif config.importance in ("wanda", "sparsegpt") and getattr(mod, "groups", 1) > 1:
+            skipped[name] = f"{config.importance} needs one input norm per channel; grouped convolution"
+        else:
+            layers[name] = mod
+    return layers
+
+
+@dataclasses.dataclass
+class _Job:
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    config: SparsityConfig
+    ctx: Context
+    generator: torch.Generator
+    notes: list[str]
+    loss: LossFn | None = None
+
+
+def _constant(level: float) -> Callable[[int, int], float]:
+    return lambda step, total: level
+
+
+def _dense(module: nn.Module) -> torch.Tensor:
+    """The weight a criterion scores: the dense original while soft-masked, else the weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def _apply(job: _Job, masks: Masks) -> Masks:
+    with torch.no_grad():
+        for name, mask in masks.items():
+            if not job.config.soft:
+                job.layers[name].weight.mul_(mask)
+    return masks
+
+
+def masks_from_scores(scores: dict[str, torch.Tensor], config: SparsityConfig, level: float) -> Masks:
+    """The granularity switch: per-layer (or global) masks at `level` from element scores."""
+    g = config.granularity
+    if g == "element" and config.scope == "global":
+        return global_masks(scores, level)
+    if g == "element":
+        maker = row_mask if config.importance == "wanda" else unstructured_mask  # Wanda compares per output
+        return {n: maker(s, level) for n, s in scores.items()}
+    if g == "nm":
+        return {n: nm_mask(s, config.n, config.m, dim=1) for n, s in scores.items()}
+    if g == "vector":
+        return {n: vector_mask(s, level, config.vector_dim) for n, s in scores.items()}
+    return {n: pattern_mask(s, sparsity=level) for n, s in scores.items()}
+
+
+def compute_masks(job: _Job, level: float, old: Masks | None = None) -> Masks:
+    """Score every layer with the configured criterion and make masks at `level`. With `old` (hard
+    masks), already pruned weights score -inf so they stay pruned and sparsity only grows."""
+    crit = lookup(job.config.importance, namespace="saliency")
+    stats: dict[str, dict] = {n: {"generator": job.generator} for n in job.layers}
+    if crit.needs == "grad":
+        grads = calib_grads(job)
+        total = sum(float(taylor_scores(_dense(m), grads[n]).sum()) for n, m in job.layers.items())
+        for n in job.layers:
+            stats[n].update(grad=grads[n], total=total)
+    elif crit.needs == "input_norm":
+        inputs = collect_inputs(job.model, job.layers, _calib(job), job.config.calib_batches)
+        for n in job.layers:
+            stats[n]["input_norm"] = inputs[n].norm()
+    scores = {n: crit(_dense(m).detach(), stats[n]) for n, m in job.layers.items()}
+    if old is not None:
+        scores = {n: s.masked_fill(~old[n], -math.inf) for n, s in scores.items()}
+    return masks_from_scores(scores, job.config, level)
+
+
+def _calib(job: _Job):
+    if job.ctx.data is None:
+        raise ConfigError("importance", f"{job.config.importance!r} needs calibration data; run the stage "
+                          "in a recipe or pass Context(data=...)")
+    return job.ctx.data.calib
+
+
+def snip_prune(job: _Job) -> Masks:
+    """SNIP at the current (initial) weights; with schedule iterative, `rounds` rounds towards the
+    target where the gradient is taken on the masked network but scored against the dense weights,
+    so pruned weights may come back (FORCE-like iterative SNIP)."""
+    cfg = job.config
+    rounds = cfg.rounds if cfg.schedule == "iterative" else 1
+    dense = {n: _dense(m).detach().clone() for n, m in job.layers.items()}
+    masks: Masks | None = None
+    for k in range(1, rounds + 1):
+        with torch.no_grad():
+            for n, m in job.layers.items():
+                _dense(m).copy_(dense[n] if masks is None else dense[n] * masks[n])
+        grads = calib_grads(job)
+        total = sum(float(taylor_scores(dense[n], grads[n]).sum()) for n in job.layers)
+        scores = {n: snip_scores(dense[n], grads[n], total) for n in job.layers}
+        masks = masks_from_scores(scores, cfg, 1 - (1 - cfg.target) ** (k / rounds))
+    with torch.no_grad():
+        for n, m in job.layers.items():
+            _dense(m).copy_(dense[n] if cfg.soft else dense[n] * masks[n])
+    return masks
+
+
+def layerwise_prune(job: _Job) -> Masks:
+    """Wanda or SparseGPT one layer at a time, in forward order, each from its calibration inputs; with
+    `sequential` those inputs are recomputed through the layers pruned before it (layers reading the
+    same tensor, like q, k and v, share one pass)."""
+    cfg = job.config
+    hessian = cfg.importance == "sparsegpt"
+    batches = _calib(job)
+    pending = dict(job.layers)
+    masks: Masks = {}
+    while pending:
+        found = collect_inputs(job.model, pending, batches, cfg.calib_batches, hessian, first_group=cfg.sequential)
+        if not found or all(st.count == 0 for st in found.values()):
+            for name in pending:
+                masks[name] = _prune_layer(job, name, pending[name], None, hessian)
+            break
+        for name, stats in found.items():
+            masks[name] = _prune_layer(job, name, pending.pop(name), stats, hessian)
+    return {n: masks[n] for n in job.layers}
+
+
+def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: InputStats | None, hessian: bool) -> torch.Tensor:
+    cfg, w = job.config, mod.weight
+    if stats is None or stats.count == 0:
+        job.notes.append(f"{name}: not reached by the calibration data; pruned by magnitude")
+        mask = masks_from_scores({"": magnitude_scores(w)}, cfg, cfg.target)[""]
+    elif hessian and isinstance(mod, nn.Linear):
+        nm = (cfg.n, cfg.m) if cfg.granularity == "nm" else None
+        new, mask = sparsegpt_prune(w, stats.hessian(), cfg.target, nm, cfg.block_size, cfg.dampening)
+        with torch.no_grad():
+            w.copy_(new)
+    else:
+        if hessian:
+            job.notes.append(f"{name}: sparsegpt handles Linear layers; pruned by wanda scores")
+        wanda = dataclasses.replace(cfg, importance="wanda")
+        mask = masks_from_scores({"": wanda_scores(w, stats.norm())}, wanda, cfg.target)[""]
+    with torch.no_grad():
+        w.mul_(mask)
+    return mask
+
+
+def _record(ctx: Context, masks: Masks, skipped: dict[str, str], notes: list[str]) -> None:
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    ctx.record["sparsity"] = round(zeros / max(total, 1), 6)
+    ctx.record["layers"] = {n: round(float((~m).float().mean()), 6) for n, m in masks.items()}
+    if skipped:
+        ctx.record["skipped"] = dict(skipped)
+    if notes:
+        ctx.record["notes"] = list(notes)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class SoftMask(nn.Module):
+    """Parametrization w -> w * mask in the forward with the gradient of w left dense
+    (straight-through), so pruned weights keep learning and can win their place back."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (w * self.mask - w).detach()
+
+
+@contextlib.contextmanager
+def soft_masked(layers: dict[str, nn.Module], masks: Masks) -> Iterator[dict[str, SoftMask]]:
+    """Within the block each layer computes with a `SoftMask`; on exit it is a plain module again
+    whose weight is the dense weight times the last mask (exact zeros)."""
+    handles: dict[str, SoftMask] = {}
+    try:
+        for name, mod in layers.items():
+            handles[name] = SoftMask(masks[name])
+            parametrize.register_parametrization(mod, "weight", handles[name])
+        yield handles
+    finally:
+        for name, mod in layers.items():
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+                with torch.no_grad():
+                    mod.weight.mul_(handles[name].mask)
+
+
+def _train(job: _Job, masks: Masks | None, level_at: Callable[[int, int], float] | None = None) -> Masks:
+    """Fine-tune `epochs` with the masks enforced; `level_at(step, total)` asks for a mask update to
+    that sparsity every `frequency` steps (gradual schedule, soft masks). Returns the final masks."""
+    cfg, ctx = job.config, job.ctx
+    if masks is None:
+        masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in job.layers.items()}
+    if not cfg.epochs:
+        return masks
+    total = cfg.epochs * len(ctx.data.train)
+    state = {"step": 0, "masks": masks, "level": None}
+    with contextlib.ExitStack() as stack:
+        soft = stack.enter_context(soft_masked(job.layers, masks)) if cfg.soft else None
+
+        def update(level: float) -> None:
+            new = compute_masks(job, level, None if soft else state["masks"])
+            state["masks"], state["level"] = new, level
+            for n, mask in new.items():
+                if soft:
+                    soft[n].mask.copy_(mask)
+
+        def after_step(model: nn.Module) -> None:
+            state["step"] += 1
+            step = state["step"]
+            if level_at is not None and (step % cfg.frequency == 0 or step == total):
+                level = level_at(step, total)
+                if soft or level != state["level"]:
+                    update(level)
+            if not soft:
+                with torch.no_grad():
+                    for n, mod in job.layers.items():
+                        mod.weight.mul_(state["masks"][n])
+
+        def l1(model: nn.Module, batch) -> torch.Tensor:  # the targeted layers only
+            return cfg.l1 * sum(mod.weight.abs().sum() for mod in job.layers.values())
+        losses = fit(job.model, ctx.data.train, job.loss, TrainConfig(epochs=cfg.epochs, lr=cfg.lr),
+                     extra_losses=(l1,) if cfg.l1 else (), after_step=after_step, progress=ctx.progress,
+                     desc="sparsify")
+        ctx.record.setdefault("epoch_losses", []).extend(round(x, 6) for x in losses)
+    return state["masks"]
+
+
+def training_loss(ctx: Context, model: nn.Module, where: str) -> LossFn:
+    """Cross-entropy for classification; for embedding models, 1 - cosine to the teacher (the model
+    as it is now when the context has none)."""
+    data = ctx.data
+    if data is None:
+        raise ConfigError(where, "training needs data; run the stage in a recipe or pass Context(data=...)")
+    device = ctx.device
+    if getattr(data, "task", "classification") == "embedding":
+        teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
+        teacher.eval().requires_grad_(False)
+
+        def distill(m: nn.Module, batch) -> torch.Tensor:
+            inputs = _move(batch_inputs(batch), device)
+            with torch.no_grad():
+                target = call(teacher, inputs)
+            return (1 - F.cosine_similarity(call(m, inputs), target, dim=-1)).mean()
+        return distill
+
+    def cross_entropy(m: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(call(m, _move(x, device)), y.to(device))
+    return cross_entropy
+
+
+# ------------------------------------------------------------------------- calibration statistics
+
+
+def calib_grads(job: _Job) -> dict[str, torch.Tensor]:
+    """Summed dL/dw of each layer's (dense) weight over up to `calib_batches` labelled batches."""
+    data = job.ctx.data
+    if data is None or getattr(data, "task", "classification") != "classification":
+        raise ConfigError("importance", f"{job.config.importance!r} needs labelled calibration data; for "
+                          "embedding models use magnitude, wanda or sparsegpt")
+    loss_fn = training_loss(job.ctx, job.model, "importance")
+    params = {n: _dense(m) for n, m in job.layers.items()}
+    saved = {n: p.grad for n, p in params.items()}
+    was = job.model.training
+    job.model.eval()
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    try:
+        for i, batch in enumerate(data.calib):
+            if i >= job.config.calib_batches:
+                break
+            job.model.zero_grad(set_to_none=True)
+            loss_fn(job.model, batch).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    grads[n] += p.grad.detach()
+    finally:
+        job.model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.grad = saved[n]
+        job.model.train(was)
+    return grads
+
+
+class InputStats:
+    """Running sums over the calibration rows (tokens or pixels) x of one layer's input (T, I)."""
+
+    def __init__(self, hessian: bool):
+        self.want_hessian = hessian
+        self.count = 0
+        self.sq: torch.Tensor | None = None  # (I,) sum of x^2
+        self.xtx: torch.Tensor | None = None  # (I, I) sum of x x^T
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()  # (T, I)
+        self.count += x.shape[0]
+        sq = x.pow(2).sum(0).double()
+        self.sq = sq if self.sq is None else self.sq + sq
+        if self.want_hessian:  # float32 products per batch (as SparseGPT does), summed in float64
+            xtx = (x.T @ x).double()
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+
+    def norm(self) -> torch.Tensor:
+        """||X_j||_2 per input feature: Wanda's activation norm."""
+        return self.sq.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / T: the layer-wise Hessian of ||WX - W'X||^2 (mean over rows)."""
+        return 2 * self.xtx / self.count
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers of interest have seen their input."""
+
+
+def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, max_batches: int,
+                   hessian: bool = False, first_group: bool = False) -> dict[str, InputStats]:
+    """Input statistics of `layers` over up to `max_batches` batches; padding tokens (an
+    `attention_mask` in dict batches) are left out.
+
+    first_group: only the first of `layers` the forward reaches, with the others fed that very same
+    input tensor (attention's q, k and v): none depends on another, so they can be pruned together.
+    Each forward stops right after them.
+    """
+    stats = {n: InputStats(hessian and isinstance(m, nn.Linear)) for n, m in layers.items()}
+    group: list[str] = []
+    state: dict[str, Any] = {"mask": None, "anchor": None, "batch": 0, "seen": 0}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args) -> None:
+            x = args[0]
+            if first_group and state["batch"] == 0:  # the first batch finds the group
+                if state["anchor"] is None:
+                    state["anchor"] = x
+                elif x is not state["anchor"]:
+                    raise _Stop
+                if name not in group:
+                    group.append(name)
+                    lead = stats[group[0]]
+                    if name != group[0] and type(module) is type(layers[group[0]]) \
+                            and stats[name].want_hessian == lead.want_hessian:
+                        stats[name] = lead  # the very same input: share one set of sums
+            elif first_group and name not in group:
+                raise _Stop
+            if not (first_group and name != group[0] and stats[name] is stats[group[0]]):
+                stats[name].add(_rows(module, x, state["mask"]))
+            state["seen"] += 1
+            if first_group and state["batch"] > 0 and state["seen"] >= len(group):
+                raise _Stop
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i >= max_batches:
+                    break
+                inputs = batch_inputs(batch)
+                state.update(batch=i, seen=0, mask=inputs.get("attention_mask") if isinstance(inputs, dict) else None)
+                try:
+                    call(model, _move(inputs, next(model.parameters()).device))
+                except _Stop:
+                    pass
+                state["anchor"] = None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return {n: stats[n] for n in group} if first_group else stats
+
+
+def _rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return x.movedim(1, -1).reshape(-1, x.shape[1])  # (B * spatial, C)
+    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        x = x[token_mask.to(x.device).bool()]  # (tokens, I): padding left out
+    return x.reshape(-1, x.shape[-1])  # (rows, I)
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model inputs of a batch: x of (x, y), a dict as is, or a tensor."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _move(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+# --------------------------------------------------------------------------------- regularization
+
+
+def _weights(model: nn.Module, targets: Targets | None) -> list[torch.Tensor]:
+    return [m.weight for _, m in (targets or Targets()).select(model)
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+
+def l1_penalty(model: nn.Module, targets: Targets | None = None) -> torch.Tensor:
+    """sum |w| over the targeted Linear and Conv weights: the L1 term of seed 001 eq. 2.
+
+    >>> lin = nn.Linear(2, 1, bias=False).requires_grad_(False)
+    >>> _ = lin.weight.fill_(-1.5)
+    >>> float(l1_penalty(lin))
+    3.0
+    """
+    return sum((w.abs().sum() for w in _weights(model, targets)), torch.zeros(()))
+
+
+def group_lasso(model: nn.Module, targets: Targets | None = None, alpha: float = 0.0,
+                groups: list | None = None) -> torch.Tensor:
+    """Seed 000's r(theta) = sum_l (1 - alpha) sqrt(P_l) sum_n ||theta_l^n||_2 + alpha ||theta_l||_1, the
+    groups n being each layer's output rows (P_l entries each). With `groups` (coupled channel groups
+    from `nncompress.graph`) this is `structured.group_lasso_penalty` on them.
+
+    >>> lin = nn.Linear(4, 1, bias=False).requires_grad_(False)
+    >>> _ = lin.weight.fill_(1.0)
+    >>> float(group_lasso(lin))  # sqrt(4) * ||(1, 1, 1, 1)||_2
+    4.0
+    """
+    if groups is not None:
+        return group_lasso_penalty(model, groups, alpha)
+    total = torch.zeros(())
+    for w in _weights(model, targets):
+        rows = w.reshape(w.shape[0], -1)  # (O, P)
+        total = total + (1 - alpha) * math.sqrt(rows.shape[1]) * rows.norm(dim=1).sum() + alpha * rows.abs().sum()
+    return total
+
+
+def regularizer(penalty: Callable[..., torch.Tensor], strength: float, **kwargs: Any) -> LossFn:
+    """A `fit(extra_losses=...)` term: `strength * penalty(model, **kwargs)` each batch.
+
+    >>> lin = nn.Linear(1, 1, bias=False).requires_grad_(False)
+    >>> _ = lin.weight.fill_(2.0)
+    >>> float(regularizer(l1_penalty, 0.5)(lin, None))
+    1.0
+    """
+    return lambda model, batch: strength * penalty(model, **kwargs)

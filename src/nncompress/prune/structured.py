@@ -1,0 +1,293 @@
+"""Structured pruning: rank coupled channel groups, remove the weakest, and the model physically shrinks.
+
+    model = nncompress.apply(model, PruneConfig(ratio=0.5, importance="taylor"), context=ctx)
+
+Schedules: one-shot (`steps: 1`), iterative prune -> fine-tune -> prune (`steps: k` with
+`finetune_epochs`), and sparse training first (`penalty: group_lasso` for `penalty_epochs`, the
+r(theta) of seed 000 with its alpha mix of L1 and group lasso), then pruning by magnitude.
+Budgets: a channel `ratio`, or `target_macs` / `target_params` as fractions of the model's current
+MACs / parameters (found by bisection on the real pruned model's counts).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import Config, ConfigError, Context, TrainConfig, check, fit, lookup, register
+from ..core.errors import DataError
+from ..graph import build_graph
+from .importance import NEEDS, collect_stats
+from .structural import apply_record, remove_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(Config):
+    """Structured (channel / neuron) pruning of coupled groups.
+
+    ratio:        fraction of each group's channels to remove (scope local), or of all prunable
+                  channels (scope global, groups ranked together on mean-normalised scores)
+    importance:   registered criterion: l1, l2, fpgm, bn_scale, taylor, fisher, activation, random
+    round_to:     keep channel counts a multiple of this (int8 / tensor-core kernels like 8 or 16)
+    min_channels: never keep fewer than this many channels in a group
+    max_ratio:    cap on any one group's pruned fraction under global scope
+    overrides:    per-group ratios by glob on the group's producing module, e.g. {"stem.*": 0.0}
+    target_macs / target_params: a budget instead of `ratio`: keep this fraction of MACs / params
+    steps, finetune_epochs, lr: the iterative schedule (finetune_epochs > 0 needs labelled data)
+    penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
+    calib_batches: batches used by data-driven criteria
+    """
+
+    ratio: float = 0.5
+    importance: str = "l2"
+    scope: Literal["local", "global"] = "local"
+    round_to: int = 1
+    min_channels: int = 1
+    max_ratio: float = 0.9
+    overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    target_macs: float | None = None
+    target_params: float | None = None
+    steps: int = 1
+    finetune_epochs: int = 0
+    lr: float = 1e-3
+    penalty: Literal["none", "group_lasso", "l1_bn"] = "none"
+    penalty_epochs: int = 0
+    penalty_strength: float = 1e-4
+    penalty_alpha: float = 0.0
+    calib_batches: int = 8
+
+    def __post_init__(self):
+        check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
+        check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
+        check(self.min_channels >= 1, "min_channels", f"must be >= 1, got {self.min_channels}")
+        check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
+        for k, v in self.overrides.items():
+            check(0.0 <= v < 1.0, f"overrides.{k}", f"must be in [0, 1), got {v}")
+        for name in ("target_macs", "target_params"):
+            v = getattr(self, name)
+            check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
+        check(not (self.target_macs and self.target_params), "target_params", "give target_macs or target_params, not both")
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.finetune_epochs >= 0 and self.penalty_epochs >= 0, "finetune_epochs", "epochs must be >= 0")
+        check(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", f"must be in [0, 1], got {self.penalty_alpha}")
+        check(self.penalty == "none" or self.penalty_epochs > 0, "penalty_epochs",
+              f"penalty {self.penalty!r} trains before pruning: set penalty_epochs > 0")
+        try:
+            lookup(self.importance, namespace="importance")
+        except Exception:
+            raise ConfigError("importance", f"unknown criterion {self.importance!r}; known: "
+                              "l1, l2, fpgm, bn_scale, taylor, fisher, activation, random") from None
+
+
+@register("prune", config=PruneConfig)
+def prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
+    """Structured pruning of coupled channel groups; the model physically shrinks."""
+    if ctx.replay:
+        for record in ctx.record.get("removals", []):
+            apply_record(model, record)
+        return model
+    inputs = example_inputs(model, ctx)
+    if config.penalty != "none":
+        sparse_train(model, config, ctx, inputs)
+    removals = ctx.record.setdefault("removals", [])
+    budget = config.target_macs or config.target_params
+    original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
+    for step in range(1, config.steps + 1):
+        if budget:
+            plan = _plan_for_budget(model, config, ctx, inputs, budget ** (step / config.steps))
+            removals.extend(_remove(model, plan, ctx))
+        elif config.scope == "local":  # cumulative ratio of the original widths: k steps end at one-shot's
+            removals.extend(prune_once(model, config, ctx, inputs, config.ratio * step / config.steps, original))
+        else:  # global: the fraction of what is left that brings the total to ratio * step / steps
+            done, goal = config.ratio * (step - 1) / config.steps, config.ratio * step / config.steps
+            removals.extend(prune_once(model, config, ctx, inputs, 1 - (1 - goal) / (1 - done)))
+        if config.finetune_epochs:
+            _finetune(model, config, ctx)
+    return model.eval()
+
+
+def prune_once(model: nn.Module, config: PruneConfig, ctx: Context, inputs, ratio: float,
+               original: dict[tuple, int] | None = None) -> list[dict]:
+    """One pruning step to `ratio` of each group's `original` width (default: its current width);
+    returns the removal records (replayable without data)."""
+    scored = score_groups(model, config, ctx, inputs)
+    return _remove(model, plan_from_scores(scored, config, ratio, original), ctx)
+
+
+def _remove(model: nn.Module, plan: list, ctx: Context) -> list[dict]:
+    removed = sum(len(drop) for _, drop in plan)
+    ctx.record["channels_removed"] = ctx.record.get("channels_removed", 0) + removed
+    return [remove_groups(model, plan)] if removed else []
+
+
+def score_groups(model: nn.Module, config: PruneConfig, ctx: Context, inputs) -> list[tuple]:
+    """Trace the model once and score every prunable targeted group: `[(group, scores), ...]`."""
+    graph = build_graph(model, inputs)
+    groups = [g for g in graph.groups(ctx.targets) if g.prunable]
+    if not groups:
+        raise ConfigError("targets", "no prunable channel group among the targeted modules; "
+                          "widen targets or see graph.groups() for the reasons")
+    scorer = lookup(config.importance, namespace="importance")
+    stats = _stats(model, groups, config, ctx)
+    scored = [(g, scorer(model, g, stats)) for g in groups]
+    unscored = [g.producers[0] if g.producers else str(g) for g, s in scored if s is None]
+    if unscored:
+        ctx.record["not_scored"] = unscored
+    return [(g, s.float()) for g, s in scored if s is not None]
+
+
+def plan_from_scores(scored: list[tuple], config: PruneConfig, ratio: float,
+                     original: dict[tuple, int] | None = None) -> list[tuple]:
+    """Which channels of each group to remove: `[(group, sorted channel indices), ...]`.
+
+    original: widths before an iterative schedule began (filled on first use); ratios apply to them.
+    """
+    if original is not None:
+        for g, _ in scored:
+            original.setdefault(g.producers, g.size)
+    ratios = [_group_ratio(g, config, ratio) for g, _ in scored]
+    if config.scope == "global" and not config.overrides and scored:
+        normed = [s / s.mean().clamp_min(1e-12) for _, s in scored]
+        flat = torch.cat(normed)
+        k = int(ratio * flat.numel())
+        threshold = flat.sort().values[k - 1].item() if k > 0 else -float("inf")
+        ratios = [min(float((s <= threshold).float().mean()), config.max_ratio) for s in normed]
+    plan = []
+    for (g, s), r in zip(scored, ratios):
+        width = original.get(g.producers, g.size) if original is not None and config.scope == "local" else g.size
+        keep = min(g.size, _kept(width, r, config))
+        order = torch.argsort(s, descending=True, stable=True)
+        plan.append((g, sorted(order[keep:].tolist())))
+    return plan
+
+
+def _group_ratio(group, config: PruneConfig, ratio: float) -> float:
+    root = next((m.module for m in group.members if m.role == "out"), group.members[0].module)
+    for pattern, r in config.overrides.items():
+        if fnmatch.fnmatchcase(root, pattern):
+            return r
+    return ratio
+
+
+def _kept(size: int, ratio: float, config: PruneConfig) -> int:
+    keep = size - int(ratio * size)
+    if config.round_to > 1:
+        keep = max(config.round_to, round(keep / config.round_to) * config.round_to)
+    return min(size, max(keep, config.min_channels))
+
+
+def _stats(model: nn.Module, groups: list, config: PruneConfig, ctx: Context) -> dict[str, Any]:
+    need = NEEDS.get(config.importance)
+    if need is None:
+        return {}
+    if ctx.data is None:
+        raise ConfigError("importance", f"{config.importance!r} needs calibration data; run the stage in a "
+                          "recipe or pass Context(data=...)")
+    if need != "activations" and ctx.data.task != "classification":
+        raise ConfigError("importance", f"{config.importance!r} needs labelled data; for {ctx.data.task} "
+                          "models use l2, fpgm or activation")
+    producers = {m.module for g in groups for m in g.members if m.role == "out"}
+    return collect_stats(model, ctx.data.calib, _loss, "grad" if need == "grad_sq" else need,
+                         producers, config.calib_batches)
+
+
+def _loss(model: nn.Module, batch) -> torch.Tensor:
+    if isinstance(batch, dict):
+        out = model(**batch)
+        return out.pow(2).mean()  # only used for activation statistics
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def example_inputs(model: nn.Module, ctx: Context):
+    """Inputs to trace with: two samples of the recipe's data, or zeros of `model.input_shape`."""
+    if ctx.data is not None:
+        return ctx.data.example_batch(2)
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise DataError(f"{type(model).__name__}: pruning traces the model and needs example inputs; pass "
+                        "Context(data=...) or set model.input_shape")
+    return torch.zeros(2, *shape)
+
+
+def count_macs(model: nn.Module, inputs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    model.train(was)
+    return counter.get_total_flops() // 2
+
+
+def _plan_for_budget(model: nn.Module, config: PruneConfig, ctx: Context, inputs, keep: float) -> list[tuple]:
+    """Bisection on the channel ratio until a pruned copy keeps at most `keep` of the MACs/params.
+
+    The model is traced and scored once; each trial prunes a copy with the same scores and counts
+    its real MACs (or parameters).
+    """
+    def measure(m):
+        return count_macs(m, inputs) if config.target_macs else sum(p.numel() for p in m.parameters())
+
+    base = measure(model)
+    scored = score_groups(model, config, ctx, inputs)
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        remove_groups(trial, plan_from_scores(scored, config, mid))
+        if measure(trial) / base > keep:
+            lo = mid
+        else:
+            hi = mid
+    return plan_from_scores(scored, config, hi)
+
+
+def _finetune(model: nn.Module, config: PruneConfig, ctx: Context) -> None:
+    if ctx.data is None or ctx.data.task != "classification":
+        raise ConfigError("finetune_epochs", "fine-tuning between pruning steps needs labelled data")
+    fit(model, ctx.data.train, _loss, TrainConfig(epochs=config.finetune_epochs, lr=config.lr),
+        progress=ctx.progress, desc="prune-finetune")
+
+
+def group_lasso_penalty(model: nn.Module, groups: list, alpha: float) -> torch.Tensor:
+    """r(theta) = alpha * ||theta||_1 + (1 - alpha) * sum_groups sum_channels ||theta_channel||_2 (seed 000).
+
+    A channel's parameters across every coupled layer form one lasso group, so the penalty drives
+    whole coupled channels to zero together.
+    """
+    from .importance import member_tensor
+    total = torch.zeros(())
+    for g in groups:
+        sq = 0
+        for m in g.members:
+            t = member_tensor(model, m)
+            if isinstance(t, nn.Parameter):
+                v = t.movedim(m.dim, 0)[m.offset: m.offset + g.size * m.stride].reshape(g.size, -1)
+                sq = sq + v.pow(2).sum(1)
+                if alpha:
+                    total = total + alpha * v.abs().sum()
+        if not isinstance(sq, int):
+            total = total + (1 - alpha) * (sq + 1e-12).sqrt().sum()
+    return total
+
+
+def sparse_train(model: nn.Module, config: PruneConfig, ctx: Context, inputs) -> None:
+    """Train with the sparsity penalty so that unimportant groups shrink before they are cut."""
+    if ctx.data is None or ctx.data.task != "classification":
+        raise ConfigError("penalty", "sparse training needs labelled data")
+    groups = [g for g in build_graph(model, inputs).groups(ctx.targets) if g.prunable]
+    bns = [m for _, m in ctx.targets.select(model) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def penalty(m: nn.Module, batch) -> torch.Tensor:
+        if config.penalty == "l1_bn":  # network slimming: L1 on BN gamma (seed 001 eq. 7)
+            return config.penalty_strength * sum(bn.weight.abs().sum() for bn in bns)
+        return config.penalty_strength * group_lasso_penalty(m, groups, config.penalty_alpha)
+
+    fit(model, ctx.data.train, _loss, TrainConfig(epochs=config.penalty_epochs, lr=config.lr),
+        extra_losses=(penalty,), progress=ctx.progress, desc=f"sparse-train ({config.penalty})")
