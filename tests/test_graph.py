@@ -530,7 +530,9 @@ def test_tiny_bert_ffn_groups():
     assert all({m.module.rsplit(".", 1)[0] for m in g.members} >= {"model.encoder.layer.0.intermediate",
                "model.encoder.layer.0.output"} for g in ffn[:1])
     query = graph.group_of("model.encoder.layer.0.attention.self.query")
-    assert not query.prunable and "splits a dim of 32" in query.reason
+    assert query.prunable and query.size == 2  # heads, each a block of 16 channels
+    assert {(m.module.rsplit(".", 1)[-1], m.stride) for m in query.members} == {
+        ("query", 16), ("key", 16), ("value", 16), ("dense", 16)}
     assert not graph.group_of("model.embeddings.word_embeddings").prunable  # the output width
     with torch.no_grad():
         ref = model(**inputs)

@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import ModelLoadError
+from ..core.registry import lookup, names
 from .atomic import atomic_path, atomic_write_text
-from .codecs import decode_tensor, encode_tensor
+from .codecs import decode_tensor, encode_int_codes, encode_tensor
 
 FORMAT = "nncompress-checkpoint"
 VERSION = 1
@@ -56,11 +57,12 @@ def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, 
     """Write `model`'s weights and manifest into `directory`; each file is written atomically.
 
     compress: store each tensor with its smallest exact codec (sparse, 2:4, codebook; see
-              `codecs`), so bytes on disk fall with sparsity and quantization.
+              `codecs`), so bytes on disk fall with sparsity and quantization; quantized weights
+              (hinted by `storage_hints`) are stored as bit-packed integer codes.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, codecs = encode_state(model.state_dict(), compress)
+    tensors, codecs = encode_state(model.state_dict(), compress, storage_hints(model) if compress else None)
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "codecs": json.dumps(codecs)})
     import nncompress  # the version only; no circular use
@@ -74,22 +76,55 @@ def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, 
     return directory
 
 
-def encode_state(state: dict[str, torch.Tensor], compress: bool = True
+def storage_hints(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Hints from every provider registered in the "storage_hints" namespace: `{state name: hint}`.
+
+    A technique that knows a tensor is better stored as something else (quantized weights as packed
+    integer codes: `quant.storage`) registers a provider, so this module never imports techniques.
+    """
+    hints: dict[str, dict[str, Any]] = {}
+    for provider in names("storage_hints"):
+        hints.update(lookup(provider, "storage_hints")(model))
+    return hints
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def encode_state(state: dict[str, torch.Tensor], compress: bool = True,
+                 hints: dict[str, dict[str, Any]] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Flatten a state dict into safetensors parts plus per-tensor codec metadata.
 
     Tied tensors (one storage under several names) are stored once; the others are aliases.
+    hints: `{name: int_codes hint}` (see `storage_hints`); a hinted tensor is stored as packed codes
+           when they decode exactly, else as usual. Tied tensors ignore hints (the other user of the
+           storage reads the float values).
     """
     tensors: dict[str, torch.Tensor] = {}
     codecs: dict[str, Any] = {}
     seen: dict[tuple, str] = {}
+    hints = hints or {}
+    shared: dict[tuple, int] = {}
+    for t in state.values():
+        if t.numel():
+            shared[_storage_key(t)] = shared.get(_storage_key(t), 0) + 1
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = _storage_key(t)
         if t.numel() and key in seen:
             codecs[name] = {"codec": "alias", "of": seen[key]}
             continue
         seen[key] = name
-        parts, meta = encode_tensor(t) if compress else ({"data": t.detach().contiguous().cpu()}, {"codec": "dense"})
+        hinted = None
+        if compress and name in hints and shared.get(key, 0) <= 1:
+            hinted = encode_int_codes(hints[name], state)
+        if hinted is not None:
+            parts, meta = hinted
+        elif compress:
+            parts, meta = encode_tensor(t)
+        else:
+            parts, meta = {"data": t.detach().contiguous().cpu()}, {"codec": "dense"}
         for part, value in parts.items():
             tensors[f"{name}::{part}"] = value
         codecs[name] = meta
@@ -101,11 +136,21 @@ def decode_state(tensors: dict[str, torch.Tensor], codecs: dict[str, Any]) -> di
     for key, value in tensors.items():
         name, _, part = key.rpartition("::")
         parts.setdefault(name, {})[part] = value
-    state = {n: decode_tensor(parts[n], meta) for n, meta in codecs.items() if meta["codec"] != "alias"}
-    for n, meta in codecs.items():
-        if meta["codec"] == "alias":
-            state[n] = state[meta["of"]]
-    return state
+    state: dict[str, torch.Tensor] = {}
+
+    def get(n: str) -> torch.Tensor:  # on demand: int_codes refer to their scale by name
+        if n not in state:
+            meta = codecs[n]
+            if meta["codec"] == "alias":
+                state[n] = get(meta["of"])
+            else:
+                refs = {r: get(r) for r in (meta.get("scale"), meta.get("zero_point")) if isinstance(r, str)}
+                state[n] = decode_tensor(parts.get(n, {}), meta, refs)
+        return state[n]
+
+    for n in codecs:
+        get(n)
+    return {n: state[n] for n in codecs}
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:

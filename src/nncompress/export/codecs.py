@@ -9,6 +9,8 @@ values (checked at encode time):
               group of M (2:4: 2 values and two 2-bit indices per 4 weights).
 - `codebook`: at most 256 distinct values (quantized or clustered weights): the codebook plus
               packed b-bit indices, b = ceil(log2(K)).
+- `int_codes`: a quantized weight given with a hint (see `encode_int_codes`): packed b-bit integer
+              codes; the scale / zero point are other tensors of the state (named) or stored beside.
 
 >>> import torch
 >>> w = torch.zeros(64, 64); w[::8] = torch.randn(8, 64)
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..formats.granularity import PerChannel, PerGroup, PerTensor, expand_scale
 from ..formats.packing import pack, unpack
 
 MIN_NUMEL = 256  # below this the bookkeeping costs more than it saves
@@ -50,7 +53,10 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, A
     return best
 
 
-def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any],
+                  resolve: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Inverse of `encode_tensor`; `resolve` maps the state names an `int_codes` tensor refers to
+    (its scale, zero point) to their decoded values."""
     codec = meta["codec"]
     if codec == "dense":
         return parts["data"]
@@ -70,6 +76,8 @@ def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch
     if codec == "codebook":
         idx = unpack(parts["index"], meta["bits"], numel).long()
         return parts["codebook"][idx].view(shape)
+    if codec == "int_codes":
+        return decode_int_codes(parts, meta, resolve or {})
     raise ValueError(f"unknown codec {codec!r}")
 
 
@@ -107,3 +115,88 @@ def _codebook(t: torch.Tensor):
         return None
     bits = max(1, math.ceil(math.log2(k)))
     return {"codebook": values.clone(), "index": pack(idx, bits)}, {"codec": "codebook", "bits": bits}
+
+
+# ------------------------------------------------------------------------------------ int_codes
+
+_GRANULARITY = {"per_tensor": PerTensor, "per_channel": PerChannel, "per_group": PerGroup}
+
+
+def _last_in_group(shape2d: torch.Size, gran: Any) -> torch.Tensor:
+    """Mask (O, R) of the last element of each group (where a binary `fix` value replaces alpha)."""
+    mask = torch.zeros(tuple(shape2d), dtype=torch.bool)
+    if isinstance(gran, PerTensor):
+        mask[-1, -1] = True
+    elif isinstance(gran, PerChannel):
+        mask[:, -1] = True
+    else:
+        mask[:, gran.size - 1::gran.size] = True
+    return mask
+
+
+def _refs(hint: dict[str, Any]) -> list[str]:
+    return [v for v in (hint.get("scale"), hint.get("zero_point")) if isinstance(v, str)]
+
+
+def encode_int_codes(hint: dict[str, Any], state: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Packed integer codes for a quantized weight, or None when they would not decode exactly.
+
+    The hint (from a technique's "storage_hints" provider, e.g. `quant.storage`) holds:
+    codes (int, the weight's shape), bits, signed, kind ("affine": (c - z) * s; "binary": (2c - 1) * s),
+    scale and zero_point (a state name, a tensor stored beside as a part, or None for zero point 0),
+    for binary optionally fix (per group: the magnitude of the group's last element),
+    granularity ({kind, axis, size} over the 2-D view (out, rest)), and values: the exact tensor
+    the decode must give back (what is stored in place of the float weight).
+
+    >>> s = torch.full((4, 1), 0.5)
+    >>> codes = torch.randint(-8, 8, (4, 64), dtype=torch.int32)
+    >>> hint = {"codes": codes, "bits": 4, "signed": True, "kind": "affine", "scale": "s", "zero_point": None,
+    ...         "granularity": {"kind": "per_channel", "axis": 0}, "values": codes * s}
+    >>> parts, meta = encode_int_codes(hint, {"s": s})
+    >>> parts["codes"].numel(), torch.equal(decode_tensor(parts, meta, {"s": s}), codes * s)
+    (128, True)
+    """
+    values = hint["values"].detach().contiguous().cpu()
+    if not 1 <= hint["bits"] <= 8 or any(r not in state for r in _refs(hint)):
+        return None
+    parts = {"codes": pack(hint["codes"].cpu(), hint["bits"])}
+    meta: dict[str, Any] = {"codec": "int_codes", "bits": hint["bits"], "signed": bool(hint["signed"]),
+                            "kind": hint.get("kind", "affine"), "granularity": hint["granularity"],
+                            "shape": list(values.shape), "dtype": str(values.dtype).removeprefix("torch.")}
+    for key in ("scale", "zero_point", "fix"):
+        ref = hint.get(key)
+        if isinstance(ref, str):
+            meta[key] = ref
+        elif isinstance(ref, torch.Tensor):
+            parts[key] = ref.detach().contiguous().cpu()
+    resolve = {r: state[r].detach().cpu() for r in _refs(hint)}
+    if not torch.equal(decode_int_codes(parts, meta, resolve), values):
+        return None  # the caller falls back to the other codecs on the original tensor
+    return parts, meta
+
+
+def decode_int_codes(parts: dict[str, torch.Tensor], meta: dict[str, Any],
+                     resolve: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor `encode_int_codes` stored: unpack, then (c - z) * s or (2c - 1) * s."""
+    shape, dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    codes = unpack(parts["codes"], meta["bits"], numel, signed=meta["signed"]).view(rows, -1)  # (O, I*k)
+    g = dict(meta["granularity"])
+    gran = _GRANULARITY[g.pop("kind")](**g)
+
+    def operand(key: str) -> torch.Tensor | None:
+        ref = meta.get(key)
+        t = resolve[ref] if isinstance(ref, str) else parts.get(key)
+        return None if t is None else expand_scale(t, gran, codes.shape)
+
+    scale, zero = operand("scale"), operand("zero_point")
+    if meta["kind"] == "binary":
+        out = (2 * codes - 1) * scale
+        fix = operand("fix")
+        if fix is not None:
+            out = torch.where(_last_in_group(codes.shape, gran), (2 * codes - 1) * fix, out)
+    else:
+        out = (codes - (0 if zero is None else zero)) * scale
+    return out.to(dtype).view(shape)

@@ -12,6 +12,7 @@ from typing import Any
 import torch.nn as nn
 from torch.fx import Node
 
+from .spaces import scale
 from .trace import module_of
 from .walk import Labels, Walk, rule
 
@@ -302,9 +303,16 @@ def sdpa(g: Walk, node: Node) -> Any:
     a = g.bind(node)
     q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
     qs, ks, vs = g.shape(q), g.shape(k), g.shape(v)
-    if qs[:-2] != ks[:-2] or ks[:-2] != vs[:-2]:
-        return NotImplemented  # grouped-query attention: heads repeat
     ql, kl, vl, where = g.lab(q), g.lab(k), g.lab(v), g.where(node)
+    if ks[:-2] != vs[:-2] or len(qs) != len(ks):
+        return NotImplemented
+    if qs[:-2] != ks[:-2]:  # grouped-query attention: query head j reads key/value head j // n_rep
+        if not (a.get("enable_gqa") and len(qs) >= 3 and qs[:-3] == ks[:-3] and qs[-3] % ks[-3] == 0):
+            return NotImplemented
+        g.unify(kl[-3], vl[-3], where)
+        g.unify(ql[-3], scale(kl[-3], qs[-3] // ks[-3]), where, "(kv group)")
+        kl, vl = kl[:-3] + [ql[-3]] + kl[-2:], vl[:-3] + [ql[-3]] + vl[-2:]
+        ks, vs = qs[:-2] + ks[-2:], qs[:-2] + vs[-2:]
     batch = g.broadcast(qs[:-2], [(ql[:-2], qs[:-2]), (kl[:-2], ks[:-2]), (vl[:-2], vs[:-2])], where)
     g.unify(ql[-1], kl[-1], where)
     g.unify(kl[-2], vl[-2], where)

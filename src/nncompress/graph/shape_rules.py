@@ -1,8 +1,10 @@
 """Channel rules for shape ops: view/reshape/flatten, permutes, expand, slicing, split, cat, getitem.
 
 A merge of a channel dim with trailing dims of total size L becomes a segment with stride L; an
-exact inverse split restores the channel dim. Any other split or partial slice of a channel dim
-blocks its space: removing channel i there would shift what every later index means.
+exact inverse split restores the channel dim. A split of a whole channel dim into (H, D), the
+attention heads of a Q/K/V projection, makes a new space of H heads, each a block of D channels:
+heads are then pruned as units. Any other split or partial slice of a channel dim blocks its space:
+removing channel i there would shift what every later index means.
 """
 from __future__ import annotations
 
@@ -65,8 +67,16 @@ def _regroup(g: Walk, labels: Labels, sizes: list[int], gj: list[int], ys: tuple
             for k in gj[1:]:
                 out[k] = g.fresh(ys[k], f"{at} splits off this dim")
             return
-        reason = (f"{at} splits a dim of {sizes[0]} into {tuple(ys[k] for k in gj)} "
-                  f"(head- or group-wise pruning is not supported yet)")
+        if len(label) == 1 and label[0][1:] == (0, 1) and g.sp.size[label[0][0]] == sizes[0]:
+            # heads: (H*D) -> (H, D). Head i of a new space of H covers the block of D channels
+            # i*D ... i*D+D-1, so removing head i removes that block from every member at once
+            heads = g.sp.new(ys[gj[0]])
+            g.sp.unify(label, ((heads, 0, inner),), "(heads)", at)
+            out[gj[0]] = ((heads, 0, 1),)
+            for k in gj[1:]:
+                out[k] = g.fresh(ys[k], f"{at} splits off this dim (the channels within a head)")
+            return
+        reason = f"{at} splits a dim of {sizes[0]} into {tuple(ys[k] for k in gj)}"
         g.sp.block(label, reason)
         for k in gj:
             out[k] = g.fresh(ys[k], reason)

@@ -36,7 +36,7 @@ __all__ = ["apply_record", "remove_channels", "remove_groups"]
 RECORD_FORMAT = 1
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "normalized_shape", "num_channels", "num_groups", "num_embeddings", "embedding_dim",
-                "num_parameters")
+                "num_parameters", "nf", "nx")
 _FFN_FIELDS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "dim_feedforward", "encoder_ffn_dim",
                "decoder_ffn_dim")
 
@@ -92,7 +92,12 @@ def remove_groups(model: nn.Module, plan: Iterable[tuple[Group, Sequence[int]]])
         if changed:
             _set_attrs(model.get_submodule(name), changed)
             record["modules"][name] = _plain(changed)
+    parents = {name.rpartition(".")[0] for name in touched if name}
+    for name, attrs in _sync_attention(model, parents).items():
+        record["modules"].setdefault(name, {}).update(attrs)
     record["configs"] = _sync_hf_configs(model, linears)
+    for prefix, fields in _sync_head_configs(model, parents).items():
+        record["configs"].setdefault(prefix, {}).update(fields)
     return record
 
 
@@ -238,6 +243,8 @@ def _new_attrs(module: nn.Module, old: dict[str, Any], attr_drops: dict[str, int
         if old["num_groups"] == old["num_channels"]:
             new["num_groups"] = c
         new["num_channels"] = c
+    elif type(module).__name__ == "Conv1D" and w is not None and w.dim() == 2:  # transformers' GPT-2 layer
+        new.update(nx=w.shape[0], nf=w.shape[1])  # weight (in, out); forward views its output to (..., nf)
     elif isinstance(module, nn.PReLU) and w is not None:
         new["num_parameters"] = w.numel()
     return {k: int(v) if not isinstance(v, tuple) else tuple(int(x) for x in v)
@@ -284,6 +291,106 @@ def _sync_hf_configs(model: nn.Module, before: dict[str, int]) -> dict[str, dict
                 setattr(config, field, width)
                 out.setdefault(prefix, {})[field] = width
     return out
+
+
+# --- attention heads --------------------------------------------------------------------------
+_HEAD_SIZE = ("attention_head_size", "head_dim", "head_size", "d_head", "dim_per_head")
+_HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_KV_COUNT = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_QUERY = ("query", "q_proj", "q", "q_lin", "wq", "to_q")
+_KEY = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
+
+
+def _sync_attention(model: nn.Module, parents: set[str]) -> dict[str, dict[str, int]]:
+    """Head counts of attention modules whose Q/K projections lost heads, from the projections' widths.
+
+    An attention module is one with an int head size (`attention_head_size`, `head_dim`, ...) and a
+    query projection child (`query`, `q_proj`, ...); its head counts (`num_attention_heads`,
+    `num_key_value_heads`, `all_head_size`, ...) are set to what the sliced projections now hold.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for name in sorted(parents):
+        module = model.get_submodule(name)
+        size = next((getattr(module, a) for a in _HEAD_SIZE if _is_int(getattr(module, a, None))), None)
+        q = next((getattr(module, a) for a in _QUERY if isinstance(getattr(module, a, None), nn.Linear)), None)
+        k = next((getattr(module, a) for a in _KEY if isinstance(getattr(module, a, None), nn.Linear)), None)
+        if not size or q is None or q.out_features % size:
+            continue
+        heads = q.out_features // size
+        want = {a: heads for a in _HEAD_COUNT if _is_int(getattr(module, a, None))}
+        if _is_int(getattr(module, "all_head_size", None)):
+            want["all_head_size"] = heads * size
+        if k is not None and k.out_features % size == 0:
+            want |= {a: k.out_features // size for a in _KV_COUNT if _is_int(getattr(module, a, None))}
+        changed = {a: v for a, v in want.items() if getattr(module, a) != v}
+        if changed:
+            _set_attrs(module, changed)
+            out[name] = changed
+    return out
+
+
+def _sync_head_configs(model: nn.Module, touched: set[str]) -> dict[str, dict[str, int]]:
+    """Head counts in a transformers config, when every attention module under it agrees.
+
+    Only configs with an explicit `head_dim` field (LLaMA, Mistral, Qwen, ...) are updated, and only
+    when the result passes the config's own validation (transformers 5 wants `hidden_size` to be a
+    multiple of the head count). A config that derives the head size as `hidden_size //
+    num_attention_heads` (BERT, ViT, ...) cannot describe fewer heads of the same size (and
+    transformers 5 dropped `pruned_heads`), so it keeps its values: `from_pretrained` then cannot
+    rebuild the pruned shapes, and the record (`apply_record` on the base architecture) carries them.
+    """
+    out: dict[str, dict[str, int]] = {}
+    attention = _attention_modules(model)
+    if not touched & set(attention):
+        return out
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None or not _is_int(getattr(config, "head_dim", None)) or id(config) in seen:
+            continue
+        seen.add(id(config))
+        under = [n for n in attention if not prefix or n.startswith(prefix + ".")]
+        if not touched & set(under):
+            continue
+        fields: dict[str, int] = {}
+        for field, attrs in (("num_attention_heads", _HEAD_COUNT), ("num_key_value_heads", _KV_COUNT)):
+            seen = {_head_count(model.get_submodule(n), attrs, field) for n in under}
+            seen.discard(None)
+            if len(seen) == 1 and _is_int(getattr(config, field, None)) and (v := seen.pop()) != getattr(config, field):
+                fields[field] = v
+        old = {field: getattr(config, field) for field in fields}
+        for field, value in fields.items():
+            setattr(config, field, value)
+        try:
+            getattr(config, "validate_architecture", lambda: None)()
+        except ValueError:  # e.g. hidden_size must be a multiple of the head count: the record keeps the shapes
+            for field, value in old.items():
+                setattr(config, field, value)
+            continue
+        if fields:
+            out[prefix] = fields
+    return out
+
+
+def _attention_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if any(_is_int(getattr(m, a, None)) for a in _HEAD_SIZE)
+            and any(isinstance(getattr(m, a, None), nn.Linear) for a in _QUERY)]
+
+
+def _head_count(module: nn.Module, attrs: tuple[str, ...], field: str) -> int | None:
+    """Heads of an attention module, from its attributes or else from its projections' widths."""
+    for a in attrs:
+        if _is_int(getattr(module, a, None)):
+            return getattr(module, a)
+    size = next(getattr(module, a) for a in _HEAD_SIZE if _is_int(getattr(module, a, None)))
+    names = _QUERY if field == "num_attention_heads" else _KEY
+    proj = next((getattr(module, a) for a in names if isinstance(getattr(module, a, None), nn.Linear)), None)
+    return proj.out_features // size if proj is not None and proj.out_features % size == 0 else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _pattern(name: str) -> str:

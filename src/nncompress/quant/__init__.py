@@ -5,8 +5,9 @@ cross-layer equalization.
     from nncompress.formats import IntFormat
     model = nncompress.apply(model, QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=4))))
 
-Importing this package registers the transforms `quantize`, `gptq` and `qat` and the observers
-`minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`.
+Importing this package registers the transforms `quantize`, `gptq` and `qat`, the observers
+`minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`, and the checkpoint storage hints
+(`storage`: quantized weights saved as bit-packed integer codes).
 """
 from .bn_fold import equalization_scales, equalize, find_conv_bn_pairs, find_equalization_pairs, fold_batchnorm
 from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantLinear, QuantSpec, QuantWrapper, STEQuantize,
@@ -16,6 +17,7 @@ from .gptq import GPTQConfig, gptq_quantize, gptq_transform
 from .observers import kl_threshold, observe
 from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity, quantize
 from .qat import QATConfig, convert, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
+from .storage import WeightCodes, dequantize_codes, storage_hints, weight_codes
 
 __all__ = [
     "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig",
@@ -26,4 +28,5 @@ __all__ = [
     "lsq_quantize", "pact_quantize", "dorefa_weight", "format_from_dict", "format_to_dict", "granularity_from_dict",
     "observe", "kl_threshold",
     "fold_batchnorm", "find_conv_bn_pairs", "equalize", "equalization_scales", "find_equalization_pairs",
+    "WeightCodes", "weight_codes", "dequantize_codes", "storage_hints",
 ]

@@ -1,0 +1,282 @@
+"""INT8 deployment: a fake-quantized model as an ONNX QDQ graph that ONNX Runtime runs with int8 kernels.
+
+Each quantized layer becomes `QuantizeLinear -> DequantizeLinear` on its input (the wrapper's own
+activation scale / zero point), `DequantizeLinear` on an int8 weight initializer (the wrapper's
+per-channel or per-tensor weight codes, exactly what the fake-quant forward uses) and, when its input
+is quantized, an int32 bias dequantized with scale `s_x * s_w` (the layout ONNX Runtime's QDQ
+transformer fuses into QLinearConv / QGemm / QLinearMatMul). Everything else stays float.
+
+The numbers match the PyTorch fake-quant model up to the int32 bias rounding (|error| <= s_x s_w / 2
+per output) and rare rounding ties; `export_qdq_onnx` checks the relative L2 error in onnxruntime
+before the file replaces `path`.
+
+>>> import os, tempfile, torch, torch.nn as nn
+>>> from nncompress.core import Context
+>>> from nncompress.formats import IntFormat
+>>> from nncompress.quant import QuantizeConfig, QuantSpec, quantize
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<...>
+>>> x = torch.randn(32, 16)
+>>> class Data: calib = [(x, None)]; example_batch = lambda self, n: x[:n]
+>>> cfg = QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=8)), calib_batches=1,
+...                      activation=QuantSpec(format=IntFormat(bits=8, signed=True)))
+>>> q = quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), cfg, Context(data=Data()))
+>>> with tempfile.TemporaryDirectory() as d:
+...     path = export_qdq_onnx(q, x[:2], os.path.join(d, "q.onnx"))
+...     ops = qdq_op_counts(path)
+>>> ops["QuantizeLinear"], ops["DequantizeLinear"]
+(2, 6)
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..core.errors import ConfigError, UnsupportedOpError
+from ..eval.latency import ort_feed, ort_session
+from ..eval.measure import Inputs, call_model, evaluating
+from ..formats import IntFormat, PerChannel, PerTensor
+from ..quant.bn_fold import set_module
+from ..quant.fake_quant import QuantWrapper
+from ..quant.storage import weight_codes
+from .onnx import export_onnx
+
+__all__ = ["export_qdq_onnx", "qdq_op_counts", "optimized_op_counts"]
+
+DEFAULT_TOLERANCE = 0.05  # relative L2 error vs the fake-quant model: bias rounding and rare activation ties
+_WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def export_qdq_onnx(model: nn.Module, inputs: Inputs, path: str | os.PathLike, *, opset: int | None = None,
+                    tolerance: float = DEFAULT_TOLERANCE, verify: bool = True,
+                    unfused: Literal["float", "int8"] = "float") -> Path:
+    """Export a PTQ'd model (QuantLinear / QuantConv wrappers) as an ONNX QDQ graph at `path`, atomically.
+
+    Weights: integer formats of at most 8 bits, per output channel or per tensor (per group has
+    no int8 kernel). Activations (optional): 8-bit integer, per tensor.
+    unfused: what a Conv whose output is not quantized again (it feeds a residual Add, or the
+             output) stores: onnxruntime has no int8 Conv with a float output, so it would run it in
+             float after a DequantizeLinear of the weight on every call; "float" stores the
+             dequantized weight instead (same numbers, faster), "int8" the codes (smaller file).
+    verify: the QDQ file in onnxruntime must reproduce the PyTorch fake-quant model within
+            `tolerance` (relative L2 error) at `inputs`, or nothing is written and
+            `UnsupportedOpError` says by how much it differed.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, QuantWrapper)}
+    if not wrappers:
+        raise UnsupportedOpError(f"{type(model).__name__}: no QuantLinear/QuantConv layer; quantize the model "
+                                 "first (kind: quantize) or export it with export_onnx")
+    plans = {n: _layer_plan(n, w) for n, w in wrappers.items()}
+    deploy = copy.deepcopy(model)
+    for name, w in wrappers.items():  # a float model computing with the dequantized weights
+        deploy = set_module(deploy, name, w.merge())
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        float_path = export_onnx(deploy, inputs, tmpdir / "float.onnx", opset=opset)
+        proto = onnx.load(str(float_path))
+        if unfused not in ("float", "int8"):
+            raise ConfigError("unfused", f"must be 'float' or 'int8', got {unfused!r}")
+        _insert_qdq(proto, plans, unfused == "int8")
+        target = tmpdir / path.name
+        onnx.save(proto, str(target))
+        if verify:
+            _verify(model, inputs, target, tolerance)
+        os.replace(target, path)
+        return path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ per layer
+
+def _layer_plan(name: str, w: QuantWrapper) -> dict[str, Any]:
+    """Weight codes + qparams and input qparams of one wrapper, checked against what int8 kernels take."""
+    fq = w.weight_quant
+    if fq is None:
+        raise UnsupportedOpError(f"{name}: the weight has no quantizer (QAT convert baked it in); export the "
+                                 "model before convert, or with export_onnx")
+    if not (isinstance(fq.fmt, IntFormat) and fq.fmt.bits <= 8 and isinstance(fq.granularity, (PerChannel, PerTensor))
+            and (isinstance(fq.granularity, PerTensor) or fq.granularity.axis == 0)):
+        raise UnsupportedOpError(f"{name}: QDQ export takes integer weights of <= 8 bits per output channel or "
+                                 f"per tensor, got {fq.fmt} {fq.granularity}; requantize with that spec")
+    codes = weight_codes(w)
+    if codes is None:
+        raise UnsupportedOpError(f"{name}: weight quantizer ({fq.spec.method}) has no fixed scale; "
+                                 "export after PTQ or QAT convert with method rtn")
+    plan: dict[str, Any] = {"merged": w.quantized_weight().detach().cpu().numpy(),
+                            "codes": codes.codes.cpu().numpy(),
+                            "w_scale": codes.scale.detach().cpu().numpy().reshape(-1).astype(np.float32),
+                            "w_zero": codes.zero_point.cpu().numpy().reshape(-1),
+                            "w_signed": codes.signed, "input": None}
+    iq = w.input_quant
+    if iq is not None:
+        if not (isinstance(iq.fmt, IntFormat) and iq.fmt.bits == 8 and not iq.fmt.narrow_range
+                and isinstance(iq.granularity, PerTensor) and iq.spec.method == "rtn" and iq.scale is not None):
+            raise UnsupportedOpError(f"{name}: QDQ export takes 8-bit per-tensor rtn activations (full range), "
+                                     f"got {iq.fmt} {iq.granularity} {iq.spec.method}; requantize the activations")
+        plan["input"] = {"scale": np.float32(iq.scale.detach().cpu().reshape(-1)[0]),
+                         "zero": int(iq.zero_point.reshape(-1)[0]), "signed": iq.fmt.signed}
+    return plan
+
+
+def _find_layer(arr: np.ndarray, plans: dict[str, dict[str, Any]]) -> tuple[str, bool] | None:
+    """(layer, transposed) whose dequantized weight equals the initializer `arr` exactly."""
+    for name, p in plans.items():
+        m = p["merged"]
+        if arr.shape == m.shape and np.array_equal(arr, m):
+            return name, False
+        if m.ndim == 2 and arr.shape == m.T.shape and np.array_equal(arr, m.T):
+            return name, True
+    return None
+
+
+def _requantized(index: int, nodes: list[Any], consumers: dict[str, list[int]], quantized_inputs: set[int]) -> bool:
+    """True when every path from node `index`'s output (through Relu) ends in a quantized layer's
+    input: then onnxruntime can fold the Q of that input into an int8 kernel for the node."""
+    def ok(tensor: str) -> bool:
+        users = consumers.get(tensor, [])
+        return bool(users) and all(u in quantized_inputs or (nodes[u].op_type == "Relu" and ok(nodes[u].output[0]))
+                                   for u in users)
+    return ok(nodes[index].output[0])
+
+
+def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool) -> None:
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    old = list(g.node)  # protobuf hands out a new wrapper per access: key nodes by index, never by id()
+    nodes, added, done = [], [], set()
+
+    def const(name: str, arr: np.ndarray) -> str:
+        added.append(numpy_helper.from_array(arr, name))
+        return name
+
+    layers: dict[int, tuple[str, bool]] = {}  # node index -> (layer, transposed)
+    for i, node in enumerate(old):
+        if node.op_type in _WEIGHT_OPS and len(node.input) >= 2 and node.input[1] in inits:
+            found = _find_layer(numpy_helper.to_array(inits[node.input[1]]), plans)
+            if found is not None and found[0] not in {v[0] for v in layers.values()}:
+                layers[i] = found
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(old):
+        for t in node.input:
+            consumers.setdefault(t, []).append(i)
+    quantized_inputs = {i for i, (name, _) in layers.items() if plans[name]["input"] is not None}
+    for i, node in enumerate(old):
+        if i not in layers:
+            nodes.append(node)
+            continue
+        name, transposed = layers[i]
+        if node.op_type == "Conv" and not int8_unfused and not _requantized(i, old, consumers, quantized_inputs):
+            if plans[name]["input"] is not None:  # activation fake-quant only; the weight stays float
+                _quantize_input(node, name.replace(".", "_") or "layer", plans[name]["input"], nodes, const)
+            done.add(name)
+            nodes.append(node)
+            continue
+        done.add(name)
+        p, tag = plans[name], name.replace(".", "_") or "layer"
+        # weight: int8/uint8 codes, dequantized per output channel (axis 1 when stored (in, out))
+        wtype = np.int8 if p["w_signed"] else np.uint8
+        codes = p["codes"].reshape(p["merged"].shape)
+        codes = codes.T if transposed else codes
+        per_tensor = p["w_scale"].size == 1
+        w_scale = p["w_scale"][:1].reshape(()) if per_tensor else p["w_scale"]
+        w_zero = (p["w_zero"][:1].reshape(()) if per_tensor else p["w_zero"]).astype(wtype)
+        wq = const(f"{tag}.weight_q", codes.astype(wtype))
+        attrs = {} if per_tensor else {"axis": 1 if transposed else 0}
+        nodes.append(helper.make_node("DequantizeLinear", [wq, const(f"{tag}.weight_scale", w_scale),
+                                                           const(f"{tag}.weight_zero", w_zero)],
+                                      [f"{tag}.weight_dq"], name=f"{tag}.weight_dq", **attrs))
+        node.input[1] = f"{tag}.weight_dq"
+        if p["input"] is not None:
+            a = p["input"]
+            _quantize_input(node, tag, a, nodes, const)
+            if len(node.input) > 2 and node.input[2] in inits:  # int32 bias on the accumulator's grid
+                bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                b_scale = (np.float64(a["scale"]) * p["w_scale"].astype(np.float64)).astype(np.float32)
+                b_scale = np.broadcast_to(b_scale, bias.shape).copy()
+                b_codes = np.clip(np.round(bias / b_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+                nodes.append(helper.make_node("DequantizeLinear", [
+                    const(f"{tag}.bias_q", b_codes), const(f"{tag}.bias_scale", b_scale),
+                    const(f"{tag}.bias_zero", np.zeros_like(b_codes))], [f"{tag}.bias_dq"],
+                    name=f"{tag}.bias_dq", axis=0))
+                node.input[2] = f"{tag}.bias_dq"
+        nodes.append(node)
+    missing = sorted(set(plans) - done)
+    if missing:
+        raise UnsupportedOpError(f"{missing[0]}: no Conv/Gemm/MatMul in the exported graph holds this layer's "
+                                 "weight (the exporter rewrote it); export with exporter='torchscript' or file an issue")
+    used = {i for n in nodes for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + added)
+    del g.node[:]
+    g.node.extend(nodes)
+    if max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0) < 13:
+        raise UnsupportedOpError("per-channel DequantizeLinear needs ONNX opset >= 13; export with opset=13 or newer")
+
+
+def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], const: Any) -> None:
+    """QuantizeLinear -> DequantizeLinear in front of `node`'s first input, with the wrapper's qparams."""
+    from onnx import helper
+
+    atype = np.int8 if a["signed"] else np.uint8
+    s = const(f"{tag}.input_scale", np.array(a["scale"], np.float32))
+    z = const(f"{tag}.input_zero", np.array(a["zero"], atype))
+    nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [f"{tag}.input_q"], name=f"{tag}.input_q"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.input_q", s, z], [f"{tag}.input_dq"],
+                                  name=f"{tag}.input_dq"))
+    node.input[0] = f"{tag}.input_dq"
+
+
+def _verify(model: nn.Module, inputs: Inputs, target: Path, tolerance: float) -> None:
+    with evaluating(model), torch.no_grad():
+        ref = call_model(model, inputs)
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().cpu().numpy().astype(np.float64)
+    session = ort_session(target)
+    got = session.run(None, ort_feed(session, inputs))[0].astype(np.float64)
+    if got.shape != ref.shape:
+        raise UnsupportedOpError(f"QDQ ONNX output has shape {got.shape}, the fake-quant model gives {ref.shape}")
+    err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    if not err <= tolerance:
+        raise UnsupportedOpError(f"QDQ ONNX output differs from the fake-quant model (relative L2 error "
+                                 f"{err:.2e} > {tolerance:g}); check the activation ranges or raise tolerance")
+
+
+# ------------------------------------------------------------------------------------ inspection
+
+def qdq_op_counts(path: str | os.PathLike) -> Counter:
+    """How many nodes of each op type the ONNX file holds (as written, before onnxruntime optimizes it)."""
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def optimized_op_counts(path: str | os.PathLike, threads: int = 1) -> Counter:
+    """The op types onnxruntime actually runs for `path` (CPU, all graph optimizations): e.g.
+    QLinearConv / QGemm / QLinearMatMul when its QDQ transformer fused a layer into int8 kernels."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
