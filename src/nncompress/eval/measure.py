@@ -140,8 +140,18 @@ def count_macs(model: nn.Module, inputs: Inputs) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with evaluating(model), torch.no_grad(), counter:
-        call_model(model, inputs)
+    # The counter's module tracker hooks autograd for inputs that require grad; a parameter passed
+    # straight into a custom autograd.Function (fake-quant STE) trips it under no_grad. Counting
+    # needs no gradients, so switch them off for the count and restore them after.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with evaluating(model), torch.no_grad(), counter:
+            call_model(model, inputs)
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
     return int(counter.get_total_flops()) // 2
 
 

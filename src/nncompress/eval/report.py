@@ -150,7 +150,8 @@ class Report:
         facts += [str(run[k]) for k in ("cpu", "date") if run.get(k)]
         legend = ("n/m: not measured. Measured speedup: baseline median / stage median, same runtime, batch "
                   "and threads in this run. MAC speedup: baseline MACs / stage MACs, theoretical.")
-        return " · ".join(facts) + "\n\n" + legend
+        notes = "".join(f"\n- {w}" for w in run.get("warnings", []))
+        return " · ".join(facts) + "\n\n" + legend + (f"\n\nNotes:{notes}" if notes else "")
 
 
 def run_info(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:

@@ -19,6 +19,8 @@ from ..eval.measure import call_model, count_macs, count_nonzero_params, count_p
 from ..eval.metrics import accuracy, embed, embedding_fidelity
 from ..eval.report import StageMetrics, run_info
 from ..export.onnx import export_onnx
+from ..export.onnx_qdq import export_qdq_onnx
+from ..quant.fake_quant import QuantWrapper
 from ..saving import save
 from .schema import MeasureConfig
 
@@ -71,12 +73,7 @@ class Measurer:
         save(model, folder / "checkpoint")
         name, value, extra = self.quality(model)
         small = self.inputs[min(cfg.batch_sizes)]
-        onnx_path = None
-        if cfg.onnx:
-            try:
-                onnx_path = export_onnx(model, small, folder / "model.onnx")
-            except UnsupportedOpError as e:  # reported, not fatal: the torch figures still stand
-                self.warnings.append(f"{label}: no ONNX latency ({e})")
+        onnx_path = self.export(model, small, folder, label) if cfg.onnx else None
         latencies, reference = self.latencies(model, onnx_path, is_baseline=label == "baseline")
         return StageMetrics(
             stage=label, kind=kind, quality_name=name, quality=value, extra=extra,
@@ -84,6 +81,22 @@ class Measurer:
             macs=count_macs(model, self.inputs[1] if 1 in self.inputs else inputs_of_batch(self.data, 1)),
             file_bytes=file_bytes(folder / "checkpoint" / "model.safetensors"),
             latencies=latencies, reference=reference, seconds=round(seconds, 3))
+
+    def export(self, model: nn.Module, inputs, folder: Path, label: str) -> Path | None:
+        """The ONNX file whose latency is reported: int8 QDQ for a quantized model when it can be
+        exported that way (ONNX Runtime then runs int8 kernels), fp32 otherwise."""
+        if any(isinstance(m, QuantWrapper) for m in model.modules()):
+            try:
+                path = export_qdq_onnx(model, inputs, folder / "model.int8.onnx")
+                self.warnings.append(f"{label}: ONNX Runtime figures are of the int8 QDQ export")
+                return path
+            except UnsupportedOpError as e:
+                self.warnings.append(f"{label}: no int8 ONNX ({e}); ONNX latency is of the fake-quant graph")
+        try:
+            return export_onnx(model, inputs, folder / "model.onnx")
+        except UnsupportedOpError as e:  # reported, not fatal: the torch figures still stand
+            self.warnings.append(f"{label}: no ONNX latency ({e})")
+            return None
 
     def latencies(self, model: nn.Module, onnx_path: Path | None, is_baseline: bool):
         """The stage's latencies, and the baseline's timed in the same interleaved rounds.
