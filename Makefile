@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-baseline bench-prune-structured clean
+.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: bench-baseline bench-prune-structured
+bench: bench-baseline bench-prune-structured bench-sparsity
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
 
 bench-prune-structured: $(VENV)/.bench
 	$(BIN)/python benchmarks/prune_structured.py --out BENCHMARKS.md
+
+bench-sparsity: $(VENV)/.bench
+	$(BIN)/python benchmarks/sparsity.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nncompress.core import (Config, ConfigError, Context, RegistryError, TargetError, Targets,
+from nncompress.core import (Config, ConfigError, RegistryError, TargetError, Targets,
                              TrainConfig, TrainingError, apply, check, fit, history, lookup, names,
                              register, replay)
 from nncompress.core.config import _coerce

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nncompress.core import UnsupportedOpError
 from nncompress.graph import DependencyGraph

@@ -1,5 +1,4 @@
 """Structured pruning: criteria, budgets, schedules, and that the model really shrinks and reloads."""
-import math
 
 import pytest
 import torch

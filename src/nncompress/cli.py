@@ -14,6 +14,7 @@ EPILOG = """examples:
   nncompress demo                      train the MNIST-1D reference CNN, compress it, print the report
   nncompress run examples/finetune.yaml --out runs/ft
   nncompress report runs/ft            print a finished run's report again
+  nncompress sensitivity examples/finetune.yaml --unit channel --out sens --target 0.5 --threshold 0.01
   nncompress list                      the registered stage kinds, models and data sets
 """
 
@@ -42,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print a run directory's report table (from report.json).")
     rep.add_argument("run_dir", type=Path, help="a run directory written by `nncompress run`")
     rep.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+    sens = sub.add_parser("sensitivity", help="per-layer / per-channel-group pruning sensitivity of a recipe's model",
+                          description="Build (and pretrain, or load from the cache) the recipe's model and data, "
+                          "prune one unit at a time at a sweep of ratios, and write sensitivity.csv and "
+                          "sensitivity.png into --out. With --target, print per-unit ratios as YAML overrides.")
+    sens.add_argument("recipe", type=Path, help="recipe YAML file (its model and data are used; stages are not run)")
+    sens.add_argument("--unit", default="element", help="element (each layer's weights) or channel "
+                      "(each coupled channel group); default element")
+    sens.add_argument("--out", type=Path, required=True, help="folder to create for sensitivity.csv and .png")
+    sens.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N test batches only")
+    sens.add_argument("--target", type=float, default=None, help="overall sparsity to derive per-unit ratios for")
+    sens.add_argument("--threshold", type=float, default=0.01,
+                      help="tolerated drop in quality per unit for --target (default 0.01)")
+    sens.add_argument("--cache", type=Path, default=None, help="cache folder for data and pretrained weights")
+    sens.add_argument("--quiet", action="store_true", help="no progress bars or log")
 
     sub.add_parser("list", help="list registered stage kinds, built-in models and data sets",
                    description="List what recipes can name: stage kinds, models, data sets.")
@@ -87,6 +103,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _list()
     if args.command == "report":
         return _report(args)
+    if args.command == "sensitivity":
+        return _sensitivity(args)
     from .recipe import demo_recipe_path, load_recipe, run_recipe
     path = demo_recipe_path() if args.command == "demo" else args.recipe
     if args.command == "demo" and args.show_recipe:
@@ -101,6 +119,61 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(result.report.to_markdown())
     print(f"\nrun directory: {result.path}  (model: {result.path / 'model'}, plot: {result.path / 'pareto.png'})")
     return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .analysis.sensitivity import sensitivity
+    from .core.errors import ConfigError, NNCompressError
+    from .export.atomic import atomic_dir
+    from .recipe import load_recipe
+    from .recipe.runner import default_cache_dir, prepare, seed_everything
+
+    if args.unit not in ("element", "channel"):  # checked before any training
+        raise ConfigError("--unit", f"must be 'element' or 'channel', got {args.unit!r}")
+    if args.target is not None and not 0.0 <= args.target < 1.0:
+        raise ConfigError("--target", f"must be in [0, 1), got {args.target}")
+    if args.threshold < 0:
+        raise ConfigError("--threshold", f"must be >= 0, got {args.threshold}")
+    if args.out.exists():
+        raise NNCompressError(f"{args.out}: output folder already exists; choose another --out or remove it")
+    recipe = load_recipe(args.recipe)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
+    seed_everything(recipe.seed)
+    model, data = prepare(recipe, args.cache or default_cache_dir(), not args.quiet, log)
+    log(f"{args.unit} sensitivity of {recipe.model.name} on {recipe.data.name}")
+    result = sensitivity(model, data, unit=args.unit, max_batches=args.max_batches,
+                         device=recipe.measure.device)
+    with atomic_dir(args.out) as tmp:
+        result.to_csv(tmp / "sensitivity.csv")
+        result.plot_png(tmp / "sensitivity.png")
+    print(result)
+    if args.target is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ratios = result.ratios_for(args.target, args.threshold)
+        for w in caught:
+            print(f"nncompress: warning: {w.message}", file=sys.stderr)
+        what = ("paste into a prune stage (ratio: 0.0)" if args.unit == "channel"
+                else "per-layer sparsities (module name: fraction of weights to zero)")
+        print(f"\n# {args.unit} ratios for {args.target:g} overall sparsity, drop <= {args.threshold:g} per unit "
+              f"(reached {result.overall_sparsity(ratios):.3f}); {what}")
+        print("overrides:")
+        for unit, r in ratios.items():
+            print(f"  {_yaml_key(unit)}: {r:g}")
+    print(f"\nwritten: {args.out / 'sensitivity.csv'}, {args.out / 'sensitivity.png'}")
+    return 0
+
+
+def _yaml_key(name: str) -> str:
+    """A module name as a YAML key, quoted unless plain (`0` or `0.1` would read as numbers).
+
+    >>> _yaml_key("features.conv1"), _yaml_key("0")
+    ('features.conv1', '"0"')
+    """
+    plain = name[:1].isalpha() and name.replace(".", "").replace("_", "").isalnum()
+    return name if plain else f'"{name}"'
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ class PruneConfig(Config):
 
     ratio:        fraction of each group's channels to remove (scope local), or of all prunable
                   channels (scope global, groups ranked together on mean-normalised scores)
-    importance:   registered criterion: l1, l2, fpgm, bn_scale, taylor, fisher, activation, random
+    importance:   registered criterion: l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, random
     round_to:     keep channel counts a multiple of this (int8 / tensor-core kernels like 8 or 16)
     min_channels: never keep fewer than this many channels in a group
     max_ratio:    cap on any one group's pruned fraction under global scope
@@ -81,7 +81,7 @@ class PruneConfig(Config):
             lookup(self.importance, namespace="importance")
         except Exception:
             raise ConfigError("importance", f"unknown criterion {self.importance!r}; known: "
-                              "l1, l2, fpgm, bn_scale, taylor, fisher, activation, random") from None
+                              "l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, random") from None
 
 
 @register("prune", config=PruneConfig)
@@ -152,7 +152,8 @@ def plan_from_scores(scored: list[tuple], config: PruneConfig, ratio: float,
             original.setdefault(g.producers, g.size)
     ratios = [_group_ratio(g, config, ratio) for g, _ in scored]
     if config.scope == "global" and not config.overrides and scored:
-        normed = [s / s.mean().clamp_min(1e-12) for _, s in scored]
+        # |s| mean: a signed criterion (hessian) may have negative scores; same as s.mean() otherwise
+        normed = [s / s.abs().mean().clamp_min(1e-12) for _, s in scored]
         flat = torch.cat(normed)
         k = int(ratio * flat.numel())
         threshold = flat.sort().values[k - 1].item() if k > 0 else -float("inf")

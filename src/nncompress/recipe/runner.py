@@ -62,16 +62,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, cache_dir: str 
 
 def _run(recipe: Recipe, out: Path, cache: Path, progress: bool, log) -> RunResult:
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    model, tokenizer = build_model(recipe.model.to_dict())
-    tag_source(model, recipe.model.to_dict())
-    data_kwargs = dict(recipe.data.kwargs)
-    if recipe.data.name == "mnist1d":
-        data_kwargs.setdefault("cache_dir", str(cache / "data"))
-    data = build_data({"name": recipe.data.name, "kwargs": data_kwargs}, tokenizer=tokenizer)
-    check_compatible(model, data, recipe)
-    if recipe.model.pretrain is not None:
-        pretrain(model, data, recipe, cache, progress, log)
-    model.eval()
+    model, data = prepare(recipe, cache, progress, log)
     teacher = copy.deepcopy(model).eval()
     measurer = Measurer(recipe.measure, data, teacher, out)
     log(f"measuring baseline ({recipe.model.name} on {recipe.data.name})")
@@ -90,6 +81,22 @@ def _run(recipe: Recipe, out: Path, cache: Path, progress: bool, log) -> RunResu
     (out / "report.md").write_text(report.to_markdown() + "\n")
     pareto_png(report, out / "pareto.png")
     return RunResult(out, report, model)
+
+
+def prepare(recipe: Recipe, cache: Path, progress: bool = False,
+            log: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
+    """The recipe's model (pretrained, or loaded from the cache of that training) in eval mode, and
+    its data: what every stage of a run starts from. Shared by `run_recipe` and `nncompress sensitivity`."""
+    model, tokenizer = build_model(recipe.model.to_dict())
+    tag_source(model, recipe.model.to_dict())
+    data_kwargs = dict(recipe.data.kwargs)
+    if recipe.data.name == "mnist1d":
+        data_kwargs.setdefault("cache_dir", str(cache / "data"))
+    data = build_data({"name": recipe.data.name, "kwargs": data_kwargs}, tokenizer=tokenizer)
+    check_compatible(model, data, recipe)
+    if recipe.model.pretrain is not None:
+        pretrain(model, data, recipe, cache, progress, log)
+    return model.eval(), data
 
 
 def check_compatible(model: nn.Module, data, recipe: Recipe) -> None:
