@@ -24,3 +24,18 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def trained_reference(tmp: str | Path, epochs: int, lr: float = 3e-3):
+    """The MNIST-1D data (cached under `tmp`) and the reference CNN trained the demo's way, seeded."""
+    import torch
+    import torch.nn.functional as F
+
+    from nncompress.core import TrainConfig, fit
+    from nncompress.zoo.loaders import build_data, build_model
+
+    data = build_data({"name": "mnist1d", "kwargs": {"cache_dir": str(Path(tmp) / "data")}})
+    torch.manual_seed(0)
+    reference, _ = build_model({"name": "mnist1d_cnn"})
+    fit(reference, data.train, lambda m, b: F.cross_entropy(m(b[0]), b[1]), TrainConfig(epochs=epochs, lr=lr))
+    return data, reference.eval()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import update_section  # noqa: E402
+from common import trained_reference, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, TrainConfig, fit  # noqa: E402
@@ -228,11 +228,7 @@ def main() -> None:
         args.train_epochs, args.finetune_epochs, args.repeats, criteria = 1, 1, 5, ["l2"]
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        data = build_data({"name": "mnist1d", "kwargs": {"cache_dir": str(Path(tmp) / "data")}})
-        torch.manual_seed(0)
-        reference, _ = build_model({"name": "mnist1d_cnn"})
-        fit(reference, data.train, ce, TrainConfig(epochs=args.train_epochs, lr=3e-3))
-        reference.eval()
+        data, reference = trained_reference(tmp, args.train_epochs)
         base_acc = accuracy(reference, data.test)
         base_macs = count_macs(reference, data.example_batch(1))
         base_params = count_params(reference)

@@ -30,7 +30,7 @@ from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import update_section  # noqa: E402
+from common import trained_reference, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, TrainConfig, fit  # noqa: E402
@@ -261,11 +261,7 @@ def main() -> None:
         update_section(args.out, "sparsity", render(args, base, mag, lot, snip, lm))
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = build_data({"name": "mnist1d", "kwargs": {"cache_dir": str(Path(tmp) / "data")}})
-        torch.manual_seed(0)
-        reference, _ = build_model({"name": "mnist1d_cnn"})
-        fit(reference, data.train, ce, TrainConfig(epochs=args.train_epochs, lr=3e-3))
-        reference.eval()
+        data, reference = trained_reference(tmp, args.train_epochs)
         base = {"acc": accuracy(reference, data.test), "params": count_params(reference),
                 "plain": saved_bytes(reference, Path(tmp) / "ref-plain", False),
                 "packed": saved_bytes(reference, Path(tmp) / "ref", True), "n": sum(len(y) for _, y in data.test)}

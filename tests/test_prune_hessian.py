@@ -10,6 +10,7 @@ from nncompress.graph import build_graph
 from nncompress.graph.groups import Group, Member
 from nncompress.prune.importance import collect_stats, hessian_importance
 from nncompress.prune.structured import PruneConfig
+from helpers import TinyData
 
 
 def _stats(model, batches, loss_fn):
@@ -99,25 +100,13 @@ def test_dead_channels_score_zero():
     assert (scores[[0, 2, 3, 5]] != 0).all()
 
 
-class _TinyData:
-    task = "classification"
-    num_classes = 3
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-        self.calib = self.train = self.test = [(x, y)]
-
-    def example_batch(self, n):
-        return self.x[:n]
-
-
 def test_stage_removes_the_lowest_scoring_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(),
                           nn.Conv1d(8, 4, 3, padding=1), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
     model.eval()
     x, y = torch.randn(6, 1, 16), torch.randint(0, 3, (6,))
-    data = _TinyData(x, y)
+    data = TinyData(x, y)
     group = next(g for g in build_graph(model, x[:2]).groups() if g.producers == ("0",))
     scores = hessian_importance(model, group, _stats(model, data.calib, _ce))
     keep = sorted(torch.argsort(scores, descending=True, stable=True)[:6].tolist())

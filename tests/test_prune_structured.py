@@ -9,6 +9,7 @@ from nncompress.core import ConfigError, Context, Targets, apply
 from nncompress.graph import build_graph
 from nncompress.prune.structured import PruneConfig, count_macs, group_lasso_penalty
 from nncompress.zoo.loaders import build_data, build_model
+from helpers import TinyData
 
 
 class ConvBN(nn.Module):
@@ -53,25 +54,13 @@ def test_dead_channels_are_found_and_removing_them_changes_nothing(importance):
     model = _dead_channels(ConvBN(), [1, 5])
     x = torch.randn(6, 1, 16)
     y = torch.randint(0, 3, (6,))
-    data = _TinyData(x, y)
+    data = TinyData(x, y)
     before = model(x)
     # only conv1's group (the one with the dead channels) is targeted
     pruned = apply(model, PruneConfig(ratio=0.25, importance=importance), targets=Targets(include=("conv1",)),
                    context=Context(data=data))
     assert pruned.conv1.out_channels == 6 and pruned.bn1.num_features == 6 and pruned.conv2.in_channels == 6
     torch.testing.assert_close(pruned(x), before, rtol=0, atol=1e-6)
-
-
-class _TinyData:
-    task = "classification"
-    num_classes = 3
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-        self.calib = self.train = self.test = [(x, y)]
-
-    def example_batch(self, n):
-        return self.x[:n]
 
 
 def test_l1_prunes_the_smallest_filters():
