@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _seed_and_threads():
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention (and tests run beside other work)
     yield
     torch.set_num_threads(threads)
 

@@ -1,0 +1,404 @@
+"""Layer pruning: drop whole residual blocks (ResNet/MobileNetV2 blocks, transformer layers).
+
+A block whose output is `x + f(x)` can be removed outright: the model then computes `x` where it
+computed `x + f(x)`, exactly the model with that block's residual branch `f` zeroed. Which blocks
+matter least is measured on calibration data:
+
+- `angular`: the angular distance arccos(cos(x, y)) / pi between a block's input and output (Gromov et
+  al. 2024, "The unreasonable ineffectiveness of the deeper layers"); with `contiguous=True` the
+  `count` consecutive blocks whose first input is closest to their last output go together, as in
+  the paper,
+- `cosine`: 1 - cos(x, y) ("block influence", ShortGPT),
+- `loss`: how much the loss grows when the block is skipped (labelled data), or how far the model's
+  outputs move (embedding data).
+
+    model = nncompress.apply(model, DropLayersConfig(count=2), context=Context(data=calib))
+
+Candidates are found on the model itself: the elements of a `ModuleList` of identical blocks
+(transformer stacks: `encoder.layer`, `model.layers`), and blocks in a `Sequential`/`ModuleList`
+whose forward adds its input (found by `torch.fx`), in both cases only if the output has the input's
+shape. `targets` narrows them by name; `targets.types` instead names the block class outright (the
+user then vouches that it is residual). A block in a `ModuleList` is deleted from the list (the Hugging
+Face config's `num_hidden_layers`, `layer_types` and every `layer_idx` follow, so `save_pretrained`
+round-trips); any other block becomes `nn.Identity`. The record keeps the removed names, so replay
+removes the same blocks without data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import Config, ConfigError, Context, check, lookup, register
+from ..core.errors import DataError
+
+__all__ = ["DropLayersConfig", "angular_distance", "cosine_distance", "drop_layers", "find_blocks",
+           "remove_blocks", "skipping"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DropLayersConfig(Config):
+    """Remove whole residual blocks.
+
+    count:         how many blocks to remove (give count or ratio)
+    ratio:         fraction of the candidate blocks to remove, rounded down
+    importance:    registered layer criterion: angular, cosine, loss
+    contiguous:    remove `count` consecutive blocks of one stack together (Gromov et al.); angular/cosine only
+    calib_batches: calibration batches used to score the blocks
+    """
+
+    count: int | None = None
+    ratio: float | None = None
+    importance: str = "angular"
+    contiguous: bool = False
+    calib_batches: int = 4
+
+    def __post_init__(self):
+        check((self.count is None) != (self.ratio is None), "count",
+              "give exactly one of count (blocks to remove) or ratio (fraction of candidates)")
+        check(self.count is None or self.count >= 0, "count", f"must be >= 0, got {self.count}")
+        check(self.ratio is None or 0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+        check(not (self.contiguous and self.importance == "loss"), "contiguous",
+              "contiguous windows are scored by angular or cosine distance; set importance to one of them")
+        try:
+            lookup(self.importance, namespace="layer_importance")
+        except Exception:
+            raise ConfigError("importance", f"unknown layer criterion {self.importance!r}; known: angular, "
+                              "cosine, loss") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# pure maths
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Feature rows to compare: real tokens (T, H) of a (N, T, H) tensor under `mask`, else (N, D)."""
+    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.bool()]  # (tokens, H)
+    return t.flatten(1)  # (N, D)
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of 1 - cos(x_r, y_r) over rows (samples, or real tokens under `mask`).
+
+    >>> float(cosine_distance(torch.ones(2, 3), -torch.ones(2, 3)))
+    2.0
+    """
+    a, b = _rows(x, mask).double(), _rows(y, mask).double()
+    return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
+
+
+def angular_distance(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of arccos(cos(x_r, y_r)) / pi over rows: 0 for parallel, 1 for opposite (Gromov et al.).
+
+    >>> round(float(angular_distance(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))), 6)
+    0.5
+    """
+    a, b = _rows(x, mask).double(), _rows(y, mask).double()
+    cos = F.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    return (torch.arccos(cos) / math.pi).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and removing blocks
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for a in args:
+        if torch.is_tensor(a):
+            return a
+    t = kwargs.get("hidden_states")
+    return t if torch.is_tensor(t) else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
+
+
+def _out_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, dict):  # transformers ModelOutput: logits / last_hidden_state come first
+        out = next((v for v in out.values() if torch.is_tensor(v)), None)
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    return None
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def adds_its_input(module: nn.Module) -> bool:
+    """Whether `forward` adds its (first) input to something, maybe through `nn.Identity` shortcuts (fx).
+
+    >>> from nncompress.zoo.models import BasicBlock
+    >>> adds_its_input(BasicBlock(4, 4)), adds_its_input(BasicBlock(4, 8))
+    (True, False)
+    """
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception:  # untraceable forward: not found generically (targets.types can name it)
+        return False
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if not placeholders:
+        return False
+    same = {placeholders[0]}  # the input and its identity aliases
+    for n in nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity) and n.args[0] in same:
+            same.add(n)
+        adds = ((n.op == "call_function" and n.target in _ADDS)
+                or (n.op == "call_method" and n.target in ("add", "add_")))
+        if adds and any(a in same for a in n.args[:2]):
+            return True
+    return False
+
+
+def _stack_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """ModuleLists of >= 2 identical non-leaf blocks (transformer layer stacks)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1 \
+                and any(True for _ in m[0].children()):
+            out[name] = m
+    return out
+
+
+def _structural_candidates(model: nn.Module, ctx: Context) -> list[str]:
+    selected = {n for n, _ in ctx.targets.select(model)}
+    if ctx.targets.types:  # the user named the block class: take every selected module of it
+        return [n for n, _ in model.named_modules() if n and n in selected]
+    stacks = _stack_lists(model)
+    names = [f"{p}.{i}" if p else str(i) for p, lst in stacks.items() for i in range(len(lst))]
+    for pname, parent in model.named_modules():
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)) and pname not in stacks:
+            for key, child in parent.named_children():
+                if any(True for _ in child.children()) and adds_its_input(child):
+                    names.append(f"{pname}.{key}" if pname else key)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted((n for n in set(names) if n in selected), key=order.__getitem__)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _calib_batches(ctx: Context, n: int) -> list:
+    if ctx.data is None:
+        raise ConfigError("importance", "drop_layers scores blocks on calibration data; run it in a recipe or "
+                          "pass Context(data=...)")
+    out = []
+    for batch in ctx.data.calib:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    if not out:
+        raise DataError("drop_layers: the calibration loader is empty; give data with at least one batch")
+    return out
+
+
+def capture_blocks(model: nn.Module, names: list[str], batch: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{name: (block input, block output)}` for one forward of `batch` (first call of each block)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for n in names:
+        def hook(mod, args, kwargs, out, n=n):
+            x, y = _first_tensor(args, kwargs), _out_tensor(out)
+            if x is not None and y is not None and n not in seen:
+                seen[n] = (x.detach(), y.detach())
+        handles.append(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def find_blocks(model: nn.Module, ctx: Context, batch: Any) -> list[str]:
+    """Names of the removable residual blocks among `ctx.targets`, checked on one forward of `batch`:
+    a block qualifies only if it runs and its output has its input's shape."""
+    names = _structural_candidates(model, ctx)
+    io = capture_blocks(model, names, batch)
+    return [n for n in names if n in io and io[n][0].shape == io[n][1].shape]
+
+
+class skipping:
+    """Context manager: the named blocks return their input (the model without them), then restore."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        self.modules = [model.get_submodule(n) for n in names]
+        self.handles: list = []
+
+    def __enter__(self) -> "skipping":
+        def hook(mod, args, kwargs, out):
+            x = _first_tensor(args, kwargs)
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+        self.handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
+    """Remove blocks named as in the model before removal: delete from a ModuleList (renumbering it and
+    fixing the HF config and `layer_idx`), else replace by `nn.Identity`."""
+    deletions: dict[int, tuple[nn.ModuleList, list[int]]] = {}
+    for name in names:
+        pname, _, key = name.rpartition(".")
+        try:
+            parent = model.get_submodule(pname)
+            model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError("record.removed", f"{name!r} is no module of {type(model).__name__}; the manifest "
+                              "does not belong to this architecture") from None
+        if isinstance(parent, nn.ModuleList):
+            deletions.setdefault(id(parent), (parent, []))[1].append(int(key))
+        else:
+            setattr(parent, key, nn.Identity())
+    for lst, idx in deletions.values():
+        for i in sorted(set(idx), reverse=True):
+            del lst[i]  # ModuleList renumbers the rest
+        _fix_stack(model, lst, sorted(set(idx)))
+    return model
+
+
+def _fix_stack(model: nn.Module, lst: nn.ModuleList, removed: list[int]) -> None:
+    """After deleting `removed` layers of `lst`: renumber `layer_idx` (KV cache slots) and shrink the config."""
+    for i, layer in enumerate(lst):
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = i
+    done: set[int] = set()
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None or id(cfg) in done or not hasattr(cfg, "num_hidden_layers"):
+            continue
+        if not any(sub is lst for sub in m.modules()):
+            continue
+        done.add(id(cfg))
+        old = cfg.num_hidden_layers
+        cfg.num_hidden_layers = len(lst)
+        types = getattr(cfg, "layer_types", None)
+        if isinstance(types, list) and len(types) == old:
+            cfg.layer_types = [t for i, t in enumerate(types) if i not in set(removed)]
+
+
+# ---------------------------------------------------------------------------------------------
+# criteria: fn(model, names, batches) -> scores (higher = more important), registered by name
+
+Scorer = Callable[[nn.Module, list[str], list], torch.Tensor]
+
+
+def _mask(batch: Any) -> torch.Tensor | None:
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def _distance_scores(model: nn.Module, names: list[str], batches: list, dist) -> torch.Tensor:
+    total = torch.zeros(len(names), dtype=torch.float64)
+    for b in batches:
+        io = capture_blocks(model, names, b)
+        total += torch.stack([dist(*io[n], _mask(b)) for n in names])
+    return total / len(batches)
+
+
+@register("angular", namespace="layer_importance")
+def angular_importance(model: nn.Module, names: list[str], batches: list) -> torch.Tensor:
+    """Mean angular distance between each block's input and output."""
+    return _distance_scores(model, names, batches, angular_distance)
+
+
+@register("cosine", namespace="layer_importance")
+def cosine_importance(model: nn.Module, names: list[str], batches: list) -> torch.Tensor:
+    """Mean cosine distance between each block's input and output (block influence)."""
+    return _distance_scores(model, names, batches, cosine_distance)
+
+
+@register("loss", namespace="layer_importance")
+def loss_importance(model: nn.Module, names: list[str], batches: list) -> torch.Tensor:
+    """Loss increase when the block is skipped: cross-entropy for (x, y) batches, else the mean
+    squared change of the model's outputs."""
+    def loss(batch, ref=None) -> float:
+        out = _out_tensor(_call(model, batch))
+        if isinstance(batch, (tuple, list)):
+            return float(F.cross_entropy(out.float(), batch[1]))
+        return 0.0 if ref is None else float((out.double() - ref.double()).pow(2).mean())
+
+    scores = torch.zeros(len(names), dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            ref = _out_tensor(_call(model, b))
+            base = loss(b)
+            for j, n in enumerate(names):
+                with skipping(model, [n]):
+                    scores[j] += loss(b, ref) - base
+    return scores / len(batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# the transform
+
+
+def _windows(names: list[str], n: int) -> list[list[str]]:
+    """Runs of `n` consecutive blocks of one container, all candidates."""
+    have = set(names)
+    out = []
+    for name in names:
+        parent, _, key = name.rpartition(".")
+        if key.isdigit():
+            run = [f"{parent}.{int(key) + k}" if parent else str(int(key) + k) for k in range(n)]
+            if all(r in have for r in run):
+                out.append(run)
+    return out
+
+
+def _pick_contiguous(model: nn.Module, names: list[str], n: int, batches: list, dist) -> tuple[list[str], dict]:
+    wins = _windows(names, n)
+    if not wins:
+        raise ConfigError("contiguous", f"no {n} consecutive candidate blocks in one stack; lower count or "
+                          "set contiguous=False")
+    total = torch.zeros(len(wins), dtype=torch.float64)
+    for b in batches:
+        io = capture_blocks(model, names, b)
+        total += torch.stack([dist(io[w[0]][0], io[w[-1]][1], _mask(b)) for w in wins])
+    best = int(torch.argmin(total))
+    return wins[best], {w[0]: float(s) / len(batches) for w, s in zip(wins, total)}
+
+
+@register("drop_layers", config=DropLayersConfig)
+def drop_layers(model: nn.Module, config: DropLayersConfig, ctx: Context) -> nn.Module:
+    """Remove the least important whole residual blocks (layer pruning)."""
+    if ctx.replay:
+        return remove_blocks(model, list(ctx.record.get("removed", [])))
+    was = model.training
+    model.eval()
+    batches = _calib_batches(ctx, config.calib_batches)
+    names = find_blocks(model, ctx, batches[0])
+    if not names:
+        raise ConfigError("targets", "no removable residual block (output = input + f(input), same shape) among "
+                          "the targeted modules; name the block class with targets.types=[...]")
+    n = config.count if config.count is not None else int(config.ratio * len(names))
+    if n > len(names):
+        raise ConfigError("count", f"asks to remove {n} blocks but only {len(names)} are removable "
+                          f"({', '.join(names)}); lower count")
+    ctx.record.update(candidates=names, removed=[])
+    if n == 0:
+        return model.train(was)
+    if config.contiguous:
+        dist = angular_distance if config.importance == "angular" else cosine_distance
+        drop, scores = _pick_contiguous(model, names, n, batches, dist)
+    else:
+        s = lookup(config.importance, namespace="layer_importance")(model, names, batches)
+        order = torch.argsort(s, stable=True)  # least important first
+        drop = sorted((names[i] for i in order[:n].tolist()), key=names.index)
+        scores = {nm: float(v) for nm, v in zip(names, s)}
+    ctx.record.update(removed=drop, scores=scores)
+    ctx.log(f"drop_layers: removed {', '.join(drop)}")
+    return remove_blocks(model, drop).train(was)
