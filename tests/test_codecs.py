@@ -71,3 +71,16 @@ def test_sparse_model_file_is_smaller_and_reloads_exactly(tmp_path):
     load_weights(fresh, read_checkpoint(sparse))
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_pruned_then_clustered_weights_store_mask_plus_packed_indices():
+    torch.manual_seed(0)
+    levels = torch.tensor([-0.3, -0.1, 0.2, 0.5, 0.7, -0.6, 0.05])  # 7 shared values + zero: 3-bit indices
+    w = levels[torch.randint(0, 7, (64, 64))]
+    w[torch.rand(64, 64) < 0.9] = 0.0
+    parts, meta = encode_tensor(w)
+    assert meta["codec"] == "bitmask" and meta["values_bits"] == 3
+    nnz = int((w != 0).sum())
+    assert parts["mask"].numel() == math.ceil(w.numel() / 8)                      # one bit per weight
+    assert parts["values_index"].numel() == math.ceil(nnz * 3 / 8)                # 3 bits per nonzero
+    assert torch.equal(decode_tensor(parts, meta), w)

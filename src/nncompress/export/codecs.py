@@ -4,7 +4,9 @@ Each tensor is stored with whichever codec makes it smallest while decoding to e
 values (checked at encode time):
 
 - `dense`:    as is.
-- `bitmask`:  one bit per element saying "nonzero", then the nonzero values (unstructured sparsity).
+- `bitmask`:  one bit per element saying "nonzero", then the nonzero values (unstructured sparsity);
+              when the nonzeros have few distinct values (pruned, then clustered or quantized) they
+              are themselves a codebook plus packed indices, so the two savings compose.
 - `nm`:       N:M sparsity along the last dim: the kept values plus packed positions inside each
               group of M (2:4: 2 values and two 2-bit indices per 4 weights).
 - `codebook`: at most 256 distinct values (quantized or clustered weights): the codebook plus
@@ -65,7 +67,11 @@ def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any],
     if codec == "bitmask":
         mask = unpack(parts["mask"], 1, numel).bool()
         out = torch.zeros(numel, dtype=dtype)
-        out[mask] = parts["values"]
+        if "values_index" in parts:  # the nonzeros as a codebook (clustered or quantized after pruning)
+            idx = unpack(parts["values_index"], meta["values_bits"], int(mask.sum())).long()
+            out[mask] = parts["values_codebook"][idx]
+        else:
+            out[mask] = parts["values"]
         return out.view(shape)
     if codec == "nm":
         n, m = meta["n"], meta["m"]
@@ -86,7 +92,15 @@ def _bitmask(t: torch.Tensor):
     nz = flat != 0
     if nz.all():
         return None
-    return {"mask": pack(nz.to(torch.uint8), 1), "values": flat[nz].clone()}, {"codec": "bitmask"}
+    values = flat[nz].clone()
+    parts, meta = {"mask": pack(nz.to(torch.uint8), 1)}, {"codec": "bitmask"}
+    coded = _codebook(values) if values.numel() else None  # pruned then clustered / quantized: the nonzeros share few values
+    if coded is not None and sum(_nbytes(p) for p in coded[0].values()) < _nbytes(values):
+        parts.update(values_codebook=coded[0]["codebook"], values_index=coded[0]["index"])
+        meta["values_bits"] = coded[1]["bits"]
+    else:
+        parts["values"] = values
+    return parts, meta
 
 
 def _nm(t: torch.Tensor, n: int = 2, m: int = 4):

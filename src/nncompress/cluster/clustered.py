@@ -1,0 +1,132 @@
+"""`ClusteredLayer`: a Linear or Conv whose weight is `codebook[index]`, with a trainable codebook.
+
+The wrapper keeps the original layer as `.base`, the shared values as the parameter `centroids`
+(G, K) (G = 1 per layer, G = out channels per channel) and the fixed assignment as a buffer. The
+forward builds `weight = [centroids | 0].gather(1, assignment)`, so autograd pools the gradient of
+every weight into its centroid (the sum over the cluster, as in Deep Compression's fine-tune) and a
+fine-tune trains the K shared values, never the assignment. Index K is a zero slot outside the
+codebook: pruned weights stay exactly zero whatever the optimizer does.
+
+Storage: the state dict holds `base.weight` refreshed to the clustered weight on every
+`state_dict()` (so at most G * (K + 1) distinct values, which the checkpoint's codebook codec stores
+as b-bit packed indices), `base.bias` and `centroids`; the assignment is not stored but rebuilt on
+load by matching each stored value with its centroid, so bytes on disk follow b.
+
+>>> import torch.nn as nn
+>>> layer = ClusteredLayer.from_layer(nn.Linear(64, 8), k=4)
+>>> int(torch.unique(layer.shared_weight()).numel()) <= 4, layer.base.weight.requires_grad
+(True, False)
+>>> x = torch.randn(2, 64)
+>>> torch.equal(layer(x), layer.merge()(x))
+True
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.errors import ModelLoadError
+from .kmeans import Init, cluster_weight
+
+CLUSTERABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ClusteredLayer(nn.Module):
+    """A Linear / Conv computing with shared weights `centroids[g, assignment]` (see the module doc).
+
+    base:        the original layer; its weight no longer trains (`requires_grad=False`)
+    centroids:   (G, K) the trainable codebook, one row per group
+    assignment:  (G, numel / G) int64 in [0, K]; K is the zero slot
+    """
+
+    def __init__(self, base: nn.Module, centroids: Tensor, assignment: Tensor):
+        super().__init__()
+        if not isinstance(base, CLUSTERABLE):
+            raise TypeError(f"ClusteredLayer wraps {', '.join(c.__name__ for c in CLUSTERABLE)}, "
+                            f"not {type(base).__name__}")
+        groups = centroids.shape[0]
+        assert assignment.shape == (groups, base.weight.numel() // groups), (assignment.shape, centroids.shape)
+        self.base = base
+        base.weight.requires_grad_(False)  # the codebook trains instead; the weight is derived from it
+        self.centroids = nn.Parameter(centroids.to(base.weight.dtype).clone())
+        self.register_buffer("assignment", assignment.long().clone(), persistent=False)
+        self.register_state_dict_pre_hook(_refresh_base_weight)
+        self.register_load_state_dict_post_hook(_reassign_after_load)
+
+    @classmethod
+    def from_layer(cls, base: nn.Module, k: int, granularity: str = "layer", init: Init = "linear",
+                   keep_zeros: bool = True, iters: int = 100,
+                   generator: torch.Generator | None = None) -> "ClusteredLayer":
+        """Cluster `base`'s weight into k shared values per layer or per output channel."""
+        groups = base.weight.shape[0] if granularity == "channel" else 1
+        centroids, assignment = cluster_weight(base.weight, k, groups, init, keep_zeros, iters, generator)
+        return cls(base, centroids, assignment)
+
+    @classmethod
+    def empty(cls, base: nn.Module, k: int, groups: int) -> "ClusteredLayer":
+        """The structure only (zero codebook, everything in slot 0), for replay; the checkpoint fills it."""
+        return cls(base, torch.zeros(groups, k), torch.zeros(groups, base.weight.numel() // groups,
+                                                             dtype=torch.long))
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.centroids.shape[0]
+
+    def shared_weight(self) -> Tensor:
+        """The weight the forward uses, in the base layer's shape."""
+        zero = self.centroids.new_zeros(self.groups, 1)
+        table = torch.cat([self.centroids, zero], dim=1)  # (G, K + 1): the zero slot is a constant
+        return table.gather(1, self.assignment).view_as(self.base.weight)  # (G, R) -> weight shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.shared_weight()
+        if isinstance(self.base, nn.Linear):
+            return F.linear(x, w, self.base.bias)
+        return self.base._conv_forward(x, w, self.base.bias)
+
+    def merge(self) -> nn.Module:
+        """A plain copy of `base` whose weight is the shared one (trainable again)."""
+        merged = copy.deepcopy(self.base)
+        merged.weight = nn.Parameter(self.shared_weight().detach().clone())
+        return merged
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, groups={self.groups}"
+
+
+def _refresh_base_weight(module: ClusteredLayer, prefix: str, keep_vars: bool) -> None:
+    """Before `state_dict()`: store the clustered weight in `base.weight` (what the checkpoint writes)."""
+    with torch.no_grad():
+        module.base.weight.copy_(module.shared_weight())
+
+
+def assignment_from_values(weight: Tensor, centroids: Tensor) -> Tensor:
+    """The assignment (G, R) that gives back `weight` from `centroids` (G, K) exactly: each value's
+    equal centroid (the first of equal ones), else the zero slot K for an exact 0; anything else
+    raises `ModelLoadError` (the weights are not a clustered layer's)."""
+    groups, k = centroids.shape
+    w = weight.detach().reshape(groups, -1)  # (G, R)
+    c, order = centroids.detach().sort(dim=1, stable=True)  # (G, K)
+    pos = torch.searchsorted(c.contiguous(), w.contiguous()).clamp(max=k - 1)  # (G, R)
+    hit = c.gather(1, pos) == w
+    assign = torch.where(hit, order.gather(1, pos), torch.full_like(pos, k))
+    bad = ~hit & (w != 0)
+    if bad.any():
+        raise ModelLoadError(f"clustered weight has {int(bad.sum())} values that are no centroid of its codebook; "
+                             "the checkpoint was not written from this clustered model, re-save it")
+    return assign
+
+
+def _reassign_after_load(module: ClusteredLayer, incompatible_keys: Any) -> None:
+    """After `load_state_dict`: rebuild the (unsaved) assignment from the loaded weight and codebook."""
+    with torch.no_grad():
+        module.assignment.copy_(assignment_from_values(module.base.weight, module.centroids))
