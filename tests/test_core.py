@@ -142,3 +142,25 @@ def test_train_config_validates():
         TrainConfig(lr=0)
     with pytest.raises(ConfigError, match="optimizer: must be one of"):
         TrainConfig.from_dict({"optimizer": "lamb"})
+
+
+def test_zero_keeper_restores_pruned_zeros_only():
+    import doctest
+
+    import nncompress.core.zeros as zeros
+
+    assert doctest.testmod(zeros).failed == 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[model[0].weight.abs() < 0.1] = 0.0   # pruned
+    pruned = (model[0].weight == 0).clone()
+    keep = zeros.zero_keeper(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(32, 16)).pow(2).mean().backward()
+        opt.step()
+        keep(model)
+    assert torch.equal(model[0].weight == 0, pruned)                 # same zeros, no more, no fewer
+    assert int((model[2].weight == 0).sum()) == 0                    # the dense layer was left alone

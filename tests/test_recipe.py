@@ -22,7 +22,7 @@ def with_stage(**fields):
     (with_stage(kd_alpha=1.5), "stages[0].kd_alpha: must be in [0, 1], got 1.5"),
     (with_stage(epochs="two"), "stages[0].epochs: expected an integer, got 'two'"),
     (with_stage(epoch=1), "stages[0].epoch: unknown field; FinetuneConfig takes"),
-    (with_stage(optimizer="lamb"), "stages[0].optimizer: must be one of 'adam', 'adamw', 'sgd'"),
+    (with_stage(optimizer="lamb"), "stages[0].optimizer: must be one of 'adam', "),
     (with_stage(targets={"types": "Linear"}), "stages[0].targets.types: expected a list"),
     ({**GOOD, "stages": [{"kind": "prune_everything"}]}, "stages[0].kind: unknown stage kind 'prune_everything'; known:"),
     ({**GOOD, "stages": [{"epochs": 1}]}, "stages[0].kind: missing; one of:"),
@@ -72,3 +72,39 @@ def test_packaged_demo_recipe_is_valid():
     recipe = load_recipe(demo_recipe_path())
     assert recipe.model.name == "mnist1d_cnn" and recipe.model.pretrain is not None
     assert [s.config.kind for s in recipe.stages]
+
+
+def progressive(**fields):
+    entry = {"kind": "progressive", "vary": "sparsity", "values": [0.5, 0.75, 0.9],
+             "stage": {"kind": "sparsify", "sparsity": 0.9}, "recover": [{"kind": "finetune", "epochs": 1}], **fields}
+    return {**GOOD, "stages": [{"kind": "finetune", "epochs": 1}, entry]}
+
+
+def test_progressive_expands_into_steps_with_recovery():
+    recipe = parse_recipe(progressive())
+    kinds = [s.config.kind for s in recipe.stages]
+    assert kinds == ["finetune"] + ["sparsify", "finetune"] * 3
+    assert [s.config.sparsity for s in recipe.stages if s.config.kind == "sparsify"] == [0.5, 0.75, 0.9]
+    assert [s.index for s in recipe.stages] == list(range(7))
+    assert parse_recipe(recipe.to_dict()) == recipe  # the resolved recipe is plain stages
+
+
+def test_progressive_varies_a_nested_field():
+    stage = {"kind": "quantize", "weight": {"format": {"kind": "int", "bits": 8}}}
+    recipe = parse_recipe(progressive(vary="weight.format.bits", values=[8, 4], stage=stage, recover=[]))
+    assert [s.config.weight.format.bits for s in recipe.stages[1:]] == [8, 4]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"values": [0.5]}, "stages[1].values: must list at least two step values"),
+    ({"vary": ""}, "stages[1].vary: must name the field"),
+    ({"stage": "sparsify"}, "stages[1].stage: must be one stage mapping"),
+    ({"steps": 3}, "stages[1].steps: unknown field; a progressive entry has"),
+    ({"values": [0.5, 1.5]}, "stages[1].values[1].sparsity: must be in"),
+    ({"vary": "sparsity.inner"}, "stages[1].stage.sparsity: vary names a nested field"),
+    ({"recover": [{"kind": "finetune", "epochs": -1}]}, "stages[1].recover[0].epochs: must be >= 0"),
+])
+def test_progressive_errors_name_the_yaml_path(fields, message):
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(progressive(**fields))
+    assert message in str(e.value)

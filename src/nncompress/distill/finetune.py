@@ -1,84 +1,184 @@
 """The `finetune` stage: recover accuracy with the shared training loop, optionally distilling
-from the model as it was before the recipe (`ctx.teacher`).
+from the model as it was before the recipe (`ctx.teacher`), or from any teacher in the context.
+
+What is distilled (seed 004, "multi-level distillation"):
+- logits: (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 KL(teacher_T || student_T)      (kd_alpha > 0)
+- features: for each (student module, teacher module) pair in `features`, FitNets' hint loss
+  MSE(adapter(student feature), teacher feature), the adapter a learned 1x1 conv created from the
+  first batch's shapes when the widths differ (e.g. a pruned student), discarded after training
+- attention transfer on the same pairs (Zagoruyko & Komodakis), which needs no adapter
+- embedding models (no labels): cosine or MSE to the teacher's embeddings
+
+    features: [layers.1, layers.2]             # same names in both models
+    features: [[layers.2, encoder.block3]]     # (student name, teacher name)
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import ConfigError, Context, TrainConfig, check, fit, register
-from ..core.train import make_optimizer
 from ..core.errors import DataError
-from .losses import embedding_distill_loss, kd_logits_loss
+from ..core.train import make_optimizer
+from ..core.zeros import zero_keeper
+from .features import FeaturePair, adapter_for, capture, find_module, pairs_of
+from .losses import attention_transfer_loss, embedding_distill_loss, feature_kd_loss, kd_loss
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
-    """Fine-tune options: the training loop's, plus distillation from the pre-recipe model.
+    """Fine-tune options: the training loop's, plus distillation from a teacher.
 
-    kd_alpha:    weight of the distillation term; the label loss gets 1 - kd_alpha (0: labels only).
-                 Embedding models have no labels and always distill (kd_alpha is ignored).
-    temperature: softening temperature T of the logits KD loss
+    kd_alpha:          weight of the logits distillation term; the label loss gets 1 - kd_alpha (0: labels
+                       only). Embedding models have no labels and always distill (kd_alpha is ignored).
+    temperature:       softening temperature T of the logits KD loss
+    features:          module pairs for feature distillation: a name (the same in student and teacher)
+                       or a [student, teacher] pair; several pairs = multi-level distillation
+    feature_weight:    weight of the hint (MSE) loss, averaged over the pairs (0: none)
+    feature_normalize: compare L2-normalized features (scale-free, 2 - 2 cos) instead of raw MSE
+    attention_weight:  weight of attention transfer on the same pairs, averaged over pairs (0: none)
+    attention_p:       exponent p of the attention maps sum_c |a_c|^p
+    embedding_loss:    for embedding models: "cosine" (1 - cos) or "mse" to the teacher's embeddings
     """
 
     kd_alpha: float = 0.0
     temperature: float = 4.0
+    features: tuple[FeaturePair, ...] = ()
+    feature_weight: float = 1.0
+    feature_normalize: bool = False
+    attention_weight: float = 0.0
+    attention_p: float = 2.0
+    embedding_loss: Literal["cosine", "mse"] = "cosine"
 
     def __post_init__(self):
         super().__post_init__()
         check(0.0 <= self.kd_alpha <= 1.0, "kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.feature_weight >= 0, "feature_weight", f"must be >= 0, got {self.feature_weight}")
+        check(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
+        check(self.attention_p > 0, "attention_p", f"must be > 0, got {self.attention_p}")
+        check(self.attention_weight == 0 or bool(self.features), "attention_weight",
+              "attention transfer needs module pairs; list them in features, e.g. features: [layers.1]")
+
+    @property
+    def uses_features(self) -> bool:
+        return bool(self.features) and (self.feature_weight > 0 or self.attention_weight > 0)
 
 
-def _call(model: nn.Module, inputs):
+def run_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """`model(**inputs)` for a dict of tensors (tokenized text), else `model(inputs)`."""
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-@register("finetune", config=FinetuneConfig)
-def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Module:
-    """Train the model on the recipe's training data, with optional distillation."""
-    if ctx.replay:  # the weights come from the checkpoint; nothing structural to redo
-        return model
-    if ctx.data is None:
-        raise ConfigError("finetune", "needs training data; run it in a recipe or pass Context(data=...)")
+def split_batch(batch: Any, device: torch.device, embedding: bool) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, labels) of a batch on `device`; labels are None for embedding data."""
+    if embedding:
+        return {k: v.to(device) for k, v in batch.items()}, None
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise DataError("finetune: classification batches must be (inputs, labels) pairs")
+    return batch[0].to(device), batch[1].to(device)
+
+
+def frozen_teacher(ctx: Context, needed: bool, field: str) -> nn.Module | None:
+    """`ctx.teacher` in eval mode without gradients; a `ConfigError(field)` when needed but absent."""
     teacher = ctx.teacher
-    embedding = ctx.data.task == "embedding"
-    if (embedding or config.kd_alpha > 0) and teacher is None:
-        raise ConfigError("finetune.kd_alpha", "distillation needs a teacher (the recipe provides the "
-                          "pre-recipe model); set kd_alpha: 0 or pass Context(teacher=...)")
+    if needed and teacher is None:
+        raise ConfigError(field, "distillation needs a teacher (the recipe provides the pre-recipe model); "
+                                 "set kd_alpha: 0 and features: [] or pass Context(teacher=...)")
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    return teacher
+
+
+def build_adapters(model: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]], inputs: Any,
+                   field: str = "features") -> nn.ModuleList:
+    """One adapter per pair (Identity when widths agree), sized from one probe forward of both models.
+
+    Both models run in eval mode under no_grad for the probe, so nothing they hold changes.
+    """
+    for s, t in pairs:  # unknown names fail here, before any training, naming the model they miss from
+        find_module(model, s, field)
+        find_module(teacher, t, field)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture(model, [s for s, _ in pairs], field) as sf, \
+                capture(teacher, [t for _, t in pairs], field) as tf:
+            run_model(model, inputs)
+            run_model(teacher, inputs)
+    finally:
+        model.train(was_training)
+    return nn.ModuleList([adapter_for(sf[s], tf[t], f"{field}: {s} -> {t}") for s, t in pairs])
+
+
+def feature_terms(sf: dict[str, torch.Tensor], tf: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
+                  adapters: nn.ModuleList, config: FinetuneConfig) -> torch.Tensor:
+    """feature_weight * mean hint loss + attention_weight * mean attention-transfer loss over the pairs."""
+    total = torch.zeros((), device=next(iter(sf.values())).device)
+    for (s, t), adapter in zip(pairs, adapters):
+        if config.feature_weight > 0:
+            total = total + config.feature_weight * feature_kd_loss(adapter(sf[s]), tf[t], config.feature_normalize)
+        if config.attention_weight > 0:
+            total = total + config.attention_weight * attention_transfer_loss(sf[s], tf[t], config.attention_p)
+    return total / len(pairs)
+
+
+@register("finetune", config=FinetuneConfig)
+def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Module:
+    """Train the model on the recipe's training data, with optional logits/feature distillation."""
+    if ctx.replay:  # the weights come from the checkpoint; adapters are not part of the model
+        return model
+    if ctx.data is None:
+        raise ConfigError("finetune", "needs training data; run it in a recipe or pass Context(data=...)")
+    embedding = ctx.data.task == "embedding"
+    field = "finetune.features" if config.uses_features else "finetune.kd_alpha"
+    teacher = frozen_teacher(ctx, embedding or config.kd_alpha > 0 or config.uses_features, field)
     device = ctx.device
     model.to(device)
+    pairs = pairs_of(config.features) if config.uses_features else []
+    adapters = nn.ModuleList()
+    if pairs:
+        teacher.to(device)
+        adapters = build_adapters(model, teacher, pairs, probe_inputs(ctx.data, device), "features")
+        ctx.record["adapters"] = {s: type(a).__name__ for (s, _), a in zip(pairs, adapters)}
+    s_names, t_names = [s for s, _ in pairs], [t for _, t in pairs]
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        x, y = split_batch(batch, device, embedding)
+        t_out = None
+        if teacher is not None and (embedding or config.kd_alpha > 0 or pairs):
+            with torch.no_grad(), capture(teacher, t_names) as tf:
+                t_out = run_model(teacher, x)
+        with capture(m, s_names) as sf:
+            out = run_model(m, x)
         if embedding:
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            with torch.no_grad():
-                target = _call(teacher, inputs)
-            return embedding_distill_loss(_call(m, inputs), target)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise DataError("finetune: classification batches must be (inputs, labels) pairs")
-        x, y = batch[0].to(device), batch[1].to(device)
-        logits = _call(m, x)
-        loss = F.cross_entropy(logits, y)
-        if config.kd_alpha > 0:
-            with torch.no_grad():
-                t_logits = _call(teacher, x)
-            loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd_logits_loss(logits, t_logits, config.temperature)
-        return loss
+            loss = embedding_distill_loss(out, t_out, config.embedding_loss)
+        else:
+            loss = kd_loss(out, t_out, y, config.kd_alpha, config.temperature) if config.kd_alpha > 0 \
+                else F.cross_entropy(out, y)
+        return loss + feature_terms(sf, tf, pairs, adapters, config) if pairs else loss
 
     train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
-    # Only the targeted modules train; with the default targets that is the whole model.
+    # Only the targeted modules train (with the default targets, the whole model), plus the adapters.
     params = {id(p): p for _, m in ctx.targets.select(model) for p in m.parameters()}
+    params.update({id(p): p for p in adapters.parameters()})
     optimizer = make_optimizer(params.values(), train_cfg)
-    losses = fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer, progress=ctx.progress,
-                 desc="finetune")
+    adapters.train()
+    # weights pruned by an earlier stage stay pruned: recovery must not regrow them
+    losses = fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer, after_step=zero_keeper(model),
+                 progress=ctx.progress, desc="finetune")
     ctx.record["epoch_losses"] = [round(x, 6) for x in losses]
     model.eval()
     return model
+
+
+def probe_inputs(data: Any, device: torch.device) -> Any:
+    """Two inputs from the calibration set, for sizing adapters without touching the train order."""
+    inputs = data.example_batch(2)
+    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..core import ConfigError, Context, Targets, TrainConfig, check, fit, register
 from ..core.errors import DataError, TargetError
 from ..core.train import make_optimizer
+from ..core.zeros import zero_keeper
 from ..formats import IntFormat, PerGroup
 from .bn_fold import fold_batchnorm, set_module
 from .fake_quant import FakeQuant, QuantSpec, QuantWrapper
@@ -196,13 +197,19 @@ def quantization_aware_training(model: nn.Module, config: QATConfig, ctx: Contex
     specs = [config.weight if b is None else config.weight.with_bits(b) for b in widths]
     model = prepare_qat(model, specs[0], config.activation, layers, ctx.data.calib, config.calib_batches, ctx.device)
     train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    keep_zeros = zero_keeper(model)  # weights pruned by an earlier stage stay pruned
+
+    def after_step(m: nn.Module) -> None:
+        keep_zeros(m)
+        refresh_weight_scales(m)
+
     losses = []
     for i, spec in enumerate(specs):
         if i:
             _set_weight_spec(model, spec)
         optimizer = make_optimizer(model.parameters(), train_cfg)
         losses.append(fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer,
-                          after_step=refresh_weight_scales, progress=ctx.progress,
+                          after_step=after_step, progress=ctx.progress,
                           desc=f"qat{'' if widths[i] is None else f' {widths[i]}-bit'}"))
     model = convert(model)
     ctx.record["epoch_losses"] = [[round(x, 6) for x in stage] for stage in losses]

@@ -2,6 +2,17 @@
 
 A recipe is the model, the data, how to measure, and a list of stages `{kind: <registered name>,
 targets: {...}, ...config fields}`. Stages go through the same `Config.from_dict` as Python configs.
+
+A `progressive` entry applies one compression stage in several increasing steps with recovery
+stages after each (seed 002: smaller drops between stages end better). It is expanded here into
+plain stages, so the report measures every step and the manifest replays them:
+
+    - kind: progressive
+      vary: sparsity                 # a field of `stage` (dotted for nested: weight.format.bits)
+      values: [0.5, 0.75, 0.9]       # as the stage reads them: sparsify's sparsity is of all weights,
+                                     # prune's target_macs is of the model as it is at that step
+      stage: {kind: sparsify, sparsity: 0.9}
+      recover: [{kind: finetune, epochs: 1}]
 """
 from __future__ import annotations
 
@@ -109,12 +120,57 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     stages_raw = raw.get("stages") or []
     if not isinstance(stages_raw, list):
         raise ConfigError("stages", f"expected a list of stages, got {type(stages_raw).__name__}")
-    stages = tuple(parse_stage(s, i) for i, s in enumerate(stages_raw))
+    expanded = [s for i, raw_stage in enumerate(stages_raw) for s in expand_progressive(raw_stage, f"stages[{i}]")]
+    stages = tuple(parse_stage(s, i, where) for i, (s, where) in enumerate(expanded))
     return Recipe(name=name, model=model, data=data, measure=measure, stages=stages, seed=seed)
 
 
-def parse_stage(raw: Any, index: int) -> Stage:
-    path = f"stages[{index}]"
+_PROGRESSIVE = {"kind", "vary", "values", "stage", "recover"}
+
+
+def expand_progressive(raw: Any, path: str) -> list[tuple[Any, str]]:
+    """A plain stage as `[(stage, path)]`; a `progressive` entry as its steps, each followed by the
+    recovery stages, with the YAML path of every piece for error messages."""
+    if not (isinstance(raw, dict) and raw.get("kind") == "progressive"):
+        return [(raw, path)]
+    unknown = sorted(set(raw) - _PROGRESSIVE)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}", f"unknown field; a progressive entry has {', '.join(sorted(_PROGRESSIVE))}")
+    stage, vary, values = raw.get("stage"), raw.get("vary"), raw.get("values")
+    if not isinstance(stage, dict) or stage.get("kind") in (None, "progressive"):
+        raise ConfigError(f"{path}.stage", "must be one stage mapping like {kind: sparsify, sparsity: 0.9}")
+    if not isinstance(vary, str) or not vary:
+        raise ConfigError(f"{path}.vary", "must name the field of `stage` that grows, e.g. sparsity")
+    if not isinstance(values, list) or len(values) < 2:
+        raise ConfigError(f"{path}.values", f"must list at least two step values, got {values!r}")
+    recover = raw.get("recover") or []
+    if isinstance(recover, dict):
+        recover = [recover]
+    if not isinstance(recover, list):
+        raise ConfigError(f"{path}.recover", "must be a stage or a list of stages run after every step")
+    out: list[tuple[Any, str]] = []
+    for k, value in enumerate(values):
+        out.append((_with_field(stage, vary.split("."), value, f"{path}.stage"), f"{path}.values[{k}]"))
+        out.extend((r, f"{path}.recover[{j}]") for j, r in enumerate(recover))
+    return out
+
+
+def _with_field(mapping: dict[str, Any], keys: list[str], value: Any, path: str) -> dict[str, Any]:
+    """A copy of `mapping` with the nested field `keys` set to `value`."""
+    out = dict(mapping)
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head)
+    if not isinstance(inner, dict):
+        raise ConfigError(f"{path}.{head}", f"vary names a nested field but {head!r} is not a mapping in the stage")
+    out[head] = _with_field(inner, rest, value, f"{path}.{head}")
+    return out
+
+
+def parse_stage(raw: Any, index: int, path: str | None = None) -> Stage:
+    path = path or f"stages[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(path, f"a stage is a mapping like {{kind: finetune, epochs: 1}}, got {raw!r}")
     kind = raw.get("kind")

@@ -1,0 +1,167 @@
+"""The `progressive_distill` stage: stage-wise (block-by-block) distillation, seed 002.
+
+Seed 002 ("Progressive PTQ-KD", after Elthakeb et al.'s Divide and Conquer) compares compressing and
+fine-tuning the whole network in one stage with doing it stage by stage: the drop between stages is
+smaller and the result better, for less training. This stage is the "fine-tune stage by stage" half:
+
+1. for each block k in `stages` (in forward order): train only block k of the student so that its
+   output matches the teacher's block-k output (FitNets hint loss through a learned adapter when the
+   widths differ), fed by the student's own earlier blocks, which are frozen (parameters and
+   BatchNorm statistics: they run in eval mode). The forward stops at block k, so later blocks cost
+   nothing;
+2. then train everything that is in no stage (typically the classifier head) with logits KD plus
+   the label loss, all stages frozen (`head_epochs: 0` skips this).
+
+The "compress stage by stage" half composes through a recipe, since a technique never calls another:
+after the whole model is compressed, one `progressive_distill` over all blocks; or, to compress block
+by block, alternate `{kind: <compress>, targets: {include: [layers.0*]}}` and
+`{kind: progressive_distill, stages: [layers.0], head_epochs: 0}` per block, the last one with a head
+phase. Nothing structural changes here, so a saved model reloads from its weights alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..core import ConfigError, Context, TrainConfig, check, fit, register
+from ..core.train import make_optimizer
+from ..core.zeros import zero_keeper
+from .features import FeaturePair, adapter_for, find_module, output_of, pairs_of
+from .finetune import frozen_teacher, probe_inputs, run_model, split_batch
+from .losses import embedding_distill_loss, feature_kd_loss, kd_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressiveConfig(TrainConfig):
+    """Stage-wise distillation options (the training loop's `epochs` are per stage).
+
+    stages:            the blocks, in forward order: a module name (the same in student and teacher)
+                       or a [student, teacher] pair, e.g. [stem, layers.0, layers.1, layers.2]
+    head_epochs:       epochs of the final phase that trains what no stage holds (0: skip it)
+    kd_alpha:          weight of logits KD in the head phase; the label loss gets 1 - kd_alpha
+    temperature:       softening temperature T of the logits KD loss
+    feature_normalize: compare L2-normalized block outputs instead of raw MSE
+    """
+
+    stages: tuple[FeaturePair, ...] = ()
+    head_epochs: int = 1
+    kd_alpha: float = 0.9
+    temperature: float = 4.0
+    feature_normalize: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(bool(self.stages), "stages", "list the blocks to distill in forward order, e.g. "
+                                           "stages: [stem, layers.0, layers.1]")
+        check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
+        check(0.0 <= self.kd_alpha <= 1.0, "kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+@contextlib.contextmanager
+def training_only(model: nn.Module, trained: list[nn.Module]) -> Iterator[list[nn.Parameter]]:
+    """Inside: only the parameters of `trained` require grad; yields them. Flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.requires_grad_(False)
+        for m in trained:
+            m.requires_grad_(True)
+        yield [p for p in model.parameters() if p.requires_grad]
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _freeze_modes(model: nn.Module, trained: list[nn.Module]) -> None:
+    """Eval mode for every module outside `trained`, so frozen BatchNorm keeps its running statistics."""
+    inside = {id(x) for m in trained for x in m.modules()}
+    for m in model.modules():
+        if id(m) not in inside:
+            m.training = False
+
+
+def _train_cfg(config: ProgressiveConfig, epochs: int) -> TrainConfig:
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, "epochs": epochs})
+
+
+@register("progressive_distill", config=ProgressiveConfig)
+def progressive_distill(model: nn.Module, config: ProgressiveConfig, ctx: Context) -> nn.Module:
+    """Distill block by block from the teacher with finished blocks frozen, then the head with logits KD."""
+    if ctx.replay:  # nothing structural: the weights come from the checkpoint
+        return model
+    if ctx.data is None:
+        raise ConfigError("progressive_distill", "needs training data; run it in a recipe or pass Context(data=...)")
+    teacher = frozen_teacher(ctx, True, "progressive_distill")
+    device = ctx.device
+    model.to(device)
+    teacher.to(device)
+    embedding = ctx.data.task == "embedding"
+    pairs = pairs_of(config.stages)
+    blocks = [find_module(model, s, "stages") for s, _ in pairs]
+    for _, t in pairs:
+        find_module(teacher, t, "stages")
+    probe = probe_inputs(ctx.data, device)
+    ctx.record["stage_losses"] = {}
+    for (s, t), block in zip(pairs, blocks):
+        ctx.record["stage_losses"][s] = _fit_block(model, teacher, block, s, t, probe, config, ctx, embedding)
+    if config.head_epochs:
+        ctx.record["head_losses"] = _fit_head(model, teacher, blocks, config, ctx, embedding)
+    model.eval()
+    return model
+
+
+def _fit_block(model: nn.Module, teacher: nn.Module, block: nn.Module, s: str, t: str, probe: Any,
+               config: ProgressiveConfig, ctx: Context, embedding: bool) -> list[float]:
+    """Train `block` alone so the student's output at `s` matches the teacher's at `t`."""
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        adapter = adapter_for(output_of(model, s, probe, run_model), output_of(teacher, t, probe, run_model),
+                              f"stages: {s} -> {t}")
+        model.train(was)
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        x, _ = split_batch(batch, ctx.device, embedding)
+        _freeze_modes(m, [block])
+        with torch.no_grad():
+            target = output_of(teacher, t, x, run_model)
+        return feature_kd_loss(adapter(output_of(m, s, x, run_model)), target, config.feature_normalize)
+
+    cfg = _train_cfg(config, config.epochs)
+    with training_only(model, [block]) as params:
+        opt = make_optimizer(list(params) + list(adapter.parameters()), cfg)
+        losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=opt, after_step=zero_keeper(model),
+                     progress=ctx.progress, desc=f"progressive {s}")
+    return [round(x, 6) for x in losses]
+
+
+def _fit_head(model: nn.Module, teacher: nn.Module, blocks: list[nn.Module], config: ProgressiveConfig,
+              ctx: Context, embedding: bool) -> list[float]:
+    """Train what no stage holds with logits KD (+ labels), every stage frozen."""
+    staged = {id(p) for b in blocks for p in b.parameters()}
+    rest = [m for m in model.modules() if not list(m.children())
+            and any(id(p) not in staged for p in m.parameters(recurse=False))]
+    if not rest:
+        raise ConfigError("head_epochs", "every parameter belongs to a stage, so the head phase has nothing "
+                                         "to train; set head_epochs: 0")
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        x, y = split_batch(batch, ctx.device, embedding)
+        _freeze_modes(m, rest)
+        with torch.no_grad():
+            t_out = run_model(teacher, x)
+        out = run_model(m, x)
+        if embedding:
+            return embedding_distill_loss(out, t_out)
+        return kd_loss(out, t_out, y, config.kd_alpha, config.temperature)
+
+    cfg = _train_cfg(config, config.head_epochs)
+    with training_only(model, rest) as params:
+        losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=make_optimizer(params, cfg),
+                     after_step=zero_keeper(model), progress=ctx.progress, desc="progressive head")
+    return [round(x, 6) for x in losses]
