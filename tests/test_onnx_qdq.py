@@ -83,3 +83,135 @@ def test_failure_leaves_no_file(mlp_qdq, digits, tmp_path):
     with pytest.raises(UnsupportedOpError, match="per output channel"):
         export_qdq_onnx(grouped, digits.example_batch(4), tmp_path / "g.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ BERT-style encoders
+
+class _Sentences:
+    """Token batches for a tiny random BERT (the interface `quantize` reads from ctx.data)."""
+
+    task = "embedding"
+
+    def __init__(self, n=16, t=12, vocab=100):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, vocab, (n, t), generator=g)
+        mask = torch.ones(n, t, dtype=torch.long)
+        mask[::2, t // 2:] = 0   # half the rows padded
+        self.batch = {"input_ids": ids, "attention_mask": mask}
+        self.calib = self.test = self.train = [self.batch]
+
+    def example_batch(self, n):
+        return {k: v[:n] for k, v in self.batch.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from nncompress.zoo.hf import hf_from_config
+    torch.manual_seed(0)
+    cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 32}
+    return hf_from_config(cfg).eval(), _Sentences()
+
+
+def _assert_int8_tables(path, model):
+    """Every weight (embedding tables included) is stored as int8: no float matrix left, ~1/4 of the bytes."""
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2 and min(a.shape) > 1]
+    words = model.model.embeddings.word_embeddings.weight.detach().numpy()
+    table = "model_embeddings_word_embeddings_weight"
+    codes, scale = inits[f"{table}.int8"], inits[f"{table}.row_scale"]
+    assert codes.dtype == np.int8 and scale.shape == (len(words), 1)
+    assert np.abs(codes * scale - words).max() <= scale.max() / 2 * (1 + 1e-6)   # half a step per row
+    fp32_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "pooler" not in n)
+    assert sum(a.nbytes for a in inits.values()) < 0.4 * fp32_bytes   # (node metadata dominates a tiny file)
+
+
+def test_bert_static_qdq_runs_int8_matmuls(tiny_bert, tmp_path):
+    model, data = tiny_bert
+    # every Linear, the pooler included: it is dead code for mean pooling, so the exporter drops it
+    q = nncompress.apply(copy.deepcopy(model), W8A8, context=Context(data=data)).eval()
+    path = export_qdq_onnx(q, data.example_batch(4), tmp_path / "bert.onnx", tolerance=0.1)   # verified inside
+    assert qdq_op_counts(path)["QuantizeLinear"] == 12   # 2 layers x 6 Linear inputs; no pooler
+    _assert_int8_tables(path, model)
+    ops = optimized_op_counts(path)
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["QGemm"] == 12
+    with torch.no_grad():
+        ref = q(**data.batch).numpy()
+    got = onnx_run(path, data.batch)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_dynamic_onnx_equals_hand_computed_integer_arithmetic(tmp_path):
+    from nncompress.export.onnx_dynamic import export_dynamic_onnx
+    from nncompress.quant.native import Int8DynamicConfig
+    torch.manual_seed(0)
+    q = nncompress.apply(torch.nn.Sequential(torch.nn.Linear(16, 8)), Int8DynamicConfig())
+    x = torch.randn(5, 16)
+    path = export_dynamic_onnx(q, x, tmp_path / "lin.onnx")
+    # ONNX DynamicQuantizeLinear: uint8, range widened to include 0, zero point rounded half to even
+    x64 = x.double().numpy()
+    lo, hi = min(0.0, x64.min()), max(0.0, x64.max())
+    s = np.float32((hi - lo) / 255)
+    z = np.clip(np.round(-lo / s), 0, 255)
+    xq = np.clip(np.round(x64 / s) + z, 0, 255)
+    layer = q[0]
+    w, sw = layer.weight_q.double().numpy(), layer.weight_scale.double().numpy()
+    ref = ((xq - z) @ w.T) * float(s) * sw + layer.bias.double().numpy()
+    got = onnx_run(path, x)
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    assert np.array_equal(inits["0.weight_q"], layer.weight_q.numpy().T)   # the torch layer's own codes
+    assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2]
+
+
+def test_bert_dynamic_onnx_fuses_and_keeps_fidelity(tiny_bert, tmp_path):
+    from nncompress.core import Targets
+    from nncompress.export.onnx_dynamic import export_dynamic_onnx
+    from nncompress.quant.native import Int8DynamicConfig
+    model, data = tiny_bert
+    q = nncompress.apply(copy.deepcopy(model), Int8DynamicConfig(), targets=Targets(types=(torch.nn.Linear,)))
+    path = export_dynamic_onnx(q, data.example_batch(4), tmp_path / "bert_dyn.onnx")
+    assert qdq_op_counts(path)["DynamicQuantizeLinear"] == 12   # pooler dropped as dead code
+    _assert_int8_tables(path, model)
+    ops = optimized_op_counts(path)
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == 12 and ops["MatMulInteger"] == 0
+    with torch.no_grad():
+        ref = model(**data.batch).numpy()
+    got = onnx_run(path, data.batch)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+    with pytest.raises(UnsupportedOpError, match="int8_dynamic"):
+        export_dynamic_onnx(model, data.example_batch(4), tmp_path / "none.onnx")
+    with pytest.raises(UnsupportedOpError, match="relative L2 error"):
+        export_dynamic_onnx(q, data.example_batch(4), tmp_path / "tight.onnx", tolerance=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert_dyn.onnx"]
+
+
+def test_gather_tables_become_int8_rows_dequantized_after_the_gather():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from nncompress.export.onnx_qdq import quantize_gather_tables
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 64)).astype(np.float32)
+    table[3] = 0.0   # an all-zero row: no division by zero
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 64])],
+        [numpy_helper.from_array(table, "table")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = proto.ByteSize()
+    assert quantize_gather_tables(proto) == ["table"]
+    assert proto.ByteSize() < before / 3   # int8 codes + one float per row instead of float rows
+    ids = np.array([[0, 3, 49, 3], [7, 7, 1, 2]])
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    # oracle: symmetric per-row codes in float64
+    scale = np.abs(table.astype(np.float64)).max(1, keepdims=True) / 127
+    codes = np.round(table / np.where(scale > 0, scale, 1))
+    assert np.abs(codes).max() <= 127
+    ref = (codes * scale)[ids]
+    assert np.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert np.abs(got - table[ids]).max() <= scale.max() / 2 + 1e-7   # half a step per row at most
+    assert not np.any(got[0, 1])

@@ -25,7 +25,7 @@ class TrainConfig(Config):
 
     epochs: int = 1
     lr: float = 1e-3
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    optimizer: Literal["adam", "adamw", "adam8bit", "sgd"] = "adamw"  # adam8bit: AdamW, 8-bit moments
     schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -46,6 +46,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam8bit":
+        from ..optim import Adam8bit  # lazily: optim is a low layer beside core, not below it
+        return Adam8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

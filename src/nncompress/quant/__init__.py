@@ -5,7 +5,11 @@ cross-layer equalization.
     from nncompress.formats import IntFormat
     model = nncompress.apply(model, QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=4))))
 
-Importing this package registers the transforms `quantize`, `gptq` and `qat`, the observers
+SmoothQuant (`smoothquant`, run before `quantize`) moves activation outliers into the weights:
+
+    model = nncompress.apply(model, SmoothQuantConfig(alpha=0.5), context=nncompress.Context(data=data))
+
+Importing this package registers the transforms `quantize`, `gptq`, `qat`, `smoothquant` and `int8_dynamic`, the observers
 `minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`, and the checkpoint storage hints
 (`storage`: quantized weights saved as bit-packed integer codes).
 """
@@ -16,8 +20,11 @@ from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantLinear, QuantSpec
 from .gptq import GPTQConfig, gptq_quantize, gptq_transform
 from .observers import kl_threshold, observe
 from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity, quantize
+from .smoothquant import (SmoothedLinear, SmoothGroup, SmoothQuantConfig, activation_maxima, find_smooth_groups,
+                          migrate_into_norm, smoothing_scales, smoothquant_transform, weight_input_max)
 from .qat import QATConfig, convert, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
 from .storage import WeightCodes, dequantize_codes, storage_hints, weight_codes
+from . import native  # noqa: F401,E402  (registers int8_dynamic: torch-native int8 Linear)
 
 __all__ = [
     "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig",
@@ -29,4 +36,6 @@ __all__ = [
     "observe", "kl_threshold",
     "fold_batchnorm", "find_conv_bn_pairs", "equalize", "equalization_scales", "find_equalization_pairs",
     "WeightCodes", "weight_codes", "dequantize_codes", "storage_hints",
+    "SmoothQuantConfig", "smoothquant_transform", "SmoothedLinear", "SmoothGroup", "smoothing_scales",
+    "weight_input_max", "migrate_into_norm", "activation_maxima", "find_smooth_groups",
 ]

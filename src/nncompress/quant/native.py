@@ -1,0 +1,204 @@
+"""PyTorch-native INT8 Linear: int8 weights, activations quantized per row at run time, int32 GEMM.
+
+    from nncompress.quant.native import Int8DynamicConfig
+    model = nncompress.apply(model, Int8DynamicConfig(), targets=Targets(include=("*encoder*",)))
+
+Each targeted eval-mode `nn.Linear` (or a weight-only `QuantLinear` with an 8-bit symmetric integer
+weight grid, whose codes are kept as they are) becomes an `Int8DynamicLinear`:
+
+    x (..., I) -> per row: s_x = max|x| / 127, x_q = round(x / s_x)        int8 (M, I)
+    y = (x_q @ W_q^T) * s_x * s_w + b                                      int32 GEMM (`torch._int_mm`)
+
+W_q holds int8 codes per output channel, symmetric (s_w = max|w_row| / 127). The integer product is
+exact; the only float steps are the two quantizations and the final rescale, so the layer equals a
+float64 evaluation of the same integer arithmetic up to float32 rounding of that rescale.
+`torch._int_mm` runs on CPU in torch >= 2.4 (AVX512-VNNI / AMX where the CPU has them).
+
+As a recipe stage: `- kind: int8_dynamic`. The record lists the converted layers, so `nncompress.load`
+rebuilds them (int8 codes and scales come from the safetensors file).
+
+>>> layer = nn.Linear(16, 4)
+>>> q = Int8DynamicLinear.from_linear(layer)
+>>> x = torch.randn(3, 16)
+>>> bool(torch.allclose(q(x), int8_linear_reference(x, q.weight_q, q.weight_scale, q.bias).float(), atol=1e-5))
+True
+>>> q.weight_q.dtype, tuple(q.weight_scale.shape)
+(torch.int8, (4,))
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..core import Config, Context, register
+from ..core.errors import TargetError, UnsupportedOpError
+from ..formats import IntFormat, PerChannel
+from .bn_fold import set_module
+from .fake_quant import QuantLinear
+from .storage import weight_codes
+
+__all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "int8_dynamic", "quantize_rows", "int8_linear",
+           "int8_linear_reference", "to_int8_dynamic"]
+
+QMAX = 127  # symmetric int8 grid [-127, 127]: no zero point, so no correction term in the GEMM
+_TINY = torch.finfo(torch.float32).tiny
+
+
+# ------------------------------------------------------------------------------------ pure maths
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes per row of `x` (M, K): (codes int8 (M, K), scale float32 (M, 1)).
+
+    An all-zero row gets scale `tiny` and zero codes (no division by zero).
+
+    >>> q, s = quantize_rows(torch.tensor([[0.5, -1.27, 0.0]]))
+    >>> q.tolist(), round(s.item(), 6)
+    ([[50, -127, 0]], 0.01)
+    """
+    x = x.float()
+    # one pass for the range, one for the codes: eager elementwise passes cost as much as the int8 GEMM
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(_TINY * QMAX)  # (M, 1)
+    codes = (x * (QMAX / amax)).round_().to(torch.int8)   # (M, K); |x| * 127 / amax <= 127: no clamp needed
+    return codes, amax / QMAX
+
+
+def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """`x` (..., I) float, `weight_q` (O, I) int8, `weight_scale` (O,) -> (..., O) float32, via an int32 GEMM."""
+    lead = x.shape[:-1]
+    xq, sx = quantize_rows(x.reshape(-1, x.shape[-1]))             # (M, I) int8, (M, 1)
+    acc = torch._int_mm(xq, weight_q.t())                          # (M, O) int32, exact
+    y = acc.float() * sx * weight_scale                            # (M, O)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight_q.shape[0]).to(x.dtype)
+
+
+def int8_linear_reference(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The same arithmetic in float64 (the oracle of the tests): float64 GEMM of the integer codes."""
+    xq, sx = quantize_rows(x.reshape(-1, x.shape[-1]))
+    y = (xq.double() @ weight_q.double().t()) * sx.double() * weight_scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight_q.shape[0])
+
+
+def weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8 codes of a weight (O, I): (codes (O, I) int8, scale (O,))."""
+    codes, scale = quantize_rows(w.detach())
+    return codes, scale.reshape(-1)
+
+
+# ------------------------------------------------------------------------------------ the module
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear holding int8 weight codes (O, I) and per-channel scales (O,); inference only.
+
+    It holds no float copy of the weight (that is the point of int8 storage): `merge()` returns the
+    plain `nn.Linear` with the dequantized weight `codes * scale`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module) -> "Int8DynamicLinear":
+        """From an `nn.Linear` (weights rounded here) or a weight-only `QuantLinear` (its codes kept)."""
+        base = layer.base if isinstance(layer, QuantLinear) else layer
+        out = cls(base.in_features, base.out_features, base.bias is not None)
+        if isinstance(layer, QuantLinear):
+            codes = _int8_codes_of(layer)
+            q, s = codes.codes.reshape(base.weight.shape).to(torch.int8), codes.scale.reshape(-1).float()
+        else:
+            q, s = weight_int8(base.weight)
+        with torch.no_grad():
+            out.weight_q.copy_(q)
+            out.weight_scale.copy_(s)
+            if base.bias is not None:
+                out.bias.copy_(base.bias.detach().float())
+        return out.to(base.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight_q.float() * self.weight_scale[:, None]   # (O, I)
+
+    def merge(self) -> nn.Linear:
+        """A plain `nn.Linear` with weight `codes * scale` (activation rounding is dropped)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer.to(self.weight_q.device)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _int8_codes_of(layer: QuantLinear) -> Any:
+    fq = layer.weight_quant
+    if layer.input_quant is not None:
+        raise UnsupportedOpError("int8_dynamic converts weight-only QuantLinear layers (activations are "
+                                 "quantized at run time); this one has a static input quantizer: quantize "
+                                 "with activation: null, or export it with export_qdq_onnx")
+    ok = (fq is not None and isinstance(fq.fmt, IntFormat) and fq.fmt.bits == 8 and fq.fmt.signed
+          and fq.fmt.symmetric and isinstance(fq.granularity, PerChannel) and fq.granularity.axis == 0)
+    codes = weight_codes(layer) if ok else None
+    if codes is None or bool((codes.zero_point != 0).any()):
+        raise UnsupportedOpError(f"int8_dynamic keeps QuantLinear codes only for 8-bit signed symmetric per-channel "
+                                 f"weights, got {None if fq is None else fq.fmt} "
+                                 f"{None if fq is None else fq.granularity}; requantize with that spec or "
+                                 "convert the float model")
+    return codes
+
+
+# ------------------------------------------------------------------------------------ the transform
+
+@dataclasses.dataclass(frozen=True)
+class Int8DynamicConfig(Config):
+    """Convert Linear layers to `Int8DynamicLinear` (int8 weights, per-row dynamic int8 activations).
+
+    The transform has no options: the grid (int8 symmetric, per channel / per row) is what the int8
+    GEMM takes; choose the layers with `targets`.
+    """
+
+
+def to_int8_dynamic(model: nn.Module, names: list[str]) -> nn.Module:
+    """Replace the named Linear / QuantLinear layers by `Int8DynamicLinear` (in place when nested)."""
+    for name in names:
+        model = set_module(model, name, Int8DynamicLinear.from_linear(model.get_submodule(name)))
+    return model
+
+
+def _candidates(model: nn.Module, ctx: Context) -> list[str]:
+    inside = {id(m.base) for m in model.modules() if isinstance(m, QuantLinear)}
+    return [n for n, m in ctx.targets.select(model)
+            if (type(m) is nn.Linear and id(m) not in inside) or isinstance(m, QuantLinear)]
+
+
+@register("int8_dynamic", config=Int8DynamicConfig)
+def int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: Context) -> nn.Module:
+    """Int8 weights and dynamically quantized activations for every targeted Linear (eval mode only)."""
+    if ctx.replay:  # structure only: the int8 codes and scales come from the checkpoint
+        for name, shape in ctx.record["layers"].items():
+            old = model.get_submodule(name)
+            base = old.base if isinstance(old, QuantLinear) else old
+            model = set_module(model, name, Int8DynamicLinear(shape[1], shape[0], base.bias is not None))
+        return model.eval()
+    names = _candidates(model, ctx)
+    if not names:
+        raise TargetError("int8_dynamic: no nn.Linear among the targets; check targets.include / types")
+    model = to_int8_dynamic(model.eval(), names)
+    ctx.record["layers"] = {n: [model.get_submodule(n).out_features, model.get_submodule(n).in_features]
+                            for n in names}
+    ctx.log(f"int8_dynamic: {len(names)} Linear layers converted")
+    return model

@@ -1,0 +1,364 @@
+"""SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before W8A8 PTQ.
+
+A Linear computes `x W^T`; for any positive per-input-channel s, `(x / s)(W diag(s))^T` is the same
+product. Transformer activations have a few outlier channels that wreck a per-tensor int8 scale,
+while weights are smooth, so SmoothQuant picks
+
+    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)        (alpha = 0.5 balances the two)
+
+to flatten the activation's channels at the cost of slightly rougher weight columns. Where the
+division by s goes:
+
+- **folded**: when a LayerNorm's output feeds *only* Linears (pre-LN transformers: OPT, Llama-style
+  blocks), its weight and bias are divided by s; no op is added and the float model is unchanged.
+- **explicit**: in post-LN BERT/MiniLM every LayerNorm output also feeds the residual add of the
+  next sublayer, so folding would change the residual stream. Each Linear fed by it becomes a
+  `SmoothedLinear` (`x / s` then the Linear with `W diag(s)`, kept as `.base`), which a later
+  `quantize` stage wraps with its activation quantizer: the int8 scale is fitted to `x / s`.
+
+Linears whose input does not come straight from a LayerNorm (BERT's attention.output.dense and
+output.dense, a pooler) are left alone and listed in `ctx.record["unsmoothed"]` with the reason.
+
+    model = nncompress.apply(model, SmoothQuantConfig(alpha=0.5), context=Context(data=data))
+    model = nncompress.apply(model, QuantizeConfig(activation=QuantSpec(...)), context=Context(data=data))
+
+`ctx.record` holds each group's LayerNorm, Linears, mode and scales; replay rebuilds the
+`SmoothedLinear` wrappers and the checkpoint brings the smoothed weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from ..core import Config, ConfigError, Context, check, register
+from ..core.errors import DataError, TargetError
+from .bn_fold import set_module
+from .fake_quant import QuantWrapper
+from .ptq import batch_inputs, call_model
+
+__all__ = ["SmoothQuantConfig", "SmoothedLinear", "smoothing_scales", "weight_input_max", "migrate_into_norm",
+           "activation_maxima", "smoothquant_transform", "find_smooth_groups", "SmoothGroup"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantConfig(Config):
+    """SmoothQuant outlier smoothing (run it before `quantize`).
+
+    alpha:          migration strength in [0, 1]: 0 leaves activations as they are, 1 moves their whole
+                    range into the weights; 0.5 suits BERT/OPT, larger models with worse outliers take ~0.8
+    calib_batches:  batches of the calibration loader whose per-channel |x| maxima set the scales
+    explicit_scale: smooth Linears whose LayerNorm output also feeds other ops (the residual in
+                    post-LN BERT) through a `SmoothedLinear` input scale; False leaves them unsmoothed
+    scope:          norm_fed: only Linears that read a norm's output (the paper's choice); all: also
+                    every other targeted Linear (BERT's attention.output.dense, output.dense after
+                    GELU), each through a `SmoothedLinear` with a scale from its own input. Measured on
+                    MiniLM W8A8 (per-tensor activations) it lowers embedding fidelity (cosine 0.99 -> 0.93
+                    with per-channel weights), so norm_fed stays the default
+    """
+
+    alpha: float = 0.5
+    calib_batches: int = 8
+    explicit_scale: bool = True
+    scope: Literal["norm_fed", "all"] = "norm_fed"
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+
+
+# ------------------------------------------------------------------------------------ the maths
+
+def smoothing_scales(act_max: Tensor, weight_max: Tensor, alpha: float = 0.5) -> Tensor:
+    """s_j = act_max_j^alpha / weight_max_j^(1 - alpha), per input channel (I,).
+
+    A channel that never fired or whose weights are all zero gets s = 1 (there is nothing to
+    balance, and a zero would divide by zero downstream).
+
+    >>> smoothing_scales(torch.tensor([16.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0]), alpha=0.5)
+    tensor([4.0000, 0.5000, 1.0000])
+    """
+    act, w = act_max.double(), weight_max.double()                       # (I,), (I,)
+    ok = (act > 0) & (w > 0)
+    s = act.clamp(min=1e-30).pow(alpha) / w.clamp(min=1e-30).pow(1 - alpha)
+    return torch.where(ok, s, torch.ones_like(s)).to(act_max.dtype)
+
+
+def weight_input_max(linears: Iterable[nn.Linear]) -> Tensor:
+    """max over the Linears and their output rows of |W_ij|, per input channel j (I,)."""
+    return torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in linears]).amax(dim=0)
+
+
+@torch.no_grad()
+def migrate_into_norm(norm: nn.Module, linears: Iterable[nn.Linear], scales: Tensor) -> None:
+    """Fold s into a norm and the Linears it alone feeds: gamma, beta /= s; W[:, j] *= s_j.
+
+    Exact in real arithmetic: Linear(norm(x) / s) with weights W diag(s) is Linear(norm(x)).
+
+    >>> ln, fc = nn.LayerNorm(3), nn.Linear(3, 2)
+    >>> x = torch.randn(4, 3); before = fc(ln(x))
+    >>> migrate_into_norm(ln, [fc], torch.tensor([2.0, 0.5, 4.0]))
+    >>> torch.allclose(fc(ln(x)), before, atol=1e-6)
+    True
+    """
+    s = scales.to(norm.weight)
+    norm.weight.div_(s)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s)
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight)[None, :])                        # (O, I) * (1, I)
+
+
+class SmoothedLinear(nn.Module):
+    """`base(x / scale)`, where `base` is the Linear with weight `W diag(scale)`: the same function
+    as the original Linear, but the activation a quantizer sees is the smoothed `x / scale`.
+
+    >>> fc = nn.Linear(3, 2); x = torch.randn(4, 3); y = fc(x)
+    >>> sm = SmoothedLinear.smooth(fc, torch.tensor([2.0, 0.5, 4.0]))
+    >>> torch.allclose(sm(x), y, atol=1e-6), torch.allclose(sm.merge()(x), y, atol=1e-6)
+    (True, True)
+    """
+
+    def __init__(self, base: nn.Linear, scale: Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("scale", scale.detach().clone().to(base.weight))  # (I,), saved with the weights
+
+    @classmethod
+    @torch.no_grad()
+    def smooth(cls, linear: nn.Linear, scale: Tensor) -> "SmoothedLinear":
+        """Wrap `linear` (in place: its weight columns are multiplied by `scale`)."""
+        linear.weight.mul_(scale.to(linear.weight)[None, :])              # (O, I) * (1, I)
+        return cls(linear, scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x / self.scale)                                  # (..., I) / (I,)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain Linear with the scale folded back into the weight columns."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        out.to(self.base.weight)
+        out.weight.copy_(self.base.weight / self.scale[None, :])
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.base.in_features}, scale range [{float(self.scale.min()):.3g}, " \
+               f"{float(self.scale.max()):.3g}]"
+
+
+# ------------------------------------------------------------------------------------ who feeds whom
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothGroup:
+    """The targeted Linears that read one norm's output directly; they share one smoothing scale.
+
+    others: what else reads that output (`op:add` for a residual, `model output`, an untargeted
+            Linear); empty means the scale can be folded into the norm.
+    """
+
+    norm: str
+    linears: tuple[str, ...]
+    others: tuple[str, ...] = ()
+
+    @property
+    def exclusive(self) -> bool:
+        return not self.others
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """b is a no-op alias of a (eval dropout, contiguous() of a contiguous tensor, ...)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+class _ConsumerTrace(TorchFunctionMode):
+    """Sees every torch call of one forward pass; records which ops read each norm's output."""
+
+    def __init__(self, weight_owner: dict[int, str]):
+        super().__init__()
+        self.weight_owner = weight_owner                  # id(Linear.weight) -> module name
+        self.tags: dict[int, tuple[str, Tensor]] = {}     # id(norm output) -> (norm, the tensor: kept alive,
+        self.readers: dict[str, set[str]] = {}           #   so its id cannot be reused during the pass)
+        self.linear_inputs: dict[str, set[str | None]] = {}  # Linear -> the norms (or None) its input came from
+
+    def tag(self, norm: str, out: Tensor) -> None:
+        self.tags[id(out)] = (norm, out)
+        self.readers.setdefault(norm, set())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [a for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            owner = self.weight_owner.get(id(weight))
+            if owner is not None:
+                src = self.tags.get(id(args[0] if args else kwargs.get("input")))
+                self.linear_inputs.setdefault(owner, set()).add(src[0] if src else None)
+        for t in inputs:
+            if id(t) not in self.tags:
+                continue
+            norm, src = self.tags[id(t)]
+            if torch.is_tensor(out) and _same_storage(src, out):
+                self.tags.setdefault(id(out), (norm, out))   # an alias carries the tag on
+            elif not any(torch.is_tensor(o) for o in tree_leaves(out)):
+                pass                                           # .shape, .size(), .dtype: reads no values
+            elif func is F.linear and t is args[0] and id(args[1]) in self.weight_owner:
+                self.readers[norm].add(self.weight_owner[id(args[1])])
+            else:
+                self.readers[norm].add(f"op:{getattr(func, '__name__', str(func))}")
+        return out
+
+
+@torch.no_grad()
+def find_smooth_groups(model: nn.Module, inputs: Any, targets: Iterable[str],
+                       device: torch.device | None = None) -> tuple[list[SmoothGroup], dict[str, str]]:
+    """Run one forward pass and find, for each LayerNorm/RMSNorm, the Linears that read its output.
+
+    targets: names of the nn.Linear modules that may be smoothed. Returns the groups (norms feeding at
+    least one targeted Linear) and, for every targeted Linear left out, the reason. Read-only.
+
+    >>> class Block(nn.Module):   # pre-LN: ln feeds only q and k; the residual bypasses it
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.ln, self.q, self.k, self.out = nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         h = self.ln(x)
+    ...         return x + self.out(self.q(h) * self.k(h))
+    >>> groups, left = find_smooth_groups(Block(), torch.randn(2, 4), ["q", "k", "out"])
+    >>> groups, left
+    ([SmoothGroup(norm='ln', linears=('k', 'q'), others=())], {'out': 'its input does not come straight from a norm'})
+    """
+    targets = set(targets)
+    all_linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    trace = _ConsumerTrace({id(m.weight): n for n, m in all_linears.items()})
+    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: trace.tag(name, out))
+               for name, m in model.named_modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
+    try:
+        with trace:
+            out = call_model(model, inputs, device)
+        for leaf in tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out):
+            if torch.is_tensor(leaf) and id(leaf) in trace.tags:
+                trace.readers[trace.tags[id(leaf)][0]].add("model output")
+    finally:
+        for h in handles:
+            h.remove()
+    groups, reasons = [], {}
+    for norm, readers in sorted(trace.readers.items()):
+        mine = sorted(r for r in readers if r in targets and trace.linear_inputs.get(r) == {norm})
+        if mine:
+            groups.append(SmoothGroup(norm, tuple(mine), tuple(sorted(readers - set(mine)))))
+    grouped = {n for g in groups for n in g.linears}
+    for name in sorted(targets - grouped):
+        srcs = trace.linear_inputs.get(name)
+        reasons[name] = ("not called in the forward pass" if not srcs else
+                         f"called on the outputs of several modules ({sorted(map(str, srcs))})" if len(srcs) > 1 else
+                         _NOT_NORM_FED)
+    return groups, reasons
+
+
+_NOT_NORM_FED = "its input does not come straight from a norm"
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+@torch.no_grad()
+def activation_maxima(model: nn.Module, loader: Iterable, probes: dict[str, nn.Module], batches: int,
+                      device: torch.device | None = None) -> dict[str, Tensor]:
+    """max |x_j| over `batches` calibration batches of the input of each probe module (key -> (I,))."""
+    maxima: dict[str, Tensor] = {}
+    handles = []
+    for key, module in probes.items():
+        def hook(_m, args, key=key):
+            x = args[0].detach().abs()
+            cur = x.reshape(-1, x.shape[-1]).amax(dim=0).float()          # (I,)
+            maxima[key] = torch.maximum(maxima[key], cur) if key in maxima else cur
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        seen = 0
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            call_model(model, batch_inputs(batch), device)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise DataError("smoothquant: the calibration loader yielded no batches; give the data a calib split")
+    return maxima
+
+
+# ------------------------------------------------------------------------------------ the transform
+
+def _replay(model: nn.Module, ctx: Context) -> nn.Module:
+    for group in ctx.record.get("groups", []):
+        if group["mode"] != "explicit":
+            continue  # folded scales live in the saved weights; nothing structural to redo
+        scale = torch.tensor(group["scales"])
+        for name in group["linears"]:
+            model = set_module(model, name, SmoothedLinear(model.get_submodule(name), scale))
+    return model
+
+
+@register("smoothquant", config=SmoothQuantConfig)
+def smoothquant_transform(model: nn.Module, config: SmoothQuantConfig, ctx: Context) -> nn.Module:
+    """Smooth the inputs of LayerNorm-fed Linears (SmoothQuant); the float model's outputs are unchanged."""
+    if ctx.replay:
+        return _replay(model, ctx)
+    if ctx.data is None:
+        raise ConfigError("smoothquant", "needs calibration data for the activation maxima; "
+                          "run it in a recipe or pass Context(data=...)")
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, (QuantWrapper, SmoothedLinear))]
+    if wrapped:
+        raise ConfigError("smoothquant", f"{wrapped[0]!r} is already quantized or smoothed; run smoothquant "
+                          f"once, before quantize (it must see the float Linears)")
+    model.eval().to(ctx.device)
+    example = batch_inputs(next(iter(ctx.data.calib)))
+    linears = {n for n, m in ctx.targets.select(model) if type(m) is nn.Linear}
+    if not linears:
+        raise TargetError("smoothquant: no nn.Linear among the targets; check targets.include / types")
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+        raise TargetError(f"smoothquant: the model has no {' / '.join(t.__name__ for t in NORM_TYPES)}; "
+                          f"SmoothQuant migrates scales out of the norm that feeds the Linears")
+    groups, unsmoothed = find_smooth_groups(model, example, linears, ctx.device)
+    if config.scope == "all" and config.explicit_scale:
+        alone = [n for n, why in unsmoothed.items() if why == _NOT_NORM_FED]
+        groups += [SmoothGroup("", (n,), ("not fed by a norm",)) for n in alone]
+        unsmoothed = {n: why for n, why in unsmoothed.items() if n not in alone}
+    probes = {str(i): model.get_submodule(g.linears[0]) for i, g in enumerate(groups)}
+    maxima = activation_maxima(model, ctx.data.calib, probes, config.calib_batches, ctx.device)
+    record: list[dict[str, Any]] = []
+    for i, g in enumerate(groups):
+        if not g.exclusive and not config.explicit_scale:
+            unsmoothed.update({n: f"{g.norm} also feeds {', '.join(g.others)}, and explicit_scale is off"
+                               for n in g.linears})
+            continue
+        if str(i) not in maxima:
+            raise DataError(f"smoothquant: {g.linears[0]!r} saw no calibration input; it is not on the forward "
+                            f"path of the calibration data, exclude it with targets.exclude: [{g.linears[0]!r}]")
+        layers = [model.get_submodule(n) for n in g.linears]
+        s = smoothing_scales(maxima[str(i)].to(layers[0].weight), weight_input_max(layers), config.alpha)
+        if g.exclusive:
+            migrate_into_norm(model.get_submodule(g.norm), layers, s)
+        else:
+            for name, layer in zip(g.linears, layers):
+                model = set_module(model, name, SmoothedLinear.smooth(layer, s))
+        record.append({"norm": g.norm or None, "linears": list(g.linears),
+                       "mode": "folded" if g.exclusive else "explicit", "scales": s.tolist()})
+    ctx.record.update({"groups": record, "unsmoothed": dict(sorted(unsmoothed.items()))})
+    n_smoothed = sum(len(g["linears"]) for g in record)
+    ctx.log(f"smoothquant: {n_smoothed} Linears smoothed in {len(record)} groups, {len(unsmoothed)} left alone")
+    return model
