@@ -8,7 +8,7 @@
 """
 from .core import (Config, ConfigError, Context, NNCompressError, Targets, TrainConfig, apply,
                    history, names, register)
-from . import distill, prune, quant  # noqa: F401  (importing registers their stages)
+from . import cluster, distill, lowrank, prune, quant  # noqa: F401  (importing registers their stages)
 from .saving import load, save
 
 __version__ = "0.1.0"

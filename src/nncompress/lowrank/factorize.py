@@ -1,0 +1,337 @@
+"""The `lowrank` transform: Linear layers by truncated SVD, convolutions by channel SVD, spatial SVD
+or Tucker-2, with ranks from a fixed rank, an energy fraction or a parameter / MAC budget.
+
+    from nncompress.lowrank import LowRankConfig
+    model = nncompress.apply(model, LowRankConfig(param_ratio=0.5),
+                             targets=Targets(include=("*intermediate.dense", "*output.dense")))
+
+As a recipe stage (fine-tune after it with a `finetune` stage, which distills on embedding data):
+
+    - kind: lowrank
+      method: tucker2        # convolutions only; Linear layers always use truncated SVD
+      param_ratio: 0.5       # keep half of the targeted layers' weights, allocated globally
+
+`ctx.record["layers"]` holds `{name: {"method", "ranks"}}` for every factorized layer: replay rebuilds
+the same shapes from it alone, then the factors load from the checkpoint.
+
+>>> import nncompress
+>>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> model = nncompress.apply(model, LowRankConfig(rank=4), targets=nncompress.Targets(include=("0",)))
+>>> type(model[0]).__name__, model[0].rank, nncompress.history(model)[-1]["record"]["layers"]["0"]["ranks"]
+('LowRankLinear', 4, [4])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from ..core import Config, ConfigError, Context, check, register
+from ..core.errors import ModelLoadError
+from .layers import CONV_TYPES, LowRankConv, LowRankLinear, full_ranks, weight_params
+from .rank import allocate, energy_rank, ladder, round_rank
+from .svd import mode_singular_values, residual_energy, singular_values, spatial_matrix, whitening
+
+__all__ = ["LowRankConfig", "factorizable_layers", "lowrank"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankConfig(Config):
+    """Low-rank factorization of Linear and Conv layers. Give exactly one rank rule.
+
+    method:      how convolutions are factorized: "svd" (kxk conv to r channels, then 1x1), "spatial"
+                 (Conv2d: kh x 1 then 1 x kw) or "tucker2" (1x1, kxk core, 1x1). Linear layers always
+                 use truncated SVD (the one factorization of a matrix).
+    rank:        the same rank for every layer (tucker2: both channel ranks), capped at full rank
+    energy:      per layer, the smallest rank keeping this fraction of sum(sigma^2)
+    param_ratio: keep this fraction of the targeted layers' weights, ranks allocated over all of them
+    mac_ratio:   the same with multiply-accumulates (needs an example input: data or model.input_shape)
+    round_to:    ranks are rounded up to a multiple of this (GEMM kernels like multiples of 8)
+    hooi_iters:  tucker2 only: alternating refinement sweeps after the HOSVD start
+    whiten:      Linear layers only: minimise the error of the layer's outputs on calibration data
+                 instead of its weights (factorize W L, L L^T = X^T X: SVD-LLM's whitening); needs data
+    calib_batches: batches of the calibration loader used by `whiten`
+    Under rank and energy a layer is factorized only when that saves weights.
+    """
+
+    method: Literal["svd", "spatial", "tucker2"] = "svd"
+    rank: int | None = None
+    energy: float | None = None
+    param_ratio: float | None = None
+    mac_ratio: float | None = None
+    round_to: int = 1
+    hooi_iters: int = 0
+    whiten: bool = False
+    calib_batches: int = 8
+
+    def __post_init__(self):
+        rules = [n for n in ("rank", "energy", "param_ratio", "mac_ratio") if getattr(self, n) is not None]
+        check(len(rules) == 1, rules[1] if len(rules) > 1 else "rank",
+              "give exactly one rank rule: rank, energy, param_ratio or mac_ratio; got "
+              + (" and ".join(rules) if rules else "none"))
+        check(self.rank is None or self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        check(self.energy is None or 0.0 < self.energy <= 1.0, "energy", f"must be in (0, 1], got {self.energy}")
+        for name in ("param_ratio", "mac_ratio"):
+            v = getattr(self, name)
+            check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
+        check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+        check(self.hooi_iters >= 0, "hooi_iters", f"must be >= 0, got {self.hooi_iters}")
+        check(self.hooi_iters == 0 or self.method == "tucker2", "hooi_iters",
+              f"refines tucker2 only; set method: tucker2 or hooi_iters: 0 (method is {self.method!r})")
+
+
+def factorizable_layers(model: nn.Module, ctx: Context) -> list[tuple[str, nn.Module]]:
+    """Targeted nn.Linear / ungrouped Conv layers that are not already factors of a low-rank layer."""
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv))}
+    out = []
+    for name, m in ctx.targets.select(model):
+        if name.rpartition(".")[0] in wrappers or not isinstance(m, (nn.Linear, *CONV_TYPES)):
+            continue
+        out.append((name, m))
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _method(m: nn.Module, config: LowRankConfig) -> str:
+    return "linear" if isinstance(m, nn.Linear) else config.method
+
+
+def _full(m: nn.Module, method: str) -> tuple[int, ...]:
+    return (min(m.weight.shape),) if method == "linear" else full_ranks(m, method)
+
+
+def _weights(m: nn.Module, method: str, ranks: tuple[int, ...]) -> int:
+    if method == "linear":
+        return ranks[0] * sum(m.weight.shape)  # r * (O + I)
+    return weight_params(m, method, ranks)
+
+
+def _spectra(m: nn.Module, method: str, chol: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    w = m.weight.detach()
+    if chol is not None:  # the output error on the calibration data, not the weight error
+        return (singular_values(w.double() @ chol.to(w.device)),)
+    if method == "tucker2":
+        return mode_singular_values(w)
+    if method == "spatial":
+        return (singular_values(spatial_matrix(w)),)
+    return (singular_values(w.reshape(w.shape[0], -1)),)
+
+
+def _error(spectra: tuple[torch.Tensor, ...], ranks: tuple[int, ...]) -> float:
+    """Fraction of the weight's energy lost: exact for SVD; for Tucker-2 the mean of the two modes'."""
+    return sum(residual_energy(s, r) for s, r in zip(spectra, ranks)) / len(ranks)
+
+
+@register("lowrank", config=LowRankConfig)
+def lowrank(model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
+    """Factorize the targeted Linear / Conv layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
+    if ctx.replay:
+        return _rebuild(model, ctx.record.get("layers", {}))
+    layers = factorizable_layers(model, ctx)
+    if not layers:
+        raise ConfigError("targets", "no nn.Linear or Conv1d/2d/3d among the targeted modules; widen targets "
+                          "(e.g. types: [Linear])")
+    skipped: dict[str, str] = {}
+    sites = []
+    linears = [m for _, m in layers if isinstance(m, nn.Linear)]
+    chols = _whitenings(model, linears, config, ctx) if config.whiten else {}
+    for name, m in layers:
+        method = _method(m, config)
+        if method != "linear" and m.groups != 1:
+            skipped[name] = f"grouped convolution (groups={m.groups}) is already cheap; not factorized"
+            continue
+        if method == "spatial" and not isinstance(m, nn.Conv2d):
+            raise ConfigError("method", f"{name}: spatial SVD splits the kh x kw kernel of a Conv2d, this is a "
+                              f"{type(m).__name__}; use method svd or tucker2, or exclude it from targets")
+        sites.append((name, m, method, _spectra(m, method, chols.get(id(m)))))
+    chosen = _choose(model, sites, config, ctx, skipped)
+    record: dict[str, Any] = {}
+    before = after = 0
+    for name, m, method, spectra in sites:
+        dense = m.weight.numel()
+        before += dense
+        ranks = chosen.get(name)
+        if ranks is None:
+            after += dense
+            continue
+        new = (LowRankLinear.from_linear(m, ranks[0], chols.get(id(m))) if method == "linear"
+               else LowRankConv.factorize(m, method, ranks, config.hooi_iters))
+        _set_module(model, name, new)
+        after += _weights(m, method, ranks)
+        record[name] = {"method": method, "ranks": list(ranks), "energy_lost": round(_error(spectra, ranks), 6)}
+    ctx.record.update({"layers": record, "skipped": skipped, "weights_before": before, "weights_after": after})
+    return model
+
+
+def _rank_path(full: tuple[int, ...], step: int) -> list[tuple[int, ...]]:
+    """Ranks in increasing size; several modes grow in proportion to their full ranks."""
+    top = max(full)
+    path: list[tuple[int, ...]] = []
+    for t in range(1, top + 1):
+        ranks = tuple(round_rank(math.ceil(t * f / top), step, f) for f in full)
+        if not path or ranks != path[-1]:
+            path.append(ranks)
+    return path
+
+
+def _choose(model: nn.Module, sites: list, config: LowRankConfig, ctx: Context,
+            skipped: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The ranks of every layer to factorize (others stay dense, with the reason in `skipped`)."""
+    if config.rank is not None or config.energy is not None:
+        chosen = {}
+        for name, m, method, spectra in sites:
+            full = _full(m, method)
+            if config.rank is not None:
+                ranks = tuple(round_rank(min(config.rank, f), config.round_to, f) for f in full)
+            else:
+                ranks = tuple(round_rank(energy_rank(s, config.energy), config.round_to, f)
+                              for s, f in zip(spectra, full))
+            dense, low = m.weight.numel(), _weights(m, method, ranks)
+            if low >= dense:
+                skipped[name] = f"ranks {list(ranks)} save no weights ({low} factorized vs {dense} dense)"
+            else:
+                chosen[name] = ranks
+        return chosen
+    field = "param_ratio" if config.param_ratio is not None else "mac_ratio"
+    ratio = config.param_ratio if config.param_ratio is not None else config.mac_ratio
+    shapes = _io_shapes(model, [m for _, m, _, _ in sites], ctx) if field == "mac_ratio" else {}
+    ladders = []
+    for name, m, method, spectra in sites:
+        if field == "param_ratio":
+            cost = (lambda r, m=m, method=method: _weights(m, method, r))
+            dense = m.weight.numel()
+        else:
+            cost = (lambda r, m=m, method=method: _macs(m, method, r, shapes[id(m)]))
+            dense = _dense_macs(m, shapes[id(m)])
+        path = _rank_path(_full(m, method), config.round_to)
+        ladders.append(ladder(name, path, cost, lambda r, s=spectra: _error(s, r), dense))
+    budget = ratio * sum(lad.dense_cost for lad in ladders)
+    try:
+        chosen, _ = allocate(ladders, budget)
+    except ValueError as e:
+        raise ConfigError(field, f"{e}: rank 1 everywhere already keeps more; raise {field} or target "
+                          "larger layers") from None
+    for name, ranks in chosen.items():
+        if ranks is None:
+            skipped[name] = "dense: the budget allows break-even rank or no rank saves cost"
+    return {n: r for n, r in chosen.items() if r is not None}
+
+
+def _whitenings(model: nn.Module, linears: list[nn.Module], config: LowRankConfig, ctx: Context
+                ) -> dict[int, torch.Tensor]:
+    """`{id(linear): L}` with `L L^T` the Gram matrix of the layer's inputs over the calibration batches."""
+    if ctx.data is None:
+        raise ConfigError("whiten", "needs calibration data; pass Context(data=...) or set whiten: false")
+    grams: dict[int, torch.Tensor] = {}
+
+    def hook(m, args, out):
+        x = args[0].detach().reshape(-1, m.in_features).double()  # (tokens, I)
+        grams[id(m)] = grams.get(id(m), 0) + x.T @ x  # (I, I)
+
+    handles = [m.register_forward_hook(hook) for m in linears]
+    was_training = model.training
+    try:
+        model.eval()
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            for i, batch in enumerate(ctx.data.calib):
+                if i >= config.calib_batches:
+                    break
+                _call(model, batch, dev)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: whitening(g) for k, g in grams.items()}
+
+
+def _call(model: nn.Module, batch: Any, dev: torch.device) -> None:
+    if isinstance(batch, dict):
+        model(**{k: v.to(dev) for k, v in batch.items()})
+    elif isinstance(batch, (tuple, list)):
+        model(batch[0].to(dev))
+    else:
+        model(batch.to(dev))
+
+
+def _io_shapes(model: nn.Module, modules: list[nn.Module], ctx: Context) -> dict[int, tuple]:
+    """Input and output shapes of each module on one forward of an example batch."""
+    if ctx.data is not None and hasattr(ctx.data, "example_batch"):
+        inputs = ctx.data.example_batch(2)
+    elif getattr(model, "input_shape", None) is not None:
+        inputs = torch.zeros((1, *model.input_shape))
+    else:
+        raise ConfigError("mac_ratio", "counting MACs needs an example input; pass Context(data=...) or set "
+                          "model.input_shape to one sample's shape, or use param_ratio")
+    shapes: dict[int, tuple] = {}
+
+    def hook(m, args, out):
+        shapes.setdefault(id(m), (tuple(args[0].shape), tuple(out.shape)))
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            _call(model, inputs, dev)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [m for m in modules if id(m) not in shapes]
+    if missing:
+        raise ConfigError("mac_ratio", f"{len(missing)} targeted layer(s) did not run on the example input; "
+                          "exclude them from targets or use param_ratio")
+    return shapes
+
+
+def _positions(shape: tuple) -> int:
+    return math.prod(shape[2:]) * shape[0]
+
+
+def _dense_macs(m: nn.Module, io: tuple) -> float:
+    _, y = io
+    if isinstance(m, nn.Linear):
+        return m.weight.numel() * math.prod(y[:-1])
+    return m.weight.numel() * _positions(y)
+
+
+def _macs(m: nn.Module, method: str, ranks: tuple[int, ...], io: tuple) -> float:
+    """MACs of the factorized layer on the recorded input / output shapes."""
+    x, y = io
+    if method == "linear":
+        return _weights(m, method, ranks) * math.prod(y[:-1])
+    o, c, *k = m.weight.shape
+    if method == "svd":
+        return _weights(m, method, ranks) * _positions(y)
+    if method == "spatial":  # the vertical conv runs on output rows x input columns
+        (r,) = ranks
+        return r * c * k[0] * y[0] * y[2] * x[3] + o * r * k[1] * _positions(y)
+    r_out, r_in = ranks
+    return r_in * c * _positions(x) + (r_out * r_in * math.prod(k) + o * r_out) * _positions(y)
+
+
+def _rebuild(model: nn.Module, layers: dict[str, Any]) -> nn.Module:
+    """Replay: the same low-rank shapes, unfilled (the checkpoint's weights load next)."""
+    for name, entry in layers.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"manifest: lowrank factorized {name!r}, which the rebuilt model does not have; "
+                                 "the manifest and the model source do not belong together") from None
+        ranks = tuple(entry["ranks"])
+        if entry["method"] == "linear":
+            new = LowRankLinear.like(m, ranks[0])
+        else:
+            new = LowRankConv(m, entry["method"], ranks)
+        _set_module(model, name, new)
+    return model
