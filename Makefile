@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity clean
+.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: bench-baseline bench-prune-structured bench-sparsity
+bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -35,6 +35,17 @@ bench-prune-structured: $(VENV)/.bench
 
 bench-sparsity: $(VENV)/.bench
 	$(BIN)/python benchmarks/sparsity.py --out BENCHMARKS.md
+
+# issue 5: MiniLM INT8 vs ONNX Runtime / torch.ao, then low-bit formats, GPTQ and QAT on the CNN
+bench-quantize: $(VENV)/.bench
+	$(BIN)/python benchmarks/quantize_int8.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/quantize_lowbit.py --out BENCHMARKS.md
+
+# issue 6: distillation, low-rank factorization and Deep Compression, one after the other
+bench-pipelines: $(VENV)/.bench
+	$(BIN)/python benchmarks/distill.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/lowrank.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/deep_compression.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

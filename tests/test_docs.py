@@ -42,5 +42,8 @@ def test_example_runs_end_to_end(tmp_path, path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert all(s.label in report for s in parsed.stages)
     model = nncompress.load(tmp_path / "run" / "model")
-    inputs = torch.randn(2, *model.input_shape)
-    assert model(inputs).shape == (2, 10)
+    if parsed.data.name == "sentences":  # a sentence encoder: token ids in, one embedding per sentence out
+        ids = torch.randint(1000, 2000, (2, 12))
+        assert model(ids, torch.ones_like(ids)).shape == (2, 384)
+    else:
+        assert model(torch.randn(2, *model.input_shape)).shape == (2, 10)

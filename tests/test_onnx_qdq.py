@@ -131,7 +131,8 @@ def test_bert_static_qdq_runs_int8_matmuls(tiny_bert, tmp_path):
     # every Linear, the pooler included: it is dead code for mean pooling, so the exporter drops it
     q = nncompress.apply(copy.deepcopy(model), W8A8, context=Context(data=data)).eval()
     path = export_qdq_onnx(q, data.example_batch(4), tmp_path / "bert.onnx", tolerance=0.1)   # verified inside
-    assert qdq_op_counts(path)["QuantizeLinear"] == 12   # 2 layers x 6 Linear inputs; no pooler
+    # 2 layers x 4 distinct Linear inputs (Q/K/V share one); no pooler
+    assert qdq_op_counts(path)["QuantizeLinear"] == 8
     _assert_int8_tables(path, model)
     ops = optimized_op_counts(path)
     assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["QGemm"] == 12

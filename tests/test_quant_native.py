@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 
 import nncompress
-from nncompress.core import Targets, UnsupportedOpError
+from nncompress.core import ConfigError, Targets, UnsupportedOpError
 from nncompress.core.errors import TargetError
 from nncompress.formats import IntFormat
 from nncompress.quant import QuantizeConfig, QuantSpec
-from nncompress.quant.native import (Int8DynamicConfig, Int8DynamicLinear, int8_linear_reference,
-                                     quantize_rows, weight_int8)
+from nncompress.quant.native import (Int8DynamicConfig, Int8DynamicLinear, fbgemm_linear_reference,
+                                     int8_linear_reference, quantize_rows, weight_int8)
 from nncompress.zoo.loaders import build_model
 
 
@@ -28,7 +28,7 @@ def test_int_gemm_is_exact_and_layer_matches_float64_reference(shape):
     torch.manual_seed(0)
     m, k, n = shape
     x, layer = torch.randn(m, k), nn.Linear(k, n)
-    q = Int8DynamicLinear.from_linear(layer)
+    q = Int8DynamicLinear.from_linear(layer, kernel="int_mm")
     xq, _ = quantize_rows(x)
     acc = torch._int_mm(xq, q.weight_q.t())
     assert torch.equal(acc.double(), xq.double() @ q.weight_q.double().t())   # int32 accumulation: exact
@@ -41,6 +41,41 @@ def test_int_gemm_is_exact_and_layer_matches_float64_reference(shape):
         f = layer(x).double()
     sqnr = 10 * torch.log10(f.pow(2).sum() / (got.double() - f).pow(2).sum())
     assert sqnr > 30
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 5), (7, 33, 9), (4, 64, 16)])
+def test_fbgemm_kernel_matches_float64_reference_of_its_integer_arithmetic(shape, reduce_range):
+    torch.manual_seed(0)
+    m, k, n = shape
+    x, layer = torch.randn(m, k) * 2 + 0.3, nn.Linear(k, n)   # asymmetric range: the zero point matters
+    q = Int8DynamicLinear.from_linear(layer, reduce_range=reduce_range)
+    assert q.kernel == "fbgemm"
+    int_mm = Int8DynamicLinear.from_linear(layer, kernel="int_mm")
+    assert torch.equal(q.weight_q, int_mm.weight_q)   # the same weight codes feed both kernels
+    ref = fbgemm_linear_reference(x, q.weight_q, q.weight_scale, q.bias, reduce_range=reduce_range)
+    got = q(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    x3 = x.reshape(1, m, k)
+    assert torch.allclose(q(x3), got.reshape(1, m, n), rtol=1e-6, atol=1e-6)   # leading dims flatten
+
+
+def test_fbgemm_prepacked_weight_follows_the_buffers():
+    torch.manual_seed(0)
+    a, b = Int8DynamicLinear.from_linear(nn.Linear(16, 8)), Int8DynamicLinear.from_linear(nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    out_b = b(x)
+    a(x)                                   # packs a's weights
+    a.load_state_dict(b.state_dict())      # must drop the stale pack
+    assert torch.equal(a(x), out_b)
+    c = copy.deepcopy(a)
+    assert torch.equal(c(x), out_b)
+    with torch.no_grad():
+        c.weight_q.neg_()                  # written in place: the pack follows
+    assert torch.allclose(c(x) - c.bias, -(out_b - b.bias), atol=1e-5)
+    with pytest.raises(ConfigError, match="reduce_range"):
+        Int8DynamicConfig(kernel="int_mm", reduce_range=True)
 
 
 def test_batched_leading_dims_and_merge():
@@ -68,20 +103,23 @@ def test_keeps_codes_of_a_weight_only_quantlinear():
         Int8DynamicLinear.from_linear(static[0])
 
 
-def test_transform_targets_and_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_transform_targets_and_save_load_roundtrip(tmp_path, kernel):
     torch.manual_seed(0)
     model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64}})
     x = torch.randn(4, 64)
     with torch.no_grad():
         ref = model(x)
-    q = nncompress.apply(copy.deepcopy(model), Int8DynamicConfig(), targets=Targets(types=(nn.Linear,)))
+    q = nncompress.apply(copy.deepcopy(model), Int8DynamicConfig(kernel=kernel), targets=Targets(types=(nn.Linear,)))
     layers = [m for m in q.modules() if isinstance(m, Int8DynamicLinear)]
     assert len(layers) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
+    assert {m.kernel for m in layers} == {kernel}
     with torch.no_grad():
         out = q(x)
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999
     nncompress.save(q, tmp_path / "m")
     again = nncompress.load(tmp_path / "m")
+    assert {m.kernel for m in again.modules() if isinstance(m, Int8DynamicLinear)} == {kernel}
     with torch.no_grad():
         assert torch.equal(again(x), out)
     assert again.state_dict()[next(k for k in again.state_dict() if k.endswith("weight_q"))].dtype == torch.int8

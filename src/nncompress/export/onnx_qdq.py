@@ -14,7 +14,10 @@ another order) moves later activations across rounding boundaries too: on all-Mi
 
 BERT-style encoders (Hugging Face, wrapped as `SentenceEncoder`) export as they are: each Linear is a
 MatMul (+ Add) that onnxruntime fuses into MatMulIntegerToFloat / QLinearMatMul; a quantized layer
-the exporter dropped as dead code (a BERT pooler under mean pooling) is skipped.
+the exporter dropped as dead code (a BERT pooler under mean pooling) is skipped. Q/K/V read one tensor
+with one set of qparams and share a QuantizeLinear. The embedding tables are stored as int8 rows with
+a scale per row (`quantize_embeddings=True`, `quantize_gather_tables`): on all-MiniLM-L6-v2 that takes
+the file from 59 MB to 24 MB (fp32: 91 MB) at the same fidelity (~0.993 cosine to fp32).
 
 >>> import os, tempfile, torch, torch.nn as nn
 >>> from nncompress.core import Context
@@ -176,6 +179,7 @@ def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool
         added.append(numpy_helper.from_array(arr, name))
         return name
 
+    shared: dict[tuple[Any, ...], str] = {}   # (input, qparams) -> its DequantizeLinear output
     layers: dict[int, tuple[str, bool]] = {}  # node index -> (layer, transposed)
     for i, node in enumerate(old):
         if node.op_type in _WEIGHT_OPS and len(node.input) >= 2 and node.input[1] in inits:
@@ -194,7 +198,7 @@ def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool
         name, transposed = layers[i]
         if node.op_type == "Conv" and not int8_unfused and not _requantized(i, old, consumers, quantized_inputs):
             if plans[name]["input"] is not None:  # activation fake-quant only; the weight stays float
-                _quantize_input(node, name.replace(".", "_") or "layer", plans[name]["input"], nodes, const)
+                _quantize_input(node, name.replace(".", "_") or "layer", plans[name]["input"], nodes, const, shared)
             done.add(name)
             nodes.append(node)
             continue
@@ -215,7 +219,7 @@ def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool
         node.input[1] = f"{tag}.weight_dq"
         if p["input"] is not None:
             a = p["input"]
-            _quantize_input(node, tag, a, nodes, const)
+            _quantize_input(node, tag, a, nodes, const, shared)
             if len(node.input) > 2 and node.input[2] in inits:  # int32 bias on the accumulator's grid
                 bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
                 b_scale = (np.float64(a["scale"]) * p["w_scale"].astype(np.float64)).astype(np.float32)
@@ -256,10 +260,19 @@ def _dead(plan: dict[str, Any], initializers: Any) -> bool:
     return True
 
 
-def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], const: Any) -> None:
-    """QuantizeLinear -> DequantizeLinear in front of `node`'s first input, with the wrapper's qparams."""
+def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], const: Any,
+                    shared: dict[tuple[Any, ...], str]) -> None:
+    """QuantizeLinear -> DequantizeLinear in front of `node`'s first input, with the wrapper's qparams.
+
+    Layers reading the same tensor with the same qparams (Q/K/V calibrate on one input) share one pair.
+    """
     from onnx import helper
 
+    key = (node.input[0], float(a["scale"]), a["zero"], a["signed"])
+    if key in shared:
+        node.input[0] = shared[key]
+        return
+    shared[key] = f"{tag}.input_dq"
     atype = np.int8 if a["signed"] else np.uint8
     s = const(f"{tag}.input_scale", np.array(a["scale"], np.float32))
     z = const(f"{tag}.input_zero", np.array(a["zero"], atype))

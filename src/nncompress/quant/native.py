@@ -1,26 +1,42 @@
-"""PyTorch-native INT8 Linear: int8 weights, activations quantized per row at run time, int32 GEMM.
+"""PyTorch-native INT8 Linear: int8 weights, activations quantized at run time, int32 GEMM.
 
     from nncompress.quant.native import Int8DynamicConfig
     model = nncompress.apply(model, Int8DynamicConfig(), targets=Targets(include=("*encoder*",)))
 
 Each targeted eval-mode `nn.Linear` (or a weight-only `QuantLinear` with an 8-bit symmetric integer
-weight grid, whose codes are kept as they are) becomes an `Int8DynamicLinear`:
+weight grid, whose codes are kept as they are) becomes an `Int8DynamicLinear` holding int8 codes per
+output channel, symmetric (s_w = max|w_row| / 127). Two kernels run the same weight codes:
 
-    x (..., I) -> per row: s_x = max|x| / 127, x_q = round(x / s_x)        int8 (M, I)
-    y = (x_q @ W_q^T) * s_x * s_w + b                                      int32 GEMM (`torch._int_mm`)
+kernel="fbgemm" (default, the fast one): `torch.ops.quantized.linear_dynamic` on weights prepacked
+    once from our codes (`torch._make_per_channel_quantized_tensor` + `quantized.linear_prepack`);
+    fbgemm fuses the activation quantization into the GEMM. Its activation grid is fbgemm's choice:
+    uint8, asymmetric, one scale per tensor over [min(0, x.min()), max(0, x.max())]
+    (`fbgemm_linear_reference` is the float64 oracle of that arithmetic):
 
-W_q holds int8 codes per output channel, symmetric (s_w = max|w_row| / 127). The integer product is
-exact; the only float steps are the two quantizations and the final rescale, so the layer equals a
-float64 evaluation of the same integer arithmetic up to float32 rounding of that rescale.
-`torch._int_mm` runs on CPU in torch >= 2.4 (AVX512-VNNI / AMX where the CPU has them).
+        s_x = (hi - lo) / 255, z = round(-lo / s_x), x_q = clamp(round(x / s_x) + z, 0, 255)
+        y = ((x_q - z) @ W_q^T) * s_x * s_w + b
+
+    CPU only (fbgemm); on a GPU use kernel="int_mm". reduce_range=True uses 7-bit activations (what torch.ao's quantize_dynamic does by default) so
+    that CPUs without AVX512-VNNI cannot saturate int16 partial sums; it costs accuracy
+    (all-MiniLM-L6-v2: ~0.95 cosine instead of ~0.99).
+kernel="int_mm" (the oracle, slower): one symmetric scale per row, our own elementwise code, then
+    `torch._int_mm` (exact int32 GEMM; CPU kernels in torch >= 2.4):
+
+        s_x = max|x_row| / 127, x_q = round(x / s_x), y = (x_q @ W_q^T) * s_x * s_w + b
+
+    More accurate (per-row activations), but the quantization and rescale run as separate eager
+    elementwise passes, which on CPU cost more than the int8 GEMM saves: on all-MiniLM-L6-v2 it is
+    slower than fp32 (measured ~0.6-0.8x). It equals `int8_linear_reference` up to float32 rounding.
 
 As a recipe stage: `- kind: int8_dynamic`. The record lists the converted layers, so `nncompress.load`
 rebuilds them (int8 codes and scales come from the safetensors file).
 
->>> layer = nn.Linear(16, 4)
->>> q = Int8DynamicLinear.from_linear(layer)
->>> x = torch.randn(3, 16)
+>>> layer, x = nn.Linear(16, 4), torch.randn(3, 16)
+>>> q = Int8DynamicLinear.from_linear(layer, kernel="int_mm")
 >>> bool(torch.allclose(q(x), int8_linear_reference(x, q.weight_q, q.weight_scale, q.bias).float(), atol=1e-5))
+True
+>>> f = Int8DynamicLinear.from_linear(layer)   # fbgemm: same weight codes, per-tensor activations
+>>> bool(torch.allclose(f(x), fbgemm_linear_reference(x, f.weight_q, f.weight_scale, f.bias).float(), atol=1e-4))
 True
 >>> q.weight_q.dtype, tuple(q.weight_scale.shape)
 (torch.int8, (4,))
@@ -28,13 +44,14 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core import Config, Context, register
+from ..core import Config, Context, check, register
 from ..core.errors import TargetError, UnsupportedOpError
 from ..formats import IntFormat, PerChannel
 from .bn_fold import set_module
@@ -42,7 +59,9 @@ from .fake_quant import QuantLinear
 from .storage import weight_codes
 
 __all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "int8_dynamic", "quantize_rows", "int8_linear",
-           "int8_linear_reference", "to_int8_dynamic"]
+           "int8_linear_reference", "fbgemm_prepack", "fbgemm_linear_reference", "to_int8_dynamic"]
+
+Kernel = Literal["fbgemm", "int_mm"]
 
 QMAX = 127  # symmetric int8 grid [-127, 127]: no zero point, so no correction term in the GEMM
 _TINY = torch.finfo(torch.float32).tiny
@@ -86,6 +105,30 @@ def int8_linear_reference(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bia
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
+def fbgemm_prepack(weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Any:
+    """fbgemm's packed weight built from our int8 codes (O, I) and per-channel scales (O,), codes kept as is."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm's prepack still takes them
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(weight_q.cpu(), weight_scale.detach().cpu().double(),
+                                                      torch.zeros(weight_q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().cpu().float())
+
+
+def fbgemm_linear_reference(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None,
+                            reduce_range: bool = False) -> Tensor:
+    """Float64 oracle of fbgemm's dynamic linear: per-tensor asymmetric uint8 activations, int GEMM, rescale."""
+    x64 = x.reshape(-1, x.shape[-1]).double()                                  # (M, I)
+    qmax = 127 if reduce_range else 255
+    lo, hi = min(0.0, float(x64.min())), max(0.0, float(x64.max()))
+    s = float(torch.tensor((hi - lo) / qmax, dtype=torch.float32)) or 0.1      # fbgemm stores the scale in fp32
+    z = min(max(round(-lo / s), 0), qmax)
+    xq = (torch.round(x64 / s) + z).clamp(0, qmax)                               # (M, I) uint8 grid
+    y = ((xq - z) @ weight_q.double().t()) * s * weight_scale.double()          # (M, O)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight_q.shape[0])
+
+
 def weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8 codes of a weight (O, I): (codes (O, I) int8, scale (O,))."""
     codes, scale = quantize_rows(w.detach())
@@ -101,18 +144,24 @@ class Int8DynamicLinear(nn.Module):
     plain `nn.Linear` with the dequantized weight `codes * scale`.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernel: Kernel = "fbgemm",
+                 reduce_range: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel, self.reduce_range = kernel, reduce_range
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: Any = None   # fbgemm's prepacked weight: a cache of the buffers, rebuilt when they change
+        self._packed_key: tuple[int, ...] | None = None
 
     @classmethod
-    def from_linear(cls, layer: nn.Module) -> "Int8DynamicLinear":
+    def from_linear(cls, layer: nn.Module, *, kernel: Kernel = "fbgemm", reduce_range: bool = False
+                    ) -> "Int8DynamicLinear":
         """From an `nn.Linear` (weights rounded here) or a weight-only `QuantLinear` (its codes kept)."""
         base = layer.base if isinstance(layer, QuantLinear) else layer
-        out = cls(base.in_features, base.out_features, base.bias is not None)
+        out = cls(base.in_features, base.out_features, base.bias is not None, kernel=kernel,
+                  reduce_range=reduce_range)
         if isinstance(layer, QuantLinear):
             codes = _int8_codes_of(layer)
             q, s = codes.codes.reshape(base.weight.shape).to(torch.int8), codes.scale.reshape(-1).float()
@@ -126,7 +175,33 @@ class Int8DynamicLinear(nn.Module):
         return out.to(base.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
+        if self.kernel == "int_mm":
+            return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
+        key = self._buffers_version()
+        if self._packed is None or key != self._packed_key:
+            self._packed = fbgemm_prepack(self.weight_q, self.weight_scale, self.bias)
+            self._packed_key = key
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed,
+                                                  self.reduce_range).to(x.dtype)
+
+    # the prepacked weight is derived state: rebuilt when a buffer is written in place (its version
+    # counter moves), loaded or moved
+    def _buffers_version(self) -> tuple[int, ...] | None:
+        try:
+            return tuple(t._version for t in (self.weight_q, self.weight_scale, self.bias) if t is not None)
+        except RuntimeError:   # inference-mode tensors have no version counter: the hooks below still apply
+            return None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "Int8DynamicLinear":
+        self._packed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_packed": None}
 
     def dequantized_weight(self) -> Tensor:
         return self.weight_q.float() * self.weight_scale[:, None]   # (O, I)
@@ -141,7 +216,8 @@ class Int8DynamicLinear(nn.Module):
         return layer.to(self.weight_q.device)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}" + (", reduce_range=True" if self.reduce_range else ""))
 
 
 def _int8_codes_of(layer: QuantLinear) -> Any:
@@ -165,18 +241,38 @@ def _int8_codes_of(layer: QuantLinear) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Int8DynamicConfig(Config):
-    """Convert Linear layers to `Int8DynamicLinear` (int8 weights, per-row dynamic int8 activations).
+    """Convert Linear layers to `Int8DynamicLinear` (int8 per-channel weights, dynamic int8 activations).
 
-    The transform has no options: the grid (int8 symmetric, per channel / per row) is what the int8
-    GEMM takes; choose the layers with `targets`.
+    kernel: "fbgemm" (fast; per-tensor uint8 activations chosen by fbgemm at run time) or "int_mm"
+            (per-row symmetric int8 activations, `torch._int_mm`; more accurate, slower on CPU).
+    reduce_range: fbgemm only: 7-bit activations, for CPUs without AVX512-VNNI (int16 saturation).
+    Choose the layers with `targets`.
     """
 
+    kernel: Kernel = "fbgemm"
+    reduce_range: bool = False
 
-def to_int8_dynamic(model: nn.Module, names: list[str]) -> nn.Module:
+    def __post_init__(self) -> None:
+        check(self.kernel in ("fbgemm", "int_mm"), "kernel", f"must be 'fbgemm' or 'int_mm', got {self.kernel!r}")
+        check(not (self.reduce_range and self.kernel == "int_mm"), "reduce_range",
+              "applies to kernel 'fbgemm' only (int_mm uses symmetric int8 rows); drop it")
+
+
+def to_int8_dynamic(model: nn.Module, names: list[str], config: Int8DynamicConfig = Int8DynamicConfig()
+                    ) -> nn.Module:
     """Replace the named Linear / QuantLinear layers by `Int8DynamicLinear` (in place when nested)."""
     for name in names:
-        model = set_module(model, name, Int8DynamicLinear.from_linear(model.get_submodule(name)))
+        layer = Int8DynamicLinear.from_linear(model.get_submodule(name), kernel=config.kernel,
+                                              reduce_range=config.reduce_range)
+        model = set_module(model, name, layer)
     return model
+
+
+def _check_kernel(config: Int8DynamicConfig) -> None:
+    engines = torch.backends.quantized.supported_engines
+    if config.kernel == "fbgemm" and not {"fbgemm", "x86"} & set(engines):
+        raise UnsupportedOpError(f"int8_dynamic: this torch build has no fbgemm/x86 quantized engine "
+                                 f"(engines: {engines}); use kernel: int_mm")
 
 
 def _candidates(model: nn.Module, ctx: Context) -> list[str]:
@@ -188,16 +284,18 @@ def _candidates(model: nn.Module, ctx: Context) -> list[str]:
 @register("int8_dynamic", config=Int8DynamicConfig)
 def int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: Context) -> nn.Module:
     """Int8 weights and dynamically quantized activations for every targeted Linear (eval mode only)."""
+    _check_kernel(config)
     if ctx.replay:  # structure only: the int8 codes and scales come from the checkpoint
         for name, shape in ctx.record["layers"].items():
             old = model.get_submodule(name)
             base = old.base if isinstance(old, QuantLinear) else old
-            model = set_module(model, name, Int8DynamicLinear(shape[1], shape[0], base.bias is not None))
+            model = set_module(model, name, Int8DynamicLinear(shape[1], shape[0], base.bias is not None,
+                                                              kernel=config.kernel, reduce_range=config.reduce_range))
         return model.eval()
     names = _candidates(model, ctx)
     if not names:
         raise TargetError("int8_dynamic: no nn.Linear among the targets; check targets.include / types")
-    model = to_int8_dynamic(model.eval(), names)
+    model = to_int8_dynamic(model.eval(), names, config)
     ctx.record["layers"] = {n: [model.get_submodule(n).out_features, model.get_submodule(n).in_features]
                             for n in names}
     ctx.log(f"int8_dynamic: {len(names)} Linear layers converted")
