@@ -41,16 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from ..core.errors import UnsupportedOpError
-from ..eval.latency import ort_feed, ort_session
-from ..eval.measure import Inputs, call_model, evaluating
+from ..eval.measure import Inputs
 from ..quant.bn_fold import set_module
 from ..quant.native import Int8DynamicLinear
 from .onnx import export_onnx
-from .onnx_qdq import _dead, _find_layer, qdq_op_counts, quantize_gather_tables
+from .onnx_qdq import _dead, _find_layer, qdq_op_counts, quantize_gather_tables, verify_onnx
 
 __all__ = ["export_dynamic_onnx", "qdq_op_counts"]
 
@@ -93,7 +91,8 @@ def export_dynamic_onnx(model: nn.Module, inputs: Inputs, path: str | os.PathLik
         target = tmpdir / path.name
         onnx.save(proto, str(target))
         if verify:
-            _verify(deploy, inputs, target, tolerance)
+            verify_onnx(deploy, inputs, target, tolerance, label="int8 ONNX", reference="the int8-weight model",
+                        hint="activations with outliers need static quantization (export_qdq_onnx) or a larger tolerance")
         os.replace(target, path)
         return path
     finally:
@@ -157,17 +156,3 @@ def _insert_dynamic(proto: Any, plans: dict[str, dict[str, Any]]) -> None:
     del g.node[:]
     g.node.extend(nodes)
 
-
-def _verify(reference: nn.Module, inputs: Inputs, target: Path, tolerance: float) -> None:
-    with evaluating(reference), torch.no_grad():
-        ref = call_model(reference, inputs)
-    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().cpu().numpy().astype(np.float64)
-    session = ort_session(target)
-    got = session.run(None, ort_feed(session, inputs))[0].astype(np.float64)
-    if got.shape != ref.shape:
-        raise UnsupportedOpError(f"int8 ONNX output has shape {got.shape}, the int8-weight model gives {ref.shape}")
-    err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-    if not err <= tolerance:
-        raise UnsupportedOpError(f"int8 ONNX output differs from the int8-weight model (relative L2 error "
-                                 f"{err:.2e} > {tolerance:g}); activations with outliers need static "
-                                 "quantization (export_qdq_onnx) or a larger tolerance")

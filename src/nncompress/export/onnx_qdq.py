@@ -107,7 +107,7 @@ def export_qdq_onnx(model: nn.Module, inputs: Inputs, path: str | os.PathLike, *
         target = tmpdir / path.name
         onnx.save(proto, str(target))
         if verify:
-            _verify(model, inputs, target, tolerance)
+            verify_onnx(model, inputs, target, tolerance)
         os.replace(target, path)
         return path
     finally:
@@ -282,18 +282,21 @@ def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], co
     node.input[0] = f"{tag}.input_dq"
 
 
-def _verify(model: nn.Module, inputs: Inputs, target: Path, tolerance: float) -> None:
+def verify_onnx(model: nn.Module, inputs: Inputs, target: Path, tolerance: float, *, label: str = "QDQ ONNX",
+                reference: str = "the fake-quant model",
+                hint: str = "check the activation ranges or raise tolerance") -> None:
+    """Run `target` in ONNX Runtime and compare with `model` in torch (relative L2 error)."""
     with evaluating(model), torch.no_grad():
         ref = call_model(model, inputs)
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().cpu().numpy().astype(np.float64)
     session = ort_session(target)
     got = session.run(None, ort_feed(session, inputs))[0].astype(np.float64)
     if got.shape != ref.shape:
-        raise UnsupportedOpError(f"QDQ ONNX output has shape {got.shape}, the fake-quant model gives {ref.shape}")
+        raise UnsupportedOpError(f"{label} output has shape {got.shape}, {reference} gives {ref.shape}")
     err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
     if not err <= tolerance:
-        raise UnsupportedOpError(f"QDQ ONNX output differs from the fake-quant model (relative L2 error "
-                                 f"{err:.2e} > {tolerance:g}); check the activation ranges or raise tolerance")
+        raise UnsupportedOpError(f"{label} output differs from {reference} (relative L2 error "
+                                 f"{err:.2e} > {tolerance:g}); {hint}")
 
 
 # ------------------------------------------------------------------------------------ embeddings
