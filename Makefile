@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines clean
+.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-pipelines clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench-baseline: $(VENV)/.bench
 
 bench-prune-structured: $(VENV)/.bench
 	$(BIN)/python benchmarks/prune_structured.py --out BENCHMARKS.md
+
+# the layer / grouped-conv rows alone (bench-prune-structured writes them too)
+bench-prune-layers: $(VENV)/.bench
+	$(BIN)/python benchmarks/prune_structured.py --only layers --out BENCHMARKS.md
 
 bench-sparsity: $(VENV)/.bench
 	$(BIN)/python benchmarks/sparsity.py --out BENCHMARKS.md

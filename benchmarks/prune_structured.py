@@ -8,6 +8,12 @@ same MAC budget (each finds its own channel ratio by bisection on the real MAC c
 get the same fine-tune (epochs, optimizer, lr, data order). Reported: accuracy before and after
 fine-tune, params, MACs, file bytes, latency speedup measured interleaved with the unpruned model
 (batch 1 and 256), and the wall time of the pruning step (search included) for each tool.
+
+Section prune_layers (same script, alone with `--only layers`): the coarser and finer granularities
+no peer offers, against our own channel/head pruning at the same MAC count. On the CNN: `group_conv`
+(G=2, 4: dense convs -> grouped convs) and `drop_layers` (the one residual block whose shape allows
+it), before and after the same fine-tune. On all-MiniLM-L6-v2: `drop_layers` of 1, 2, 3 of the 6
+encoder layers by angular / cosine / loss importance and contiguous angular, no fine-tune.
 """
 from __future__ import annotations
 
@@ -27,10 +33,13 @@ from common import trained_reference, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, TrainConfig, fit  # noqa: E402
+from nncompress.core.apply import history  # noqa: E402
 from nncompress.eval.latency import compare_latency  # noqa: E402
 from nncompress.eval.measure import count_macs, count_params, file_bytes  # noqa: E402
 from nncompress.eval.metrics import accuracy, embed, embedding_fidelity  # noqa: E402
 from nncompress.export.checkpoint import write_checkpoint  # noqa: E402
+from nncompress.prune.kernels import GroupConvConfig  # noqa: E402
+from nncompress.prune.layers import DropLayersConfig  # noqa: E402
 from nncompress.prune.structured import PruneConfig  # noqa: E402
 from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 
@@ -166,7 +175,8 @@ def minilm_row(tool, ratio, scope, reference, ref_emb, pruned, prune_s, data, ar
     layer = pruned.model.encoder.layer[0]
     path = write_checkpoint(pruned, Path(tmp) / f"minilm-{tool}-{ratio}-{scope}", source={"name": "-"}, history=[])
     row = {"tool": tool, "ratio": ratio, "scope": scope, "cosine": fid["cosine"], "overlap": fid["overlap_at_k"],
-           "heads": layer.attention.self.num_attention_heads, "ffn": layer.intermediate.dense.out_features,
+           "layers": len(pruned.model.encoder.layer), "heads": layer.attention.self.num_attention_heads,
+           "ffn": layer.intermediate.dense.out_features,
            "params": count_params(pruned), "macs": count_macs(pruned, data.example_batch(1)),
            "bytes": file_bytes(path / "model.safetensors"), "prune_s": prune_s}
     for b in (1, 32):
@@ -176,7 +186,8 @@ def minilm_row(tool, ratio, scope, reference, ref_emb, pruned, prune_s, data, ar
     return row
 
 
-def minilm_rows(args, tmp) -> tuple[list[dict], dict, str]:
+def load_minilm(tmp) -> tuple:
+    """The pretrained encoder, the sentence data, its test embeddings and its unpruned figures."""
     reference, tok = build_model({"name": "hf:minilm"})
     reference.eval()
     data = build_data({"name": "sentences"}, tok)
@@ -184,6 +195,11 @@ def minilm_rows(args, tmp) -> tuple[list[dict], dict, str]:
     base = {"params": count_params(reference), "macs": count_macs(reference, data.example_batch(1)),
             "bytes": file_bytes(write_checkpoint(reference, Path(tmp) / "minilm-ref", {"name": "-"}, [])
                                 / "model.safetensors"), "n_test": len(ref_emb)}
+    return reference, data, ref_emb, base
+
+
+def minilm_rows(args, tmp, mini) -> tuple[list[dict], str]:
+    reference, data, ref_emb, _ = mini
     failed, rows = "", []
     for ratio in (MINILM_RATIOS[:1] if args.quick else MINILM_RATIOS):
         for scope in ("heads+FFN", "FFN only") if failed else ("heads+FFN",):
@@ -198,7 +214,7 @@ def minilm_rows(args, tmp) -> tuple[list[dict], dict, str]:
                 rows.append(minilm_row(tool, ratio, scope, reference, ref_emb, pruned,
                                        time.perf_counter() - start, data, args, tmp))
                 print(rows[-1], flush=True)
-    return rows, base, failed
+    return rows, failed
 
 
 def minilm_table(rows, base) -> str:
@@ -213,42 +229,26 @@ def minilm_table(rows, base) -> str:
     return "\n".join("| " + " | ".join(x) + " |" for x in lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="BENCHMARKS.md")
-    p.add_argument("--train-epochs", type=int, default=10)
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--quick", action="store_true",
-                   help="1 epoch each, few repeats, l2 only, MiniLM at 25%% only (smoke run)")
-    args = p.parse_args()
-    criteria = list(CRITERIA)
-    if args.quick:
-        args.train_epochs, args.finetune_epochs, args.repeats, criteria = 1, 1, 5, ["l2"]
-    torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        data, reference = trained_reference(tmp, args.train_epochs)
-        base_acc = accuracy(reference, data.test)
-        base_macs = count_macs(reference, data.example_batch(1))
-        base_params = count_params(reference)
-        base_bytes = file_bytes(write_checkpoint(reference, Path(tmp) / "ref", {"name": "-"}, []) / "model.safetensors")
-        rows = []
-        for keep in (0.5, 0.25):
-            for criterion in criteria:
-                for tool in ("nncompress", "torch-pruning"):
-                    start = time.perf_counter()
-                    try:
-                        pruned = (ours_prune(reference, data, criterion, keep) if tool == "nncompress"
-                                  else tp_prune(reference, data, criterion, keep, data.example_batch(1)))
-                    except Exception as e:  # a peer criterion that does not run here: n/a in the table
-                        rows.append({"tool": tool, "criterion": criterion, "target": f"{1 / keep:.0f}x",
-                                     "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
-                        continue
-                    prune_s = time.perf_counter() - start
-                    rows.append(measure("", tool, criterion, keep, reference, pruned, prune_s, data, args, tmp))
-                    print(rows[-1], flush=True)
-        minilm, minilm_base, minilm_failed = minilm_rows(args, tmp)
+def channel_section(args, tmp, cnn: dict, mini: tuple) -> tuple[str, list[dict]]:
+    """Section prune_structured: channels on the CNN (ours vs Torch-Pruning) and MiniLM heads/FFN."""
+    data, reference = cnn["data"], cnn["model"]
+    rows = []
+    for keep in (0.5, 0.25):
+        for criterion in cnn["criteria"]:
+            for tool in ("nncompress", "torch-pruning"):
+                start = time.perf_counter()
+                try:
+                    pruned = (ours_prune(reference, data, criterion, keep) if tool == "nncompress"
+                              else tp_prune(reference, data, criterion, keep, data.example_batch(1)))
+                except Exception as e:  # a peer criterion that does not run here: n/a in the table
+                    rows.append({"tool": tool, "criterion": criterion, "target": f"{1 / keep:.0f}x",
+                                 "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                    continue
+                prune_s = time.perf_counter() - start
+                rows.append(measure("", tool, criterion, keep, reference, pruned, prune_s, data, args, tmp))
+                print(rows[-1], flush=True)
+    minilm, minilm_failed = minilm_rows(args, tmp, mini)
+    minilm_base = mini[3]
     header = ["MAC target", "criterion", "tool", "acc. pruned", "acc. after FT", "params", "MACs (x fewer)",
               "file bytes", "speedup b=1", "speedup b=256", "prune time (s)"]
     lines = [header, ["---"] * len(header)]
@@ -257,12 +257,12 @@ def main() -> None:
             lines.append([r["target"], r["criterion"], r["tool"], f"n/a ({r['failed']})"] + ["n/a"] * 7)
             continue
         lines.append([r["target"], r["criterion"], r["tool"], f"{r['acc_pruned']:.1%}", f"{r['acc_ft']:.1%}",
-                      f"{r['params']:,}", f"{r['macs']:,} ({base_macs / r['macs']:.2f}x)", f"{r['bytes']:,}",
+                      f"{r['params']:,}", f"{r['macs']:,} ({cnn['macs'] / r['macs']:.2f}x)", f"{r['bytes']:,}",
                       f"{r['speedup_b1']:.2f}x", f"{r['speedup_b256']:.2f}x", f"{r['prune_s']:.1f}"])
     table = "\n".join("| " + " | ".join(x) + " |" for x in lines)
     body = (f"## Structured pruning vs Torch-Pruning (`make bench-prune-structured`)\n\n"
-            f"MNIST-1D reference CNN: {base_acc:.1%} test accuracy, {base_params:,} params, {base_macs:,} MACs, "
-            f"{base_bytes:,} bytes. Both tools: global ranking, max 90% per group, the same MAC budget "
+            f"MNIST-1D reference CNN: {cnn['acc']:.1%} test accuracy, {cnn['params']:,} params, {cnn['macs']:,} "
+            f"MACs, {cnn['bytes']:,} bytes. Both tools: global ranking, max 90% per group, the same MAC budget "
             f"(each bisects its own ratio on the real MAC count), then {args.finetune_epochs} epochs of the same "
             f"fine-tune (AdamW, lr {args.lr}, cosine, same data order). Speedups: the unpruned model and the "
             f"pruned one timed interleaved, medians of {args.repeats}, 2 threads, torch eager on CPU."
@@ -283,8 +283,167 @@ def main() -> None:
             f"Speedups interleaved with the unpruned model, medians of {args.repeats}, 2 threads."
             f"{(' Torch-Pruning on heads failed: ' + minilm_failed + '; FFN-only rows for both.') if minilm_failed else ''}"
             f"\n\n{minilm_table(minilm, minilm_base)}")
-    update_section(args.out, "prune_structured", body)
-    print(body)
+    return body, minilm
+
+
+# ------------------------------------------------------------------ whole layers and kernels (prune_layers)
+
+LAYER_COUNTS = (1, 2, 3)
+LAYER_CRITERIA = (("angular", False), ("cosine", False), ("loss", False), ("angular", True))
+
+
+def layer_cnn_rows(args, tmp, cnn: dict) -> tuple[list[dict], dict]:
+    """group_conv G=2/4 and drop_layers on the CNN, each followed by channel pruning (l2, global) to the
+    same MAC count; all with the channel rows' fine-tune."""
+    data, reference = cnn["data"], cnn["model"]
+    rows, notes = [], {}
+    variants = [(f"group_conv G={g}", GroupConvConfig(groups=g)) for g in (2, 4)]
+    variants.append(("drop_layers (1 block)", DropLayersConfig(count=1, calib_batches=args.layer_calib)))
+    for method, config in variants:
+        start = time.perf_counter()
+        try:
+            pruned = nncompress.apply(copy.deepcopy(reference).eval(), config, context=Context(data=data))
+        except Exception as e:  # e.g. no removable block: n/a in the table
+            rows.append({"tool": method, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            continue
+        prune_s = time.perf_counter() - start
+        notes[method] = history(pruned)[-1]["record"]
+        keep = count_macs(pruned, data.example_batch(1)) / cnn["macs"]
+        rows.append(measure("", method, "-", keep, reference, pruned, prune_s, data, args, tmp))
+        print(rows[-1], flush=True)
+        start = time.perf_counter()
+        peer = ours_prune(reference, data, "l2", keep)
+        rows.append(measure("", "channels l2 (same MACs)", "l2", keep, reference, peer,
+                            time.perf_counter() - start, data, args, tmp))
+        print(rows[-1], flush=True)
+    return rows, notes
+
+
+def layer_minilm_rows(args, tmp, mini: tuple, heads_rows: list[dict]) -> list[dict]:
+    """drop_layers on MiniLM (no fine-tune), plus our heads+FFN rows as the same-MACs reference."""
+    reference, data, ref_emb, _ = mini
+    rows = []
+    for count in args.layer_counts:
+        for criterion, contiguous in LAYER_CRITERIA:
+            config = DropLayersConfig(count=count, importance=criterion, contiguous=contiguous,
+                                      calib_batches=args.layer_calib)
+            start = time.perf_counter()
+            pruned = nncompress.apply(copy.deepcopy(reference).eval(), config, context=Context(data=data))
+            prune_s = time.perf_counter() - start
+            name = f"{criterion}{' contiguous' if contiguous else ''}"
+            row = minilm_row("drop_layers", count, name, reference, ref_emb, pruned, prune_s, data, args, tmp)
+            removed = history(pruned)[-1]["record"]["removed"]
+            rows.append({**row, "removed": ", ".join(r.rpartition(".")[2] for r in removed)})
+            print(rows[-1], flush=True)
+    ours = [r for r in heads_rows if r["tool"] == "nncompress" and r["scope"] == "heads+FFN"]
+    if not ours:  # run alone (--only layers): measure our heads+FFN rows here
+        for ratio in (MINILM_RATIOS[:1] if args.quick else MINILM_RATIOS):
+            start = time.perf_counter()
+            pruned = minilm_ours(reference, data, ratio)
+            ours.append(minilm_row("nncompress", ratio, "heads+FFN", reference, ref_emb, pruned,
+                                   time.perf_counter() - start, data, args, tmp))
+    return rows + ours
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def layers_section(args, tmp, cnn: dict, mini: tuple, heads_rows: list[dict]) -> str:
+    """Section prune_layers: whole blocks (drop_layers) and kernels (group_conv)."""
+    cnn_rows, notes = layer_cnn_rows(args, tmp, cnn)
+    header = ["method", "acc. pruned", "acc. after FT", "params", "MACs (x fewer)", "file bytes", "speedup b=1",
+              "speedup b=256", "prune time (s)"]
+    lines = [_row(header), _row(["---"] * len(header)),
+             _row(["unpruned", f"{cnn['acc']:.1%}", f"{cnn['acc']:.1%}", f"{cnn['params']:,}", f"{cnn['macs']:,}",
+                   f"{cnn['bytes']:,}", "1.00x", "1.00x", "-"])]
+    for r in cnn_rows:
+        if "failed" in r:
+            lines.append(_row([r["tool"], f"n/a ({r['failed']})"] + ["n/a"] * 7))
+            continue
+        lines.append(_row([r["tool"], f"{r['acc_pruned']:.1%}", f"{r['acc_ft']:.1%}", f"{r['params']:,}",
+                           f"{r['macs']:,} ({cnn['macs'] / r['macs']:.2f}x)", f"{r['bytes']:,}",
+                           f"{r['speedup_b1']:.2f}x", f"{r['speedup_b256']:.2f}x", f"{r['prune_s']:.1f}"]))
+    skipped = notes.get("group_conv G=2", {}).get("skipped", {})
+    drop = notes.get("drop_layers (1 block)", {})
+    base = mini[3]
+    # fewest removed MACs first; the sort is stable, so equal MACs keep the criteria order
+    mrows = sorted(layer_minilm_rows(args, tmp, mini, heads_rows), key=lambda r: -r["macs"])
+    mheader = ["method", "criterion", "removed", "layers", "heads/layer", "FFN width", "cosine", "overlap@10",
+               "params", "MACs (x fewer)", "file bytes", "speedup b=1", "speedup b=32", "prune time (s)"]
+    mlines = [_row(mheader), _row(["---"] * len(mheader))]
+    for r in mrows:
+        heads = r["tool"] != "drop_layers"
+        mlines.append(_row([f"heads+FFN {r['ratio']:.0%}" if heads else f"drop {r['ratio']} layers",
+                            "l2" if heads else r["scope"], "-" if heads else r["removed"], str(r["layers"]),
+                            str(r["heads"]), str(r["ffn"]), f"{r['cosine']:.4f}", f"{r['overlap']:.1%}",
+                            f"{r['params']:,}", f"{r['macs']:,} ({base['macs'] / r['macs']:.2f}x)",
+                            f"{r['bytes']:,}", f"{r['speedup_b1']:.2f}x", f"{r['speedup_b32']:.2f}x",
+                            f"{r['prune_s']:.1f}"]))
+    quick = " QUICK RUN: not the reference figures." if args.quick else ""
+    return (f"## Layer and kernel pruning (`make bench-prune-structured`)\n\n"
+            f"Written by `benchmarks/prune_structured.py` (alone: `--only layers`). No peer tool prunes whole "
+            f"layers or regroups convolutions, so the reference is our own channel/head pruning at the same "
+            f"MAC count, measured in the same run.{quick}\n\n"
+            f"### MNIST-1D reference CNN: grouped convolutions and a removed block\n\n"
+            f"`GroupConvConfig(groups=G)` on every conv whose channel counts G divides (skipped: "
+            f"{', '.join(f'`{k}` ({v})' for k, v in skipped.items()) or 'none'}): each becomes a G-way grouped "
+            f"conv between channel permutations chosen to keep the most kernel L1 mass. `DropLayersConfig("
+            f"count=1)`: candidates {', '.join(f'`{c}`' for c in drop.get('candidates', [])) or 'none'} (the "
+            f"other blocks change width or length, so they are not residual), removed "
+            f"{', '.join(f'`{c}`' for c in drop.get('removed', [])) or 'none'}. Each is followed by nncompress "
+            f"channel pruning (L2, global, max 90% per group) bisected to the same MAC count. All rows: "
+            f"{args.finetune_epochs} epochs of the same fine-tune as section prune_structured; speedups "
+            f"interleaved with the unpruned model, medians of {args.repeats}, 2 threads, torch eager on CPU; "
+            f"a grouped conv's time includes its channel gathers (index_select before and after).\n\n"
+            + "\n".join(lines) +
+            f"\n\n### all-MiniLM-L6-v2: whole encoder layers vs heads+FFN, no fine-tune\n\n"
+            f"`DropLayersConfig(count=n, importance=c, contiguous=..., calib_batches={args.layer_calib})`: "
+            f"`angular` (arccos of the input/output cosine, Gromov et al.), `cosine` (1 - cos, "
+            f"ShortGPT), `loss` (output change when the layer is skipped), `angular contiguous` (the n "
+            f"consecutive layers whose first input is closest to their last output). `removed` gives the "
+            f"encoder layer indices. Reference rows: nncompress heads+FFN at 25%/50% (L2, local, as in "
+            f"section prune_structured). Rows sorted by MACs. Fidelity against the unpruned model on the "
+            f"{base['n_test']} test sentences; unpruned: {base['params']:,} params, {base['macs']:,} MACs, "
+            f"{base['bytes']:,} bytes. Speedups interleaved with the unpruned model, medians of "
+            f"{args.repeats}, 2 threads.\n\n" + "\n".join(mlines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--train-epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--only", choices=("all", "channels", "layers"), default="all",
+                   help="channels: section prune_structured only; layers: section prune_layers only")
+    p.add_argument("--quick", action="store_true",
+                   help="1 epoch each, few repeats, l2 only, MiniLM at 25%% only, 2 dropped layers on 1 "
+                        "calibration batch (smoke run)")
+    args = p.parse_args()
+    criteria = list(CRITERIA)
+    args.layer_counts, args.layer_calib = LAYER_COUNTS, DropLayersConfig.calib_batches
+    if args.quick:
+        args.train_epochs, args.finetune_epochs, args.repeats, criteria = 1, 1, 5, ["l2"]
+        args.layer_counts, args.layer_calib = (2,), 1
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, reference = trained_reference(tmp, args.train_epochs)
+        cnn = {"data": data, "model": reference, "criteria": criteria, "acc": accuracy(reference, data.test),
+               "macs": count_macs(reference, data.example_batch(1)), "params": count_params(reference),
+               "bytes": file_bytes(write_checkpoint(reference, Path(tmp) / "ref", {"name": "-"}, [])
+                                   / "model.safetensors")}
+        mini = load_minilm(tmp)
+        heads_rows: list[dict] = []
+        if args.only in ("all", "channels"):
+            body, heads_rows = channel_section(args, tmp, cnn, mini)
+            update_section(args.out, "prune_structured", body)
+            print(body)
+        if args.only in ("all", "layers"):
+            body = layers_section(args, tmp, cnn, mini, heads_rows)
+            update_section(args.out, "prune_layers", body)
+            print(body)
 
 
 if __name__ == "__main__":
