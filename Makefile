@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-pipelines clean
+.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
+	bench-pipelines bench-distill bench-lowrank bench-deep-compression clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +42,24 @@ bench-sparsity: $(VENV)/.bench
 	$(BIN)/python benchmarks/sparsity.py --out BENCHMARKS.md
 
 # issue 5: MiniLM INT8 vs ONNX Runtime / torch.ao, then low-bit formats, GPTQ and QAT on the CNN
-bench-quantize: $(VENV)/.bench
+bench-quantize: bench-quantize-int8 bench-quantize-lowbit
+
+bench-quantize-int8: $(VENV)/.bench
 	$(BIN)/python benchmarks/quantize_int8.py --out BENCHMARKS.md
+
+bench-quantize-lowbit: $(VENV)/.bench
 	$(BIN)/python benchmarks/quantize_lowbit.py --out BENCHMARKS.md
 
 # issue 6: distillation, low-rank factorization and Deep Compression, one after the other
-bench-pipelines: $(VENV)/.bench
+bench-pipelines: bench-distill bench-lowrank bench-deep-compression
+
+bench-distill: $(VENV)/.bench
 	$(BIN)/python benchmarks/distill.py --out BENCHMARKS.md
+
+bench-lowrank: $(VENV)/.bench
 	$(BIN)/python benchmarks/lowrank.py --out BENCHMARKS.md
+
+bench-deep-compression: $(VENV)/.bench
 	$(BIN)/python benchmarks/deep_compression.py --out BENCHMARKS.md
 
 clean:

@@ -118,7 +118,7 @@ def render(args, base, steps, clusters, quants) -> str:
     verdict = (f"Smallest within 0.5 points of dense accuracy: **{best[0]}**, {best[1]:,} bytes "
                f"({base['plain'] / best[1]:.1f}x smaller than the plain fp32 file; {best[2]})."
                if best else "No compressed model stayed within 0.5 points of dense accuracy in this run.")
-    return (f"## Deep Compression on the MNIST-1D CNN (`python benchmarks/deep_compression.py`)\n\n"
+    return (f"## Deep Compression on the MNIST-1D CNN (`make bench-deep-compression`)\n\n"
             f"Reference CNN trained {args.train_epochs} epochs: {base['acc']:.1%} test accuracy "
             f"({base['n']:,} test samples: one sample is {1 / base['n']:.2%}). Pipeline (Han et al. 2016): global "
             f"magnitude pruning to {args.sparsity:.0%} zeros of every Conv/Linear weight with {args.finetune_epochs} "

@@ -122,7 +122,7 @@ def _x(s: dict[int, float], b: int) -> str:
 
 
 def render(args, lm, cnn) -> str:
-    parts = [f"## Low-rank factorization (`python benchmarks/lowrank.py`)\n\n"
+    parts = [f"## Low-rank factorization (`make bench-lowrank`)\n\n"
              f"CPU, {args.threads} thread(s), torch eager; latency is the median of {args.repeats} interleaved "
              f"rounds (`compare_latency`) and a speedup is dense median / factorized median in the same call. "
              f"Ranks are allocated over all targeted layers by `LowRankConfig(param_ratio=...)` (greedy on "

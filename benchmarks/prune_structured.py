@@ -381,7 +381,7 @@ def layers_section(args, tmp, cnn: dict, mini: tuple, heads_rows: list[dict]) ->
                             f"{r['bytes']:,}", f"{r['speedup_b1']:.2f}x", f"{r['speedup_b32']:.2f}x",
                             f"{r['prune_s']:.1f}"]))
     quick = " QUICK RUN: not the reference figures." if args.quick else ""
-    return (f"## Layer and kernel pruning (`make bench-prune-structured`)\n\n"
+    return (f"## Layer and kernel pruning (`make bench-prune-layers`)\n\n"
             f"Written by `benchmarks/prune_structured.py` (alone: `--only layers`). No peer tool prunes whole "
             f"layers or regroups convolutions, so the reference is our own channel/head pruning at the same "
             f"MAC count, measured in the same run.{quick}\n\n"

@@ -361,7 +361,7 @@ def verdict(lm: dict | None, base: dict | None, cnn: dict | None) -> str:
 
 def render(args, lm, base, cnn) -> str:
     quick = " QUICK RUN: not the reference figures." if args.quick else ""
-    head = (f"## Low-bit quantization (`python benchmarks/quantize_lowbit.py`)\n\nCPU, "
+    head = (f"## Low-bit quantization (`make bench-quantize-lowbit`)\n\nCPU, "
             f"{torch.get_num_threads()} threads, torch eager, one run.{quick}")
     parts = [head]
     if lm:
