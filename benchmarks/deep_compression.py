@@ -125,8 +125,8 @@ def render(args, base, steps, clusters, quants) -> str:
             f"epoch(s) of masked fine-tune; k-means weight sharing per layer (linear init, zeros kept as their "
             f"own value, so 2^b - 1 centroids) then {args.cluster_epochs} epoch(s) of fine-tune of the centroids only "
             f"(lr {args.cluster_lr}); Huffman coding of the indices. 'file' is the safetensors file nncompress writes "
-            f"(smallest exact codec per tensor: today a tensor is either bitmask-sparse or codebook-packed, not "
-            f"both); 'computed' rows replace the clustered weights' stored bytes in that file by the size the "
+            f"(smallest exact codec per tensor; a pruned and clustered weight is a 1-bit mask plus packed "
+            f"indices of its nonzeros and the codebook); 'computed' rows replace the clustered weights' stored bytes in that file by the size the "
             f"cluster stage records (exact bit counts, not written). Ratio is against the plain fp32 file. "
             f"CPU, one seed.{' QUICK RUN: not the reference figures.' if args.quick else ''}\n\n"
             + table(["model", "accuracy", "vs dense", "bytes", "ratio", "bytes are"], rows) + "\n\n" + verdict)
