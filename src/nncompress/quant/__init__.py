@@ -14,7 +14,7 @@ Importing this package registers the transforms `quantize`, `gptq`, `qat`, `smoo
 (`storage`: quantized weights saved as bit-packed integer codes).
 """
 from .bn_fold import equalization_scales, equalize, find_conv_bn_pairs, find_equalization_pairs, fold_batchnorm
-from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantLinear, QuantSpec, QuantWrapper, STEQuantize,
+from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantEmbedding, QuantLinear, QuantSpec, QuantWrapper, STEQuantize,
                          calibrating, dorefa_weight, format_from_dict, format_to_dict, granularity_from_dict,
                          lsq_quantize, pact_quantize, qparams, quantize_ste, quantize_values, wrap)
 from .gptq import GPTQConfig, gptq_quantize, gptq_transform
@@ -22,7 +22,7 @@ from .observers import kl_threshold, observe
 from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity, quantize
 from .smoothquant import (SmoothedLinear, SmoothGroup, SmoothQuantConfig, activation_maxima, find_smooth_groups,
                           migrate_into_norm, smoothing_scales, smoothquant_transform, weight_input_max)
-from .qat import QATConfig, convert, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
+from .qat import QATConfig, convert, frozen_weight_quant, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
 from .storage import WeightCodes, dequantize_codes, storage_hints, weight_codes
 from . import native  # noqa: F401,E402  (registers int8_dynamic: torch-native int8 Linear)
 
@@ -30,7 +30,7 @@ __all__ = [
     "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig",
     "quantize", "quantization_aware_training", "gptq_transform", "gptq_quantize",
     "prepare_qat", "convert", "refresh_weight_scales", "kd_loss",
-    "FakeQuant", "QuantWrapper", "QuantLinear", "QuantConv", "wrap", "calibrating", "calibrate", "bias_correct",
+    "FakeQuant", "QuantWrapper", "QuantLinear", "QuantConv", "QuantEmbedding", "frozen_weight_quant", "wrap", "calibrating", "calibrate", "bias_correct",
     "quant_sensitivity", "STEQuantize", "GradScale", "quantize_ste", "quantize_values", "qparams",
     "lsq_quantize", "pact_quantize", "dorefa_weight", "format_from_dict", "format_to_dict", "granularity_from_dict",
     "observe", "kl_threshold",

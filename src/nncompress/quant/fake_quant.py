@@ -19,6 +19,7 @@ channel is per output channel, per group runs along the flattened fan-in.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -38,6 +39,8 @@ from ..formats import (MXFP4, MXFP6, MXFP6_E3M2, MXFP8, MXFP8_E5M2, MXINT8, Bina
                        PerTensor, Pow2Format, ScaledCodebook, TernaryFormat, expand_scale, fake_quantize, group_amax,
                        int_qparams)
 from . import observers as _observers  # noqa: F401  (registers the observers a spec names)
+
+_RECORD_LIST_MAX = 64  # record tensors up to this size as readable lists, larger ones as base64 bytes
 from .observers import grid_max
 
 EPS = torch.finfo(torch.float32).eps
@@ -446,13 +449,21 @@ class FakeQuant(nn.Module):
     # ---- manifest ----------------------------------------------------------------------------
 
     def to_record(self) -> dict[str, Any]:
-        """The spec and every tensor this quantizer holds, as JSON-able lists."""
+        """The spec and every tensor this quantizer holds, JSON-able: small tensors as lists, larger
+        ones as base64 of their little-endian bytes (a list of per-row scales of a 30k-token embedding
+        is megabytes of decimal text in the manifest; the bytes are exact and a quarter of that)."""
         tensors = {}
         for name in ("scale", "zero_point", "step", "alpha"):
             t = getattr(self, name)
             if t is not None:
-                tensors[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                                 "values": t.detach().cpu().flatten().tolist()}
+                t = t.detach().cpu().contiguous()
+                entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                if t.numel() <= _RECORD_LIST_MAX:
+                    entry["values"] = t.flatten().tolist()
+                else:
+                    entry["base64"] = base64.b64encode(t.numpy().astype(t.numpy().dtype.newbyteorder("<"))
+                                                       .tobytes()).decode("ascii")
+                tensors[name] = entry
         return {"role": self.role, "spec": self.spec.to_dict(), "tensors": tensors}
 
     @classmethod
@@ -460,7 +471,12 @@ class FakeQuant(nn.Module):
         """Rebuild a quantizer from `to_record` output, without data."""
         fq = cls(QuantSpec.from_dict(record["spec"]), record["role"])
         for name, t in record.get("tensors", {}).items():
-            value = torch.tensor(t["values"], dtype=getattr(torch, t["dtype"])).reshape(t["shape"])
+            dtype = getattr(torch, t["dtype"])
+            if "base64" in t:
+                raw = bytearray(base64.b64decode(t["base64"]))
+                value = torch.frombuffer(raw, dtype=dtype).reshape(t["shape"]).clone()
+            else:
+                value = torch.tensor(t["values"], dtype=dtype).reshape(t["shape"])
             if name in ("step", "alpha"):
                 setattr(fq, name, nn.Parameter(value))
             else:
@@ -534,8 +550,30 @@ class QuantConv(QuantWrapper):
         return self.base._conv_forward(x, w, self.base.bias)
 
 
+class QuantEmbedding(QuantWrapper):
+    """`nn.Embedding` with a fake-quantized table (V, D): weight only, since its inputs are indices.
+    Per channel (axis 0) is a scale per token row; per group runs along the embedding dimension.
+
+    >>> m = QuantEmbedding(nn.Embedding(10, 8), weight=QuantSpec(format=IntFormat(bits=4)))
+    >>> ids = torch.tensor([[1, 2], [3, 9]])
+    >>> torch.equal(m(ids), m.quantized_weight()[ids])
+    True
+    """
+
+    def __init__(self, base: nn.Module, weight: QuantSpec | FakeQuant | None = None,
+                 activation: QuantSpec | FakeQuant | None = None, calibrate_weight: bool = True):
+        if activation is not None:
+            raise NNCompressError("an embedding's input is token indices: quantize its weight only "
+                                  "(activation: null), or exclude it from the targets")
+        super().__init__(base, weight, None, calibrate_weight)
+
+    def _layer(self, x: Tensor, w: Tensor) -> Tensor:
+        b = self.base
+        return F.embedding(x, w, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+
 QUANTIZABLE: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv, nn.Conv2d: QuantConv,
-                                  nn.Conv3d: QuantConv}
+                                  nn.Conv3d: QuantConv, nn.Embedding: QuantEmbedding}
 
 
 def wrap(module: nn.Module, weight: QuantSpec | FakeQuant | None, activation: QuantSpec | FakeQuant | None = None,

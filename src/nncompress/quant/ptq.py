@@ -90,9 +90,13 @@ def call_model(model: nn.Module, inputs: Any, device: torch.device | None = None
 
 
 def quantizable_layers(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
-    """Targeted Linear/Conv layers (exact types) that are not already inside a quant wrapper."""
+    """Targeted Linear/Conv layers (exact types) that are not already inside a quant wrapper, and
+    `nn.Embedding` tables when `targets.types` names Embedding (weight only; never by default, so
+    existing recipes keep their float embeddings)."""
     inside = {id(m.base) for m in model.modules() if isinstance(m, QuantWrapper)}
-    return [(n, m) for n, m in targets.select(model) if type(m) in QUANTIZABLE and id(m) not in inside]
+    embeddings = any(t in ("Embedding", nn.Embedding) for t in targets.types)
+    return [(n, m) for n, m in targets.select(model) if type(m) in QUANTIZABLE and id(m) not in inside
+            and (embeddings or type(m) is not nn.Embedding)]
 
 
 def unwrap_layers(model: nn.Module, targets: Targets, names: list[str] | None = None) -> tuple[nn.Module, list[str]]:
@@ -112,7 +116,7 @@ def wrap_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], weight: Q
     wrappers = {}
     for name, layer in layers:
         try:
-            wrapper = wrap(layer, weight, activation)
+            wrapper = wrap(layer, weight, None if type(layer) is nn.Embedding else activation)  # ids: weight only
         except ConfigError as e:
             raise ConfigError(f"weight.granularity.{e.path}" if e.path else "weight.granularity",
                               f"layer {name!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)}): "
@@ -239,10 +243,11 @@ def quantize(model: nn.Module, config: QuantizeConfig, ctx: Context) -> nn.Modul
     model, wrappers = wrap_layers(model, layers, config.weight, config.activation)
     model.to(ctx.device)
     if needs_data:
+        biased = {n: w for n, w in wrappers.items() if type(w.base) is not nn.Embedding}   # no bias to correct
         means = calibrate(model, ctx.data.calib, config.calib_batches, ctx.device,
-                          input_means=wrappers if config.bias_correction else None)
+                          input_means=biased if config.bias_correction else None)
         if config.bias_correction:
-            ctx.record["bias_correction"] = {n: bias_correct(wrappers[n], means[n]).tolist() for n in wrappers}
+            ctx.record["bias_correction"] = {n: bias_correct(wrappers[n], means[n]).tolist() for n in biased}
     for name, w in wrappers.items():
         if w.input_quant is not None and not w.input_quant.ready:
             raise DataError(f"quantize: layer {name!r} saw no calibration input; it is not on the forward path "

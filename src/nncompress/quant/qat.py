@@ -11,16 +11,20 @@ way (their alpha is refitted from the weights at every forward).
 `bits_schedule: [8, 4, 2]` trains at each weight width in turn (progressive quantization, Zhuang
 et al. 2018), `epochs` at each; the activation format keeps its width.
 
-`convert` bakes exactly the tensors the fake-quant forward uses: weight-only layers become plain
-Linear/Conv modules holding the dequantized weights, layers with input quantization keep their
-(frozen) input quantizer around a baked base, so prepared and converted models agree bit for bit:
+`convert` freezes exactly the tensors the fake-quant forward uses, so prepared and converted models
+agree bit for bit. Integer weight grids (rtn, or LSQ whose learned step becomes the fixed scale) and
+binary / ternary weights keep an eval-mode wrapper with a frozen weight quantizer, so checkpoints store
+their weights as bit-packed codes (`quant.storage`); other weight formats (DoReFa, float grids) are
+baked in: weight-only layers become plain Linear/Conv modules, layers with input quantization keep
+their (frozen) input quantizer around the baked base.
 
 >>> from nncompress.formats import IntFormat
->>> m = prepare_qat(nn.Sequential(nn.Linear(4, 3)), QuantSpec(format=IntFormat(bits=4)))
+>>> m = prepare_qat(nn.Sequential(nn.Linear(4, 3)), QuantSpec(format=IntFormat(bits=4), method="lsq"))
 >>> x = torch.randn(2, 4)
 >>> y = m(x)                                           # fake-quant forward (straight-through backward)
->>> torch.equal(convert(m)(x), y), type(m[0]).__name__
-(True, 'Linear')
+>>> c = convert(m)
+>>> torch.equal(c(x), y), type(c[0]).__name__, c[0].weight_quant.spec.method
+(True, 'QuantLinear', 'rtn')
 """
 from __future__ import annotations
 
@@ -35,13 +39,14 @@ from ..core import ConfigError, Context, Targets, TrainConfig, check, fit, regis
 from ..core.errors import DataError, TargetError
 from ..core.train import make_optimizer
 from ..core.zeros import zero_keeper
-from ..formats import IntFormat, PerGroup
+from ..formats import BinaryFormat, IntFormat, PerGroup, TernaryFormat
 from .bn_fold import fold_batchnorm, set_module
-from .fake_quant import FakeQuant, QuantSpec, QuantWrapper
+from .fake_quant import EPS, FakeQuant, QuantSpec, QuantWrapper
 from .ptq import (batch_inputs, calibrate, call_model, layer_record, quantizable_layers, rebuild_layer, unwrap_layers,
                   wrap_layers)
 
-__all__ = ["QATConfig", "quantization_aware_training", "prepare_qat", "convert", "refresh_weight_scales", "kd_loss"]
+__all__ = ["QATConfig", "quantization_aware_training", "prepare_qat", "convert", "frozen_weight_quant",
+           "refresh_weight_scales", "kd_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +116,8 @@ def prepare_qat(model: nn.Module, weight: QuantSpec, activation: QuantSpec | Non
             raise ConfigError("activation", "initialising activation quantizers needs calibration data")
         calibrate(model, calib, calib_batches, device)
         for w in wrappers.values():
-            w.input_quant.track = w.input_quant.spec.method == "rtn"
+            if w.input_quant is not None:  # embeddings are weight only
+                w.input_quant.track = w.input_quant.spec.method == "rtn"
     return model
 
 
@@ -122,23 +128,51 @@ def refresh_weight_scales(model: nn.Module) -> None:
             w.calibrate_weight()
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Bake the quantized weights in (see the module docstring); returns the model, in eval mode.
+def frozen_weight_quant(fq: FakeQuant) -> FakeQuant | None:
+    """A quantizer with fixed qparams that computes what `fq` computes in eval mode, for formats whose
+    codes checkpoints store bit-packed; None for the others (DoReFa, float grids, ...).
 
-    Weight-only wrappers become plain modules; wrappers with an input quantizer keep it, frozen.
+    rtn keeps its scale; LSQ's learned step becomes the scale (|step| clamped as the forward does,
+    zero point 0); binary / ternary fit their alpha from the weight and have no state to freeze."""
+    fmt, method = fq.fmt, fq.spec.method
+    if isinstance(fmt, (BinaryFormat, TernaryFormat)):
+        return fq
+    if not isinstance(fmt, IntFormat) or method not in ("rtn", "lsq") or not fq.ready:
+        return None
+    fq.finish()
+    frozen = FakeQuant(dataclasses.replace(fq.spec, method="rtn"), "weight")
+    with torch.no_grad():
+        if method == "lsq":
+            scale = fq.step.detach().abs().clamp_min(EPS).clone()                # lsq_quantize's |s|, clamped
+            frozen.scale, frozen.zero_point = scale, torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            frozen.scale, frozen.zero_point = fq.scale.detach().clone(), fq.zero_point.detach().clone()
+    return frozen
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze the quantized weights (see the module docstring); returns the model, in eval mode.
+
+    Wrappers whose weight format stores as packed codes keep a frozen weight quantizer; the others bake
+    the dequantized weight in (weight-only ones become plain modules). Input quantizers stay, frozen.
     """
     model.eval()
     for name, w in _wrappers(model):
-        if w.input_quant is None:
+        frozen = frozen_weight_quant(w.weight_quant) if w.weight_quant is not None else None
+        if frozen is not None:
+            w.weight_quant = frozen
+        elif w.input_quant is None:
             model = set_module(model, name, w.merge())
             continue
-        with torch.no_grad():
-            baked = w.quantized_weight().detach().clone()
-        w.base.weight = nn.Parameter(baked, requires_grad=w.base.weight.requires_grad)
-        w.weight_quant = None
-        w.input_quant.track = False
-        for p in w.input_quant.parameters():
-            p.requires_grad_(False)
+        else:
+            with torch.no_grad():
+                baked = w.quantized_weight().detach().clone()
+            w.base.weight = nn.Parameter(baked, requires_grad=w.base.weight.requires_grad)
+            w.weight_quant = None
+        if w.input_quant is not None:
+            w.input_quant.track = False
+            for p in w.input_quant.parameters():
+                p.requires_grad_(False)
     return model
 
 
