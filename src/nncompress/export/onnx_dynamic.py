@@ -48,7 +48,7 @@ from ..eval.measure import Inputs
 from ..quant.bn_fold import set_module
 from ..quant.native import Int8DynamicLinear
 from .onnx import export_onnx
-from .onnx_qdq import _dead, _find_layer, qdq_op_counts, quantize_gather_tables, verify_onnx
+from .onnx_qdq import _find_layer, qdq_op_counts, quantize_gather_tables, replace_graph, verify_onnx
 
 __all__ = ["export_dynamic_onnx", "qdq_op_counts"]
 
@@ -145,14 +145,5 @@ def _insert_dynamic(proto: Any, plans: dict[str, dict[str, Any]]) -> None:
                                       name=f"{tag}.rescale"))
         if has_bias:
             nodes.append(helper.make_node("Add", [f"{tag}.y", node.input[2]], [out], name=f"{tag}.bias"))
-    missing = sorted(n for n in set(plans) - done if not _dead(plans[n], g.initializer))
-    if missing:
-        raise UnsupportedOpError(f"{missing[0]}: no MatMul/Gemm in the exported graph holds this layer's weight "
-                                 "(the exporter rewrote it); export with exporter='torchscript' or file an issue")
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep + added)
-    del g.node[:]
-    g.node.extend(nodes)
+    replace_graph(g, plans, done, nodes, added, "MatMul/Gemm")
 

@@ -231,16 +231,7 @@ def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool
                     name=f"{tag}.bias_dq", axis=0))
                 node.input[2] = f"{tag}.bias_dq"
         nodes.append(node)
-    missing = sorted(n for n in set(plans) - done if not _dead(plans[n], g.initializer))
-    if missing:
-        raise UnsupportedOpError(f"{missing[0]}: no Conv/Gemm/MatMul in the exported graph holds this layer's "
-                                 "weight (the exporter rewrote it); export with exporter='torchscript' or file an issue")
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep + added)
-    del g.node[:]
-    g.node.extend(nodes)
+    replace_graph(g, plans, done, nodes, added, "Conv/Gemm/MatMul")
     if max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0) < 13:
         raise UnsupportedOpError("per-channel DequantizeLinear needs ONNX opset >= 13; export with opset=13 or newer")
 
@@ -280,6 +271,22 @@ def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], co
     nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.input_q", s, z], [f"{tag}.input_dq"],
                                   name=f"{tag}.input_dq"))
     node.input[0] = f"{tag}.input_dq"
+
+
+def replace_graph(g: Any, plans: dict[str, Any], done: set[str], nodes: list[Any], added: list[Any],
+                  ops: str) -> None:
+    """Install the rewritten `nodes` and the `added` initializers in graph `g`, dropping unused ones;
+    every planned layer must have been rewritten (`done`) unless the exporter removed it as dead code."""
+    missing = sorted(n for n in set(plans) - done if not _dead(plans[n], g.initializer))
+    if missing:
+        raise UnsupportedOpError(f"{missing[0]}: no {ops} in the exported graph holds this layer's weight "
+                                 "(the exporter rewrote it); export with exporter='torchscript' or file an issue")
+    used = {i for n in nodes for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + added)
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def verify_onnx(model: nn.Module, inputs: Inputs, target: Path, tolerance: float, *, label: str = "QDQ ONNX",
