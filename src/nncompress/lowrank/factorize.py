@@ -23,6 +23,7 @@ the same shapes from it alone, then the factors load from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Literal
 
@@ -236,21 +237,24 @@ def _whitenings(model: nn.Module, linears: list[nn.Module], config: LowRankConfi
         x = args[0].detach().reshape(-1, m.in_features).double()  # (tokens, I)
         grams[id(m)] = grams.get(id(m), 0) + x.T @ x  # (I, I)
 
-    handles = [m.register_forward_hook(hook) for m in linears]
+    _forward_with_hooks(model, linears, hook, itertools.islice(ctx.data.calib, config.calib_batches))
+    return {k: whitening(g) for k, g in grams.items()}
+
+
+def _forward_with_hooks(model: nn.Module, modules: list[nn.Module], hook: Any, batches: Any) -> None:
+    """Run `batches` through `model` in eval mode without grad with `hook` on `modules`; restore after."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     try:
         model.eval()
         dev = next(model.parameters()).device
         with torch.no_grad():
-            for i, batch in enumerate(ctx.data.calib):
-                if i >= config.calib_batches:
-                    break
+            for batch in batches:
                 _call(model, batch, dev)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {k: whitening(g) for k, g in grams.items()}
 
 
 def _call(model: nn.Module, batch: Any, dev: torch.device) -> None:
@@ -276,17 +280,7 @@ def _io_shapes(model: nn.Module, modules: list[nn.Module], ctx: Context) -> dict
     def hook(m, args, out):
         shapes.setdefault(id(m), (tuple(args[0].shape), tuple(out.shape)))
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            _call(model, inputs, dev)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _forward_with_hooks(model, modules, hook, [inputs])
     missing = [m for m in modules if id(m) not in shapes]
     if missing:
         raise ConfigError("mac_ratio", f"{len(missing)} targeted layer(s) did not run on the example input; "
