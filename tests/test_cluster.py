@@ -12,10 +12,10 @@ from helpers import TinyData
 from safetensors import safe_open
 
 import nncompress
+from nncompress.core import MergeConfig, TargetError
 from nncompress.cluster import (
     ClusterConfig,
     ClusteredLayer,
-    MergeClustersConfig,
     assignment_from_values,
     cluster_weight,
     clustered,
@@ -191,7 +191,7 @@ def test_stage_distinct_values_zeros_and_merge(bits, granularity):
         assert max(int(r.unique().numel()) for r in rows) <= 2 ** bits  # zero included
         assert torch.equal(w == 0, zeros[name])
     y = out(x)
-    merged = apply(out, MergeClustersConfig())
+    merged = apply(out, MergeConfig())
     assert not clustered_layers(merged) and torch.equal(merged(x), y)
 
 
@@ -224,14 +224,19 @@ def test_finetune_trains_the_centroids_not_the_assignment():
         assert torch.equal(shared == 0, w == 0) and shared.unique().numel() <= 8
 
 
-def test_second_stage_skips_clustered_layers_and_composes():
+def test_second_stage_reclusters_the_values_it_targets():
     model = small_cnn()
     model = apply(model, ClusterConfig(bits=5), targets=Targets(types=("Conv1d",)))
     n_conv = len(clustered_layers(model))
-    model = apply(model, ClusterConfig(bits=2), targets=Targets(types=("Conv1d", "Linear")))
+    x = torch.randn(2, 40)
+    model = apply(model, ClusterConfig(bits=5), targets=Targets(types=("Linear",)))
     layers = clustered_layers(model)
-    assert len(layers) == n_conv + 1 and layers["fc"].k == 4
-    assert all(layer.k == 32 for n, layer in layers.items() if n != "fc")
+    assert len(layers) == n_conv + 1 and all(layer.k == 32 for layer in layers.values())
+    fc = layers["fc"].shared_weight().detach().clone()
+    fewer = apply(model, ClusterConfig(bits=2), targets=Targets(types=("Conv1d",)))  # the shared values, clustered
+    after = clustered_layers(fewer)
+    assert all(after[n].k <= 4 for n in layers if n != "fc") and torch.equal(after["fc"].shared_weight(), fc)
+    assert fewer(x).shape == (2, 3)
 
 
 def test_tied_weights_are_left_alone():
@@ -245,14 +250,14 @@ def test_tied_weights_are_left_alone():
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="bits"):
         ClusterConfig(bits=9)
-    with pytest.raises(ConfigError, match="targets"):
+    with pytest.raises(TargetError, match="cluster: no Linear/Conv layer among the targets"):
         apply(nn.Sequential(nn.ReLU()), ClusterConfig())
 
 
 def test_recipe_stage_round_trips():
     raw = {"model": {"name": "mlp"}, "data": "digits",
            "stages": [{"kind": "cluster", "bits": 5, "granularity": "channel", "targets": {"types": ["Linear"]}},
-                      {"kind": "merge_clusters"}]}
+                      {"kind": "merge"}]}
     recipe = parse_recipe(raw)
     assert recipe.stages[0].config == ClusterConfig(bits=5, granularity="channel")
     assert ClusterConfig.from_dict(recipe.stages[0].config.to_dict()) == recipe.stages[0].config
@@ -282,7 +287,7 @@ def test_save_load_exact_with_b_bit_indices(tmp_path, granularity, merge):
     data = TinyData(torch.randn(16, 40), torch.randint(0, 3, (16,)))
     model = apply(model, FinetuneConfig(epochs=1, lr=1e-2), context=Context(data=data)).eval()
     if merge:
-        model = apply(model, MergeClustersConfig())
+        model = apply(model, MergeConfig())
     x = torch.randn(4, 40)
     y = model(x)
     nncompress.save(model, tmp_path / "m")

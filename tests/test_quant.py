@@ -1,5 +1,6 @@
 """quant/: observers, fake quantization, PTQ, QAT, BN folding, equalization (tiny, seeded, with oracles)."""
 import copy
+import dataclasses
 import doctest
 import math
 
@@ -13,9 +14,9 @@ from nncompress.core import ConfigError, Context, NNCompressError, TrainConfig, 
 from nncompress.formats import (MXFP4, BinaryFormat, FloatFormat, IntFormat, PerChannel, PerGroup, PerTensor,
                                 TernaryFormat, expand_scale)
 from nncompress.quant import (QATConfig, QuantizeConfig, QuantLinear, QuantSpec, STEQuantize, bias_correct, quantize_values,
-                              calibrate, calibrating, convert, equalization_scales, equalize,
+                              calibrate, calibrating, equalization_scales, equalize,
                               find_equalization_pairs, fold_batchnorm, kl_threshold, lsq_quantize, observe,
-                              prepare_qat, quant_sensitivity, refresh_weight_scales, wrap)
+                              quant_sensitivity, refresh_weight_scales, wrap)
 from nncompress.quant import GPTQConfig, gptq_quantize
 from nncompress.quant import bn_fold, fake_quant, gptq, observers, ptq, qat
 from nncompress.quant.observers import _histogram, kl_observer
@@ -221,7 +222,8 @@ def test_fake_quant_weights_land_on_grid_and_merge_keeps_numbers(case):
     fq = wrapper.weight_quant
     w = wrapper.quantized_weight().flatten(1)                            # (O, I * k)
     scale = expand_scale(fq.scale, fq.granularity, w.shape)
-    zp = expand_scale(fq.zero_point, fq.granularity, w.shape)
+    zp = 0 if fq.zero_point is None else expand_scale(fq.zero_point, fq.granularity, w.shape)
+    assert (fq.zero_point is None) == fq.fmt.symmetric                   # symmetric grids store no zero point
     codes = w / scale + zp
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.round().min() >= fq.fmt.qmin and codes.round().max() <= fq.fmt.qmax
@@ -283,7 +285,8 @@ def test_replay_from_record_rebuilds_identical_model(digits):
     rec = history(q)[-1]["record"]
     assert rec["folded"] == [["conv1", "bn1"]] and rec["equalized"] == [["conv1", "conv2"]]
     assert set(rec["layers"]) == {"conv1", "conv2", "fc"}
-    again = replay(copy.deepcopy(model), history(q))                      # no data
+    again = replay(copy.deepcopy(model), history(q))                      # no data: the structure
+    again.load_state_dict(q.state_dict())                                 # ... and the checkpoint's tensors
     x = digits.example_batch(16)
     assert torch.equal(q(x), again(x))
     assert q.state_dict().keys() == again.state_dict().keys()
@@ -343,14 +346,15 @@ QAT_CASES = {
 @pytest.mark.parametrize("case", list(QAT_CASES))
 def test_qat_prepare_equals_convert_bit_for_bit(case, trained_mlp, digits):
     weight, act = QAT_CASES[case]
-    m = prepare_qat(copy.deepcopy(trained_mlp), weight, act, calib=digits.calib, calib_batches=2)
+    step = QATConfig(weight=weight, activation=act, calib_batches=2, step="prepare")
+    m = apply(copy.deepcopy(trained_mlp), step, context=Context(data=digits))
     first = m.net[0].base.weight.detach().clone()
     fit(m, digits.train, lambda mm, b: F.cross_entropy(mm(b[0]), b[1]), TrainConfig(epochs=1, max_steps=5),
         after_step=refresh_weight_scales)
     assert not torch.equal(first, m.net[0].base.weight)                  # it trained through the rounding
     m.eval()
     before = copy.deepcopy(m)
-    converted = convert(m)
+    converted = apply(m, dataclasses.replace(step, step="convert"))
     x = digits.example_batch(64)
     with torch.no_grad():
         assert torch.equal(before(x), converted(x))

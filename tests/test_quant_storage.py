@@ -173,7 +173,7 @@ def test_embedding_weight_quantization_saves_packed_and_reloads(tmp_path, spec):
     with torch.no_grad():
         assert torch.equal(q.emb(ids), q.emb.quantized_weight()[ids])
     nncompress.save(q, tmp_path / "m", source={"name": "test_quant_storage:token_classifier"})
-    again = nncompress.load(tmp_path / "m")
+    again = nncompress.load(tmp_path / "m", trust_code=True)
     with torch.no_grad():
         assert torch.equal(again(ids), q(ids))
     path = tmp_path / "m" / "model.safetensors"

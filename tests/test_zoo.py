@@ -281,7 +281,7 @@ def test_bad_import_and_unknown_names_raise_model_load_errors():
     with pytest.raises(ModelLoadError, match=r"cannot import module 'no_such_pkg_xyz\.models'.*importable") as info:
         build_model({"name": "no_such_pkg_xyz.models:make"})
     assert "\n" not in str(info.value) and sys.path == before
-    with pytest.raises(ModelLoadError, match="known: mlp, mnist1d_cnn"):
+    with pytest.raises(ModelLoadError, match="known: hf_config, mlp, mnist1d_cnn"):
         build_model({"name": "resnet1000"})
     with pytest.raises(ModelLoadError, match="name"):
         build_model({"kwargs": {}})

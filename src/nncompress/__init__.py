@@ -6,12 +6,12 @@
     nncompress.save(model, "out/")          # safetensors + manifest, no pickle
     same = nncompress.load("out/")          # rebuilt architecture, identical outputs
 """
-from .core import (Config, ConfigError, Context, NNCompressError, Targets, TrainConfig, apply,
-                   history, names, register)
+from .core import (CompositionError, Config, ConfigError, Context, NNCompressError, Targets, TrainConfig, apply,
+                   history, merge, names, register)
 from . import cluster, distill, lowrank, prune, quant  # noqa: F401  (importing registers their stages)
 from .saving import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "Context", "NNCompressError", "Targets", "TrainConfig", "apply",
-           "history", "load", "names", "register", "save", "__version__"]
+__all__ = ["CompositionError", "Config", "ConfigError", "Context", "NNCompressError", "Targets", "TrainConfig",
+           "apply", "history", "load", "merge", "names", "register", "save", "__version__"]

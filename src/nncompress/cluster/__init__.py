@@ -7,8 +7,7 @@
 """
 from .clustered import ClusteredLayer, assignment_from_values
 from .kmeans import cluster_weight, huffman_bits, huffman_lengths, index_bits, init_centroids, kmeans_1d
-from .stage import ClusterConfig, MergeClustersConfig, cluster, layer_cost, merge_clusters
+from .stage import ClusterConfig, layer_cost
 
-__all__ = ["ClusterConfig", "ClusteredLayer", "MergeClustersConfig", "assignment_from_values", "cluster",
-           "cluster_weight", "huffman_bits", "huffman_lengths", "index_bits", "init_centroids", "kmeans_1d",
-           "layer_cost", "merge_clusters"]
+__all__ = ["ClusterConfig", "ClusteredLayer", "assignment_from_values", "cluster_weight", "huffman_bits",
+           "huffman_lengths", "index_bits", "init_centroids", "kmeans_1d", "layer_cost"]

@@ -30,19 +30,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core import Wrapper, wrapper
 from ..core.errors import ModelLoadError
+from ..core.surgery import cut_plain, keep_indices
 from .kmeans import Init, cluster_weight
 
 CLUSTERABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class ClusteredLayer(nn.Module):
+@wrapper("clustered")
+class ClusteredLayer(Wrapper):
     """A Linear / Conv computing with shared weights `centroids[g, assignment]` (see the module doc).
 
     base:        the original layer; its weight no longer trains (`requires_grad=False`)
     centroids:   (G, K) the trainable codebook, one row per group
     assignment:  (G, numel / G) int64 in [0, K]; K is the zero slot
     """
+
+    holds_values = True
+    rewrap_types = CLUSTERABLE
 
     def __init__(self, base: nn.Module, centroids: Tensor, assignment: Tensor):
         super().__init__()
@@ -101,6 +107,41 @@ class ClusteredLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, groups={self.groups}"
+
+    # ---- the wrapper protocol (core.surgery) ----------------------------------------------------
+
+    @property
+    def stands_for(self) -> type:
+        return type(self.base)
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"base": child(self.base), "k": self.k, "groups": self.groups}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> "ClusteredLayer":
+        return cls.empty(child(desc["base"]), int(desc["k"]), int(desc["groups"]))
+
+    def rewrap(self, layer: nn.Module, first: bool) -> "ClusteredLayer":
+        """`layer` clustered the same way (k shared values per layer, or per output channel)."""
+        per_channel = self.groups > 1 and self.groups == self.base.weight.shape[0]
+        return ClusteredLayer.from_layer(layer, self.k, "channel" if per_channel else "layer")
+
+    def cut(self, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+        """Keep the same entries of the base and of the assignment (viewed in the weight's shape); a
+        per-channel codebook keeps the rows of the kept channels."""
+        shape = self.base.weight.shape
+        assign = self.assignment.reshape(shape)                           # (O, I, k...) as the weight
+        for dim, keep in cuts.get("weight", {}).items():
+            idx = torch.as_tensor(keep, dtype=torch.long, device=assign.device)
+            assign = assign.index_select(dim, idx)
+            if dim == 0 and self.groups > 1:
+                keep_indices(self, "centroids", 0, keep)
+        cut_plain(self.base, cuts, attrs)
+        self.base.weight.requires_grad_(False)
+        self.assignment = assign.reshape(self.groups, -1).clone()
+
+    def summary(self) -> str:
+        return f"clustered ({self.k} shared values per {'channel' if self.groups > 1 else 'layer'})"
 
 
 def _refresh_base_weight(module: ClusteredLayer, prefix: str, keep_vars: bool) -> None:

@@ -1,4 +1,4 @@
-"""The `cluster` stage (weight sharing by k-means) and `merge_clusters` (back to plain layers).
+"""The `cluster` stage: weight sharing by k-means (`merge` turns clustered layers back into plain ones).
 
     model = nncompress.apply(model, ClusterConfig(bits=4), targets=Targets(types=("Conv1d", "Linear")))
     model = nncompress.apply(model, FinetuneConfig(epochs=2), context=Context(data=data))  # trains centroids
@@ -17,8 +17,8 @@ values per tensor, which that codec only takes when G * 2^b <= 256; beyond, the 
 to the generic codecs (bitmask / dense) and `packed_bytes` in the record is what a per-row codebook
 codec would write. Zeros are kept so that the bitmask codec could compose with the codebook one.
 
-On load the stage replays from its record (the layer names and codebook shapes); the codebook and
-the assignment come from the checkpoint (see `ClusteredLayer`).
+The layers are recorded as swaps (their codebook shapes); the codebook and the assignment come from
+the checkpoint on load (see `ClusteredLayer`). A quantized or int8 layer is clustered from its values.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from ..core import Config, ConfigError, Context, check, register
+from ..core import Config, ConfigError, Context, Site, check, layer_transform
 from .clustered import CLUSTERABLE, ClusteredLayer
 from .kmeans import huffman_bits, huffman_lengths, index_bits
 
@@ -58,40 +58,12 @@ class ClusterConfig(Config):
         check(self.iters >= 1, "iters", f"must be >= 1, got {self.iters}")
 
 
-@dataclasses.dataclass(frozen=True)
-class MergeClustersConfig(Config):
-    """No options: every `ClusteredLayer` becomes its plain layer with the shared weights."""
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name) if name else model
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace the submodule `name` (dotted) by `new`; returns the model (`new` itself for name "")."""
-    if not name:
-        return new
-    parent, _, attr = name.rpartition(".")
-    setattr(get_module(model, parent), attr, new)
-    return model
-
-
-def clusterable_layers(model: nn.Module, ctx: Context, skipped: dict[str, str]) -> dict[str, nn.Module]:
-    """The targeted Linear / Conv layers that are not already clustered (nor inside a wrapper);
-    layers whose weight is tied to another module's land in `skipped` (clustering would rewrite both)."""
-    inside = {id(m.base) for m in model.modules() if isinstance(m, ClusteredLayer)}
+def _tied(model: nn.Module) -> set[int]:
+    """ids of parameters used by more than one module (tied embeddings): clustering would rewrite both."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    layers = {}
-    for name, m in ctx.targets.select(model):
-        if not isinstance(m, CLUSTERABLE) or id(m) in inside or isinstance(m, ClusteredLayer):
-            continue
-        if uses.get(id(m.weight), 0) > 1:
-            skipped[name] = "weight tied to another module"
-            continue
-        layers[name] = m
-    return layers
+    return {k for k, n in uses.items() if n > 1}
 
 
 def layer_cost(layer: ClusteredLayer) -> dict[str, Any]:
@@ -122,22 +94,18 @@ def layer_cost(layer: ClusteredLayer) -> dict[str, Any]:
             "max_code_length": max(huffman_lengths(counts))}
 
 
-@register("cluster", config=ClusterConfig)
-def cluster(model: nn.Module, config: ClusterConfig, ctx: Context) -> nn.Module:
+@layer_transform("cluster", config=ClusterConfig, layers=CLUSTERABLE, on_wrapped="merge", what="Linear/Conv")
+def _cluster(model: nn.Module, config: ClusterConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Share weights: k-means each targeted Linear / Conv weight into 2^bits values."""
-    if ctx.replay:
-        for name, info in ctx.record.get("layers", {}).items():
-            model = set_module(model, name, ClusteredLayer.empty(get_module(model, name), info["k"], info["groups"]))
-        return model
     skipped: dict[str, str] = {}
-    layers = clusterable_layers(model, ctx, skipped)
-    if not layers:
-        raise ConfigError("targets", "no Linear or Conv layer to cluster (already clustered ones are skipped"
-                          + (f"; skipped: {skipped}" if skipped else "") + "); widen targets, e.g. "
-                          "types: [Linear, Conv1d]")
+    tied = _tied(model)
     gen = torch.Generator().manual_seed(config.seed)
     records: dict[str, dict[str, Any]] = {}
-    for name, layer in layers.items():
+    for site in sites:
+        layer = site.layer
+        if id(layer.weight) in tied:
+            skipped[site.name] = "weight tied to another module"
+            continue
         w = layer.weight.detach()
         has_zeros = config.keep_zeros and bool((w == 0).any())
         k = 2 ** config.bits - int(has_zeros)  # the zero value takes one of the 2^b indices
@@ -146,8 +114,10 @@ def cluster(model: nn.Module, config: ClusterConfig, ctx: Context) -> nn.Module:
             k = max(1, min(k, distinct))  # a tiny layer with fewer values than clusters keeps them all
         wrapped = ClusteredLayer.from_layer(layer, k, config.granularity, config.init, config.keep_zeros,
                                             config.iters, gen).to(w.device)
-        model = set_module(model, name, wrapped)
-        records[name] = layer_cost(wrapped)
+        site.replace(wrapped)
+        records[site.name] = layer_cost(wrapped)
+    if not records:
+        raise ConfigError("targets", f"no Linear or Conv layer to cluster (skipped: {skipped}); widen targets")
     total = {key: sum(r[key] for r in records.values())
              for key in ("numel", "packed_bytes", "sparse_bytes", "huffman_bytes")}
     ctx.record.update(layers=records, **total, huffman_saved_bytes=total["packed_bytes"] - total["huffman_bytes"])
@@ -155,13 +125,4 @@ def cluster(model: nn.Module, config: ClusterConfig, ctx: Context) -> nn.Module:
         ctx.record["skipped"] = skipped
     ctx.log(f"cluster: {len(records)} layers, {total['packed_bytes']:,} bytes packed, "
             f"{total['huffman_bytes']:,} with Huffman")
-    return model
-
-
-@register("merge_clusters", config=MergeClustersConfig)
-def merge_clusters(model: nn.Module, config: MergeClustersConfig | None = None, ctx: Context | None = None
-                   ) -> nn.Module:
-    """Replace every `ClusteredLayer` by its plain layer with the shared weights (same outputs)."""
-    for name in [n for n, m in model.named_modules() if isinstance(m, ClusteredLayer)]:
-        model = set_module(model, name, get_module(model, name).merge())
-    return model
+    return sites[0].model

@@ -1,4 +1,5 @@
-"""`apply(model, config, targets=...)`: the one public verb.
+"""`apply(model, config, targets=...)`: the one public verb, and `layer_transform`, the decorator
+that turns "given this layer and my config, return the replacement" into a registered transform.
 
 >>> import torch.nn as nn
 >>> from nncompress.core.registry import names
@@ -8,36 +9,75 @@ True
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
 from .config import Config
 from .context import Context
-from .registry import lookup, transform_for
+from .errors import ConfigError, ModelLoadError, NNCompressError, TargetError
+from .registry import register, transform_for
+from .surgery import Edits, OnWrapped, Site, layer_sites, replay_edits
 from .targets import Targets
 
 HISTORY_ATTR = "_nncompress_history"
 SOURCE_ATTR = "_nncompress_source"
 
 
-def apply(model: nn.Module, config: Config, targets: Targets | None = None,
+def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any] | None = None,
           context: Context | None = None) -> nn.Module:
     """Apply the registered transform for `config` to `model` and return the model.
 
-    The application (config, targets and what the transform recorded) is appended to the model's
-    history, which `nncompress.save` writes to the manifest so `nncompress.load` can replay it.
+    The application (config, targets, what the transform recorded and the structural edits it made)
+    is appended to the model's history, which `nncompress.save` writes to the manifest so
+    `nncompress.load` can replay the edits.
     """
+    _check_call(model, config, context)
     ctx = copy.copy(context) if context is not None else Context()
     if targets is not None:
-        ctx.targets = targets
+        ctx.targets = _targets(targets)
     ctx.record = {}
-    out = transform_for(config).fn(model, config, ctx)
+    ctx.edits = Edits()
+    transform = transform_for(config)
+    try:
+        out = transform.fn(model, config, ctx)
+    except TargetError as e:  # name the stage the selection belongs to
+        text = str(e)
+        if not text.startswith(f"{config.kind}:"):
+            raise TargetError(f"{config.kind}: {text}") from None
+        raise
     if not isinstance(out, nn.Module):
         raise TypeError(f"transform {config.kind!r} returned {type(out).__name__}, not an nn.Module")
-    entry = {"config": config.to_dict(), "targets": ctx.targets.to_dict(), "record": ctx.record}
+    entry = {"config": config.to_dict(), "targets": ctx.targets.to_dict(), "record": ctx.record,
+             "edits": ctx.edits.finalize(out)}
     setattr(out, HISTORY_ATTR, history(model) + [entry])
+    if SOURCE_ATTR in vars(model) and out is not model:
+        setattr(out, SOURCE_ATTR, getattr(model, SOURCE_ATTR))
     return out
+
+
+def _check_call(model: Any, config: Any, context: Any) -> None:
+    """Typed errors for the usual slips when calling `apply` from Python."""
+    if isinstance(config, type) and issubclass(config, Config):
+        raise ConfigError("config", f"{config.__name__} is a config class; pass an instance, "
+                                    f"e.g. apply(model, {config.__name__}())")
+    if not isinstance(config, Config):
+        raise ConfigError("config", f"expected a config instance such as PruneConfig(ratio=0.5), got "
+                                    f"{type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+    if context is not None and not isinstance(context, Context):
+        raise ConfigError("context", f"expected nncompress.Context(...), got {type(context).__name__}")
+
+
+def _targets(targets: Any) -> Targets:
+    if isinstance(targets, Targets):
+        return targets
+    if isinstance(targets, Mapping):
+        return Targets.from_dict(dict(targets), "targets")
+    raise ConfigError("targets", f"expected Targets(include=..., types=...) or a mapping of those fields, got "
+                                 f"{type(targets).__name__}")
 
 
 def history(model: nn.Module) -> list[dict[str, Any]]:
@@ -46,13 +86,19 @@ def history(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def replay(model: nn.Module, entries: list[dict[str, Any]]) -> nn.Module:
-    """Re-run the structural part of each entry (used by `load`); weights come from the file."""
+    """Re-apply the structural edits of each entry (used by `load`); weights come from the file."""
     for i, entry in enumerate(entries):
-        kind = entry["config"]["kind"]
-        cfg = lookup(kind).config.from_dict(entry["config"], path=f"manifest.history[{i}]")
-        ctx = Context(targets=Targets.from_dict(entry.get("targets", {})), replay=True,
-                      record=dict(entry.get("record", {})))
-        model = transform_for(cfg).fn(model, cfg, ctx)
+        where = f"manifest.history[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("edits"), list):
+            raise ModelLoadError(f"{where}: no list of edits; the checkpoint was written by an older nncompress "
+                                 "(manifest version 1) or is corrupt: re-save the model with this version")
+        try:
+            model = replay_edits(model, entry["edits"], where)
+        except NNCompressError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{where}: cannot replay {entry.get('config', {}).get('kind', '?')!r} "
+                                 f"({type(e).__name__}: {e}); the manifest does not match the model source") from None
     setattr(model, HISTORY_ATTR, list(entries))
     return model
 
@@ -66,3 +112,33 @@ def tag_source(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Remember how `model` was built, so `save` can write it and `load` can rebuild it."""
     setattr(model, SOURCE_ATTR, {"name": spec["name"], "kwargs": dict(spec.get("kwargs") or {})})
     return model
+
+
+LayerFn = Callable[[nn.Module, Config, Context, list[Site]], nn.Module]
+
+
+def layer_transform(name: str, *, config: type[Config], layers: tuple[type, ...], on_wrapped: OnWrapped = "through",
+                    what: str = "") -> Callable[[LayerFn], LayerFn]:
+    """Register a transform that replaces layers (torchao's handler pattern).
+
+    The library selects the targeted layers of the `layers` classes, decides what the technique sees
+    where another technique already wrapped a layer (`on_wrapped`, see `surgery.layer_sites`), records
+    every `site.replace(new)` for replay, and raises a `TargetError` naming the stage when nothing is
+    selected. The decorated function gets `(model, config, ctx, sites)` and returns the model.
+
+        @layer_transform("lowrank", config=LowRankConfig, layers=(nn.Linear,))
+        def _lowrank(model, config, ctx, sites):
+            for site in sites:
+                site.replace(LowRankLinear.from_linear(site.layer, config.rank))
+            return model
+    """
+    def wrap(fn: LayerFn) -> LayerFn:
+        @functools.wraps(fn)
+        def transform(model: nn.Module, cfg: Config, ctx: Context) -> nn.Module:
+            sites = layer_sites(model, ctx.targets, ctx.edits, layers, name, on_wrapped, what)
+            out = fn(model, cfg, ctx, sites)
+            return sites[0].model if out is model and sites[0].model is not model else out
+
+        register(name, config=config)(transform)
+        return fn
+    return wrap

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .surgery import Edits
 from .targets import Targets
 
 
@@ -18,10 +19,10 @@ class Context:
     data:     a data bundle (train/calibration/test loaders and the task), or None
     teacher:  the model as it was before the recipe, for distillation; None outside recipes
     device:   where to train and calibrate
-    record:   what the transform decided from data (kept channel indices, ranks, ...). It is written
-              to the manifest; on load the same transform runs again with `replay=True` and must
-              reproduce the structure from `record` alone, without data.
-    replay:   True while rebuilding a saved model from its manifest
+    record:   what the transform decided and measured (ranks, losses, skipped layers, ...), for the
+              report and the manifest; informational: loading does not read it
+    edits:    the structural edits (layer swaps, removed channels or blocks), recorded through
+              `ctx.edits.swap(...)` / `ctx.edits.add(...)`; `nncompress.load` replays exactly these
     progress: show progress bars
     """
 
@@ -30,6 +31,6 @@ class Context:
     teacher: nn.Module | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
-    replay: bool = False
+    edits: Edits = dataclasses.field(default_factory=Edits)
     progress: bool = False
     log: Callable[[str], None] = lambda msg: None

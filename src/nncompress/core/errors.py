@@ -48,3 +48,7 @@ class ModelLoadError(NNCompressError):
 
 class TrainingError(NNCompressError):
     """Training diverged (NaN/inf loss) or cannot start."""
+
+
+class CompositionError(NNCompressError):
+    """A transform reached a layer another technique already changed, and the two do not compose."""

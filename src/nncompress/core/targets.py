@@ -41,13 +41,25 @@ class Targets(Config):
         return d
 
     def matches(self, name: str, module: nn.Module) -> bool:
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return False
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-            return False
-        if self.types:
-            return any(_is_type(module, t) for t in self.types)
-        return True
+        return self.matches_name(name) and self.matches_type(module)
+
+    def matches_name(self, name: str) -> bool:
+        """`name` is included and not excluded."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not self.excludes(name)
+
+    def excludes(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def matches_type(self, module: nn.Module) -> bool:
+        """No `types` given, or `module` is one of them (a wrapper also counts as the layer it stands for)."""
+        return not self.types or any(_is_type(module, t) for t in self.types)
+
+    def short(self) -> str:
+        """The non-default fields, for messages: `include=['enc.*'], types=['Linear']`."""
+        parts = [f"{f}={list(v if f != 'types' else self.to_dict()['types'])}"
+                 for f, v in (("include", self.include), ("exclude", self.exclude), ("types", self.types))
+                 if v and v != ("*",)]
+        return ", ".join(parts) or "every module"
 
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The `(name, module)` pairs of `model` this selection matches, in model order.
@@ -69,6 +81,8 @@ class Targets(Config):
 
 
 def _is_type(module: nn.Module, t) -> bool:
+    plain = getattr(module, "stands_for", None)  # a value wrapper (quantized Linear) is still a Linear
+    classes = [type(module)] + ([plain] if isinstance(plain, type) else [])
     if isinstance(t, type):
-        return isinstance(module, t)
-    return any(cls.__name__ == t for cls in type(module).__mro__)
+        return any(issubclass(c, t) for c in classes)
+    return any(base.__name__ == t for c in classes for base in c.__mro__)

@@ -26,6 +26,8 @@ from typing import Iterable, Iterator, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..core.calibration import capturing
+from ..core.calibration import output_of as _output_of
 from ..core.errors import ConfigError, DataError
 
 __all__ = ["FeatureAdapter", "FeaturePair", "adapter_for", "capture", "channel_axis", "find_module", "output_of",
@@ -55,15 +57,6 @@ def find_module(model: nn.Module, name: str, field: str = "features") -> nn.Modu
     raise ConfigError(field, f"no module named {name!r} in {type(model).__name__}; close names: {', '.join(close)}")
 
 
-def _first_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # e.g. a transformer layer's (hidden_states, attentions)
-    raise DataError(f"feature capture: a module returned {type(output).__name__}; capture a module "
-                    f"that returns a tensor (or a tuple whose first item is one)")
-
-
 @contextlib.contextmanager
 def capture(model: nn.Module, names: Sequence[str], field: str = "features") -> Iterator[dict[str, torch.Tensor]]:
     """Record the output of each named module (the last call, if a module runs twice) while inside.
@@ -71,23 +64,10 @@ def capture(model: nn.Module, names: Sequence[str], field: str = "features") -> 
     The dict is filled in by every forward inside the block; the hooks are removed on exit.
     Captured tensors keep their autograd graph, so a loss on them trains the student.
     """
-    mods = {n: find_module(model, n, field) for n in dict.fromkeys(names)}
-    out: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: out.__setitem__(n, _first_tensor(o)))
-               for n, m in mods.items()]
-    try:
+    for n in names:  # unknown names fail here, naming close ones
+        find_module(model, n, field)
+    with capturing(model, list(names)) as out:
         yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class _Reached(Exception):
-    """Raised by a hook to end a forward once the wanted module has produced its output."""
-
-    def __init__(self, output: torch.Tensor):
-        super().__init__()
-        self.output = output
 
 
 def output_of(model: nn.Module, name: str, inputs, call=None, field: str = "stages") -> torch.Tensor:
@@ -99,18 +79,12 @@ def output_of(model: nn.Module, name: str, inputs, call=None, field: str = "stag
     >>> tuple(output_of(net, "1", torch.zeros(5, 4)).shape)
     (5, 3)
     """
-    def stop(_m, _i, o):
-        raise _Reached(_first_tensor(o))
-
-    handle = find_module(model, name, field).register_forward_hook(stop)
-    try:
-        (call or (lambda m, x: m(x)))(model, inputs)
-    except _Reached as reached:
-        return reached.output
-    finally:
-        handle.remove()
-    raise DataError(f"{field}: module {name!r} did not run in {type(model).__name__}'s forward; "
-                    f"pick a module the forward calls")
+    find_module(model, name, field)
+    out = _output_of(model, name, inputs, call)
+    if out is None:
+        raise DataError(f"{field}: module {name!r} did not run in {type(model).__name__}'s forward (or returned no "
+                        "tensor); pick a module the forward calls")
+    return out
 
 
 def channel_axis(student: torch.Size, teacher: torch.Size, where: str) -> int | None:

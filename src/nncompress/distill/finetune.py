@@ -21,13 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, Context, TrainConfig, check, fit, register
-from ..core.errors import DataError
+from ..core import Context, TrainConfig, check, fit, register
+from ..core.calibration import feed
+from ..core.objectives import objective, require_data
 from ..core.train import make_optimizer
 from ..core.zeros import zero_keeper
 from ..optim import optimizer_state_bytes
 from .features import FeaturePair, adapter_for, capture, find_module, pairs_of
-from .losses import attention_transfer_loss, embedding_distill_loss, feature_kd_loss, kd_loss
+from .losses import attention_transfer_loss, feature_kd_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,33 +71,6 @@ class FinetuneConfig(TrainConfig):
         return bool(self.features) and (self.feature_weight > 0 or self.attention_weight > 0)
 
 
-def run_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """`model(**inputs)` for a dict of tensors (tokenized text), else `model(inputs)`."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def split_batch(batch: Any, device: torch.device, embedding: bool) -> tuple[Any, torch.Tensor | None]:
-    """(inputs, labels) of a batch on `device`; labels are None for embedding data."""
-    if embedding:
-        return {k: v.to(device) for k, v in batch.items()}, None
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise DataError("finetune: classification batches must be (inputs, labels) pairs")
-    return batch[0].to(device), batch[1].to(device)
-
-
-def frozen_teacher(ctx: Context, needed: bool, field: str) -> nn.Module | None:
-    """`ctx.teacher` in eval mode without gradients; a `ConfigError(field)` when needed but absent."""
-    teacher = ctx.teacher
-    if needed and teacher is None:
-        raise ConfigError(field, "distillation needs a teacher (the recipe provides the pre-recipe model); "
-                                 "set kd_alpha: 0 and features: [] or pass Context(teacher=...)")
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    return teacher
-
-
 def build_adapters(model: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]], inputs: Any,
                    field: str = "features") -> nn.ModuleList:
     """One adapter per pair (Identity when widths agree), sized from one probe forward of both models.
@@ -111,8 +85,8 @@ def build_adapters(model: nn.Module, teacher: nn.Module, pairs: list[tuple[str, 
     try:
         with torch.no_grad(), capture(model, [s for s, _ in pairs], field) as sf, \
                 capture(teacher, [t for _, t in pairs], field) as tf:
-            run_model(model, inputs)
-            run_model(teacher, inputs)
+            feed(model, inputs)
+            feed(teacher, inputs)
     finally:
         model.train(was_training)
     return nn.ModuleList([adapter_for(sf[s], tf[t], f"{field}: {s} -> {t}") for s, t in pairs])
@@ -131,40 +105,19 @@ def feature_terms(sf: dict[str, torch.Tensor], tf: dict[str, torch.Tensor], pair
 
 
 @register("finetune", config=FinetuneConfig)
-def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Module:
+def _finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Module:
     """Train the model on the recipe's training data, with optional logits/feature distillation."""
-    if ctx.replay:  # the weights come from the checkpoint; adapters are not part of the model
-        return model
-    if ctx.data is None:
-        raise ConfigError("finetune", "needs training data; run it in a recipe or pass Context(data=...)")
-    embedding = ctx.data.task == "embedding"
-    field = "finetune.features" if config.uses_features else "finetune.kd_alpha"
-    teacher = frozen_teacher(ctx, embedding or config.kd_alpha > 0 or config.uses_features, field)
+    require_data(ctx, "finetune")
+    pairs = pairs_of(config.features) if config.uses_features else []
+    loss_fn = objective(ctx, "finetune.features" if pairs else "finetune.kd_alpha", kd_alpha=config.kd_alpha,
+                        temperature=config.temperature, embedding_loss=config.embedding_loss, features=pairs)
     device = ctx.device
     model.to(device)
-    pairs = pairs_of(config.features) if config.uses_features else []
     adapters = nn.ModuleList()
     if pairs:
-        teacher.to(device)
-        adapters = build_adapters(model, teacher, pairs, probe_inputs(ctx.data, device), "features")
+        adapters = build_adapters(model, loss_fn.teacher, pairs, probe_inputs(ctx.data, device), "features")
+        loss_fn.feature_term = lambda sf, tf: feature_terms(sf, tf, pairs, adapters, config)
         ctx.record["adapters"] = {s: type(a).__name__ for (s, _), a in zip(pairs, adapters)}
-    s_names, t_names = [s for s, _ in pairs], [t for _, t in pairs]
-
-    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        x, y = split_batch(batch, device, embedding)
-        t_out = None
-        if teacher is not None and (embedding or config.kd_alpha > 0 or pairs):
-            with torch.no_grad(), capture(teacher, t_names) as tf:
-                t_out = run_model(teacher, x)
-        with capture(m, s_names) as sf:
-            out = run_model(m, x)
-        if embedding:
-            loss = embedding_distill_loss(out, t_out, config.embedding_loss)
-        else:
-            loss = kd_loss(out, t_out, y, config.kd_alpha, config.temperature) if config.kd_alpha > 0 \
-                else F.cross_entropy(out, y)
-        return loss + feature_terms(sf, tf, pairs, adapters, config) if pairs else loss
-
     train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
     # Only the targeted modules train (with the default targets, the whole model), plus the adapters.
     params = {id(p): p for _, m in ctx.targets.select(model) for p in m.parameters()}

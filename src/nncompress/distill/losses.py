@@ -15,42 +15,15 @@ never detaches: callers produce the teacher's tensors under `no_grad`.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from ..core.errors import DataError
+# the task / logits / embedding losses live with the one objective builder in core; re-exported here
+from ..core.objectives import embedding_distill_loss, kd_logits_loss, kd_loss  # noqa: F401
 
 __all__ = ["attention_kl_loss", "attention_map", "attention_transfer_loss", "embedding_distill_loss",
            "feature_kd_loss", "kd_logits_loss", "kd_loss"]
-
-
-def kd_logits_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton's KD: T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch-mean.
-
-    The T^2 factor keeps the gradient scale independent of T (soft-target gradients shrink as 1/T^2).
-    """
-    t = temperature
-    log_p_student = F.log_softmax(student / t, dim=-1)  # (N, C)
-    log_p_teacher = F.log_softmax(teacher / t, dim=-1)  # (N, C)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float = 0.9,
-            temperature: float = 4.0) -> torch.Tensor:
-    """Logits KD plus the label loss: (1 - alpha) * CE(student, labels) + alpha * kd_logits_loss.
-
-    alpha = 0 is plain training on labels, alpha = 1 pure distillation (no labels used).
-
-    >>> z = torch.tensor([[2.0, 0.0]]); y = torch.tensor([0])
-    >>> round(float(kd_loss(z, z, y, alpha=0.5)), 6) == round(0.5 * float(F.cross_entropy(z, y)), 6)
-    True
-    """
-    ce = F.cross_entropy(student, labels)
-    if alpha == 0:
-        return ce
-    return (1 - alpha) * ce + alpha * kd_logits_loss(student, teacher, temperature)
 
 
 def feature_kd_loss(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -114,11 +87,3 @@ def attention_kl_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float =
                         f"differ beyond the head count; pair layers with the same sequence length")
     kl = teacher * (teacher.clamp_min(eps).log() - student.clamp_min(eps).log())  # (N, H, Q, K)
     return kl.sum(-1).mean()
-
-
-def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor,
-                           mode: Literal["cosine", "mse"] = "cosine") -> torch.Tensor:
-    """Embedding-level distillation for sentence encoders (N, D): 1 - mean cosine, or MSE."""
-    if mode == "mse":
-        return F.mse_loss(student, teacher)
-    return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()

@@ -28,11 +28,13 @@ import torch
 import torch.nn as nn
 
 from ..core import ConfigError, Context, TrainConfig, check, fit, register
+from ..core.calibration import batch_inputs, feed, move
+from ..core.objectives import Objective, objective, require_data
 from ..core.train import make_optimizer
 from ..core.zeros import zero_keeper
 from .features import FeaturePair, adapter_for, find_module, output_of, pairs_of
-from .finetune import frozen_teacher, probe_inputs, run_model, split_batch
-from .losses import embedding_distill_loss, feature_kd_loss, kd_loss
+from .finetune import probe_inputs
+from .losses import feature_kd_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +92,14 @@ def _train_cfg(config: ProgressiveConfig, epochs: int) -> TrainConfig:
 
 
 @register("progressive_distill", config=ProgressiveConfig)
-def progressive_distill(model: nn.Module, config: ProgressiveConfig, ctx: Context) -> nn.Module:
+def _progressive_distill(model: nn.Module, config: ProgressiveConfig, ctx: Context) -> nn.Module:
     """Distill block by block from the teacher with finished blocks frozen, then the head with logits KD."""
-    if ctx.replay:  # nothing structural: the weights come from the checkpoint
-        return model
-    if ctx.data is None:
-        raise ConfigError("progressive_distill", "needs training data; run it in a recipe or pass Context(data=...)")
-    teacher = frozen_teacher(ctx, True, "progressive_distill")
+    require_data(ctx, "progressive_distill")
+    head = objective(ctx, "progressive_distill", kd_alpha=config.kd_alpha, temperature=config.temperature,
+                     needs_teacher=True)  # the blocks distill from the teacher's blocks
+    teacher = head.teacher
     device = ctx.device
     model.to(device)
-    teacher.to(device)
-    embedding = ctx.data.task == "embedding"
     pairs = pairs_of(config.stages)
     blocks = [find_module(model, s, "stages") for s, _ in pairs]
     for _, t in pairs:
@@ -108,29 +107,29 @@ def progressive_distill(model: nn.Module, config: ProgressiveConfig, ctx: Contex
     probe = probe_inputs(ctx.data, device)
     ctx.record["stage_losses"] = {}
     for (s, t), block in zip(pairs, blocks):
-        ctx.record["stage_losses"][s] = _fit_block(model, teacher, block, s, t, probe, config, ctx, embedding)
+        ctx.record["stage_losses"][s] = _fit_block(model, teacher, block, s, t, probe, config, ctx)
     if config.head_epochs:
-        ctx.record["head_losses"] = _fit_head(model, teacher, blocks, config, ctx, embedding)
+        ctx.record["head_losses"] = _fit_head(model, head, blocks, config, ctx)
     model.eval()
     return model
 
 
 def _fit_block(model: nn.Module, teacher: nn.Module, block: nn.Module, s: str, t: str, probe: Any,
-               config: ProgressiveConfig, ctx: Context, embedding: bool) -> list[float]:
+               config: ProgressiveConfig, ctx: Context) -> list[float]:
     """Train `block` alone so the student's output at `s` matches the teacher's at `t`."""
     with torch.no_grad():
         was = model.training
         model.eval()
-        adapter = adapter_for(output_of(model, s, probe, run_model), output_of(teacher, t, probe, run_model),
+        adapter = adapter_for(output_of(model, s, probe, feed), output_of(teacher, t, probe, feed),
                               f"stages: {s} -> {t}")
         model.train(was)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        x, _ = split_batch(batch, ctx.device, embedding)
+        x = move(batch_inputs(batch), ctx.device)
         _freeze_modes(m, [block])
         with torch.no_grad():
-            target = output_of(teacher, t, x, run_model)
-        return feature_kd_loss(adapter(output_of(m, s, x, run_model)), target, config.feature_normalize)
+            target = output_of(teacher, t, x, feed)
+        return feature_kd_loss(adapter(output_of(m, s, x, feed)), target, config.feature_normalize)
 
     cfg = _train_cfg(config, config.epochs)
     with training_only(model, [block]) as params:
@@ -140,8 +139,8 @@ def _fit_block(model: nn.Module, teacher: nn.Module, block: nn.Module, s: str, t
     return [round(x, 6) for x in losses]
 
 
-def _fit_head(model: nn.Module, teacher: nn.Module, blocks: list[nn.Module], config: ProgressiveConfig,
-              ctx: Context, embedding: bool) -> list[float]:
+def _fit_head(model: nn.Module, head: Objective, blocks: list[nn.Module], config: ProgressiveConfig,
+              ctx: Context) -> list[float]:
     """Train what no stage holds with logits KD (+ labels), every stage frozen."""
     staged = {id(p) for b in blocks for p in b.parameters()}
     rest = [m for m in model.modules() if not list(m.children())
@@ -149,16 +148,11 @@ def _fit_head(model: nn.Module, teacher: nn.Module, blocks: list[nn.Module], con
     if not rest:
         raise ConfigError("head_epochs", "every parameter belongs to a stage, so the head phase has nothing "
                                          "to train; set head_epochs: 0")
+    head.feature_term, head.student_features, head.teacher_features = None, (), ()
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        x, y = split_batch(batch, ctx.device, embedding)
         _freeze_modes(m, rest)
-        with torch.no_grad():
-            t_out = run_model(teacher, x)
-        out = run_model(m, x)
-        if embedding:
-            return embedding_distill_loss(out, t_out)
-        return kd_loss(out, t_out, y, config.kd_alpha, config.temperature)
+        return head(m, batch)
 
     cfg = _train_cfg(config, config.head_epochs)
     with training_only(model, rest) as params:

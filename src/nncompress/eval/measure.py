@@ -18,24 +18,24 @@ from typing import Any, Iterator, Mapping, Union
 import torch
 import torch.nn as nn
 
+from ..core.calibration import feed, move
 from ..core.errors import DataError
 
 Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """Run `model` on `inputs`: `model(x)` for a tensor, `model(**inputs)` for a dict of tensors.
+    """Run `model` on `inputs`: `model(x)` for a tensor, `model(**inputs)` for a dict of tensors
+    (`core.calibration.feed`, the one way to feed a model).
 
     >>> import torch, torch.nn as nn
     >>> call_model(nn.Identity(), torch.ones(2)).tolist()
     [1.0, 1.0]
     """
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    raise DataError(f"{type(model).__name__}: inputs must be a tensor or a dict of tensors, "
-                    f"got {type(inputs).__name__}; wrap several positional inputs in a dict keyed by argument name")
+    if not isinstance(inputs, (torch.Tensor, Mapping)):
+        raise DataError(f"{type(model).__name__}: inputs must be a tensor or a dict of tensors, got "
+                        f"{type(inputs).__name__}; wrap several positional inputs in a dict keyed by argument name")
+    return feed(model, inputs)
 
 
 def input_tensors(inputs: Inputs) -> list[torch.Tensor]:
@@ -61,11 +61,9 @@ def batch_size(inputs: Inputs) -> int:
 
 def move_inputs(inputs: Inputs, device: torch.device | str) -> Inputs:
     """`inputs` with every tensor on `device` (dicts keep their key order)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    raise DataError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}")
+    if not isinstance(inputs, (torch.Tensor, Mapping)):
+        raise DataError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}")
+    return move(inputs, device)
 
 
 def first_tensor(output: Any, where: str) -> torch.Tensor:

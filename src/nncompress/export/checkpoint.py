@@ -2,29 +2,38 @@
 
 A checkpoint folder holds `model.safetensors` and `manifest.json`. The manifest records where the
 base architecture comes from (`source`, e.g. `{"name": "mnist1d_cnn", "kwargs": {}}`), the transforms
-applied (`history`, replayed on load to rebuild changed shapes) and the weights' SHA-256, so a
-corrupt or swapped file is caught before it is used.
+applied (`history`: their structural edits are replayed on load) and the weights' SHA-256.
+
+Loading treats the folder as untrusted data: every file the manifest names must lie inside the
+folder, and the checksum is verified on the very bytes that are then decoded, so a swapped or
+corrupt file never loads. `checkpoint_bytes` counts every byte needed to load (weights, manifest
+and any other file), which is what reports call a stage's size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from ..core.errors import ModelLoadError
 from ..core.registry import lookup, names
-from .atomic import atomic_path, atomic_write_text
+
 from .codecs import decode_tensor, encode_int_codes, encode_tensor
 
 FORMAT = "nncompress-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: history entries carry the structural edits that load replays
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 
@@ -37,10 +46,8 @@ class Checkpoint:
     source: dict[str, Any]
     history: list[dict[str, Any]]
     extra: dict[str, Any]
-
-    @property
-    def weights(self) -> Path:
-        return self.path / WEIGHTS
+    weights: Path
+    sha256: str
 
 
 def sha256(path: Path) -> str:
@@ -51,29 +58,75 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_bytes(directory: str | Path) -> dict[str, int]:
+    """Bytes on disk of every file needed to load the checkpoint in `directory`:
+    `{"weights": ..., "manifest": ..., "other": ..., "total": ...}`."""
+    directory = Path(directory)
+    files = [f for f in directory.rglob("*") if f.is_file()]
+    weights = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    manifest = sum(f.stat().st_size for f in files if f.name == MANIFEST)
+    total = sum(f.stat().st_size for f in files)
+    return {"weights": weights, "manifest": manifest, "other": total - weights - manifest, "total": total}
+
+
 def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, Any],
                      history: list[dict[str, Any]], extra: dict[str, Any] | None = None,
-                     compress: bool = True) -> Path:
-    """Write `model`'s weights and manifest into `directory`; each file is written atomically.
+                     compress: bool = True, overwrite: bool = False) -> Path:
+    """Write `model`'s weights and manifest as the folder `directory`, atomically: the files are
+    written into a temporary folder beside it, which then takes its place (a reader never sees half
+    a checkpoint; a failure leaves what was there).
 
+    A folder that exists must be an nncompress checkpoint (only its own files), or empty, unless
+    `overwrite`: a user's folder is never silently replaced.
     compress: store each tensor with its smallest exact codec (sparse, 2:4, codebook; see
               `codecs`), so bytes on disk fall with sparsity and quantization; quantized weights
               (hinted by `storage_hints`) are stored as bit-packed integer codes.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_target(directory, overwrite)
     tensors, codecs = encode_state(model.state_dict(), compress, storage_hints(model) if compress else None)
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "codecs": json.dumps(codecs)})
     import nncompress  # the version only; no circular use
-    manifest = {
-        "format": FORMAT, "version": VERSION, "nncompress": nncompress.__version__,
-        "torch": torch.__version__, "source": source, "history": history,
-        "weights": {"file": WEIGHTS, "sha256": sha256(directory / WEIGHTS)},
-        "extra": extra or {},
-    }
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    with _replacing(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "codecs": json.dumps(codecs)})
+        manifest = {
+            "format": FORMAT, "version": VERSION, "nncompress": nncompress.__version__,
+            "torch": torch.__version__, "source": source, "history": history,
+            "weights": {"file": WEIGHTS, "sha256": sha256(tmp / WEIGHTS)},
+            "extra": extra or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":"), default=str), encoding="utf-8")
     return directory
+
+
+@contextlib.contextmanager
+def _replacing(directory: Path) -> Iterator[Path]:
+    """A temporary folder beside `directory` that takes its place on success (the old one, if any, is
+    moved aside first and removed after); on failure the temporary folder goes and the old one stays."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    old = None
+    try:
+        yield tmp
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old.tmp", dir=directory.parent))
+            os.replace(directory, old / "x")
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_target(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ModelLoadError(f"{directory}: exists and is not a folder; save to a new folder path")
+    if overwrite or not directory.exists():
+        return
+    entries = {p.name for p in directory.iterdir()}
+    if entries and not entries <= {WEIGHTS, MANIFEST}:
+        raise ModelLoadError(f"{directory}: folder is not empty and holds files nncompress did not write "
+                             f"({sorted(entries - {WEIGHTS, MANIFEST})[0]!r}, ...); save to a new folder, or pass "
+                             "overwrite=True to replace it")
 
 
 def storage_hints(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -154,7 +207,8 @@ def decode_state(tensors: dict[str, torch.Tensor], codecs: dict[str, Any]) -> di
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint folder's manifest and checksum (the weights are loaded later)."""
+    """Read and validate a checkpoint folder's manifest (the weights are read and verified by
+    `load_weights`)."""
     directory = Path(directory)
     if directory.is_file() and directory.name in (WEIGHTS, MANIFEST):
         directory = directory.parent
@@ -162,43 +216,79 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     if not manifest_path.is_file():
         raise ModelLoadError(f"{directory}: no {MANIFEST} here; point at a folder written by nncompress.save")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{manifest_path}: not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt, re-save the model") from None
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{manifest_path}: not valid JSON ({e}); the file is corrupt, re-save the model") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelLoadError(f"{manifest_path}: not an nncompress manifest (format field missing or wrong)")
-    if manifest.get("version", 0) > VERSION:
-        raise ModelLoadError(f"{manifest_path}: manifest version {manifest['version']} is newer than this "
-                             f"nncompress reads ({VERSION}); upgrade nncompress")
-    weights = directory / manifest["weights"]["file"]
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights}: weights file is missing; copy the whole checkpoint folder")
-    if sha256(weights) != manifest["weights"]["sha256"]:
-        raise ModelLoadError(f"{weights}: checksum does not match the manifest (file corrupt or replaced); re-save the model")
-    return Checkpoint(directory, manifest["source"], manifest.get("history", []), manifest.get("extra", {}))
+    version = manifest.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise ModelLoadError(f"{manifest_path}: manifest version {version!r} is newer than this nncompress reads "
+                             f"({VERSION}); upgrade nncompress")
+    if version < VERSION:
+        raise ModelLoadError(f"{manifest_path}: manifest version {version} was written by an older nncompress; "
+                             "re-save the model with this version")
+    weights = manifest.get("weights")
+    if not (isinstance(weights, dict) and isinstance(weights.get("file"), str)
+            and isinstance(weights.get("sha256"), str)):
+        raise ModelLoadError(f"{manifest_path}: the weights entry must name a file and its sha256; the manifest is corrupt")
+    source, history = manifest.get("source"), manifest.get("history", [])
+    if not isinstance(source, dict) or not isinstance(history, list):
+        raise ModelLoadError(f"{manifest_path}: source must be a mapping and history a list; the manifest is corrupt")
+    return Checkpoint(directory, source, history, manifest.get("extra") or {},
+                      inside(directory, weights["file"], manifest_path), weights["sha256"])
+
+
+def inside(directory: Path, name: str, where: Path) -> Path:
+    """`directory / name`, refusing anything that resolves outside `directory` (`..`, absolute paths,
+    links out of the folder): a manifest names files of its own folder only."""
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root) or path == root:
+        raise ModelLoadError(f"{where}: names the file {name!r}, which is outside the checkpoint folder; "
+                             "a manifest may only name files inside its own folder")
+    return path
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint) -> nn.Module:
-    """Load the checkpoint's tensors into `model` (built and replayed); shapes and names must match."""
+    """Load the checkpoint's tensors into `model` (built and replayed); shapes and names must match.
+
+    The file is read once: the checksum is checked on those bytes, and those bytes are decoded."""
+    if not ckpt.weights.is_file():
+        raise ModelLoadError(f"{ckpt.weights}: weights file is missing; copy the whole checkpoint folder")
+    raw_bytes = ckpt.weights.read_bytes()
+    if hashlib.sha256(raw_bytes).hexdigest() != ckpt.sha256:
+        raise ModelLoadError(f"{ckpt.weights}: checksum does not match the manifest (file corrupt or replaced); "
+                             "re-save the model")
     try:
-        raw = load_file(str(ckpt.weights))
-        with safe_open(str(ckpt.weights), "pt") as f:
-            codecs = json.loads((f.metadata() or {})["codecs"])
+        raw = safetensors_load(raw_bytes)
+        codecs = json.loads(_metadata(raw_bytes)["codecs"])
         tensors = decode_state(raw, codecs)
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ModelLoadError(f"{ckpt.weights}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt, "
                              "re-save the model") from None
+    _check_state(model, tensors, ckpt.weights)
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file in memory (its JSON header)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return header.get("__metadata__") or {}
+
+
+def _check_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
     state = model.state_dict()
     for name, tensor in tensors.items():
         if name not in state:
-            raise ModelLoadError(f"{ckpt.weights}: tensor {name!r} has no place in the rebuilt model; "
+            raise ModelLoadError(f"{where}: tensor {name!r} has no place in the rebuilt model; "
                                  "the manifest and weights do not belong together")
         if state[name].shape != tensor.shape:
-            raise ModelLoadError(f"{ckpt.weights}: {name} has shape {tuple(tensor.shape)} but the rebuilt model "
+            raise ModelLoadError(f"{where}: {name} has shape {tuple(tensor.shape)} but the rebuilt model "
                                  f"expects {tuple(state[name].shape)}; the manifest and weights do not belong together")
     missing = [k for k in state if k not in tensors]
     if missing:
-        raise ModelLoadError(f"{ckpt.weights}: tensor {missing[0]!r} is missing; the manifest and weights do not "
+        raise ModelLoadError(f"{where}: tensor {missing[0]!r} is missing; the manifest and weights do not "
                              "belong together, or the file is incomplete")
-    model.load_state_dict(tensors, strict=True)
-    return model

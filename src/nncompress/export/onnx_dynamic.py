@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from ..core.errors import UnsupportedOpError
 from ..eval.measure import Inputs
-from ..quant.bn_fold import set_module
+from ..core import set_module
 from ..quant.native import Int8DynamicLinear
 from .onnx import export_onnx
 from .onnx_qdq import _find_layer, qdq_op_counts, quantize_gather_tables, replace_graph, verify_onnx

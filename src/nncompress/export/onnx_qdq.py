@@ -54,7 +54,7 @@ from ..core.errors import ConfigError, UnsupportedOpError
 from ..eval.latency import ort_feed, ort_session
 from ..eval.measure import Inputs, call_model, evaluating
 from ..formats import IntFormat, PerChannel, PerTensor
-from ..quant.bn_fold import set_module
+from ..core import set_module
 from ..quant.fake_quant import QuantWrapper
 from ..quant.storage import weight_codes
 from .onnx import export_onnx
@@ -133,7 +133,8 @@ def _layer_plan(name: str, w: QuantWrapper) -> dict[str, Any]:
     plan: dict[str, Any] = {"merged": w.quantized_weight().detach().cpu().numpy(),
                             "codes": codes.codes.cpu().numpy(),
                             "w_scale": codes.scale.detach().cpu().numpy().reshape(-1).astype(np.float32),
-                            "w_zero": codes.zero_point.cpu().numpy().reshape(-1),
+                            "w_zero": (np.zeros(codes.scale.numel(), dtype=np.int32) if codes.zero_point is None
+                                       else codes.zero_point.cpu().numpy().reshape(-1)),
                             "w_signed": codes.signed, "input": None}
     iq = w.input_quant
     if iq is not None:
@@ -142,7 +143,8 @@ def _layer_plan(name: str, w: QuantWrapper) -> dict[str, Any]:
             raise UnsupportedOpError(f"{name}: QDQ export takes 8-bit per-tensor rtn activations (full range), "
                                      f"got {iq.fmt} {iq.granularity} {iq.spec.method}; requantize the activations")
         plan["input"] = {"scale": np.float32(iq.scale.detach().cpu().reshape(-1)[0]),
-                         "zero": int(iq.zero_point.reshape(-1)[0]), "signed": iq.fmt.signed}
+                         "zero": 0 if iq.zero_point is None else int(iq.zero_point.reshape(-1)[0]),
+                         "signed": iq.fmt.signed}
     return plan
 
 

@@ -7,13 +7,13 @@ convolutions by channel SVD, spatial SVD (kh x 1 then 1 x kw) or Tucker-2 (1x1, 
 
 Pure maths in `svd`, rank selection in `rank`, the layers in `layers`, the transform in `factorize`.
 """
-from .factorize import LowRankConfig, factorizable_layers, lowrank
+from .factorize import LowRankConfig
 from .layers import LowRankConv, LowRankLinear
 from .rank import Ladder, allocate, energy_rank, round_rank
 from .svd import (mode_singular_values, residual_energy, singular_values, spatial_kernel, spatial_matrix,
                   spatial_svd, truncated_svd, tucker2, tucker2_kernel, whitened_svd, whitening)
 
 __all__ = ["Ladder", "LowRankConfig", "LowRankConv", "LowRankLinear", "allocate", "energy_rank",
-           "factorizable_layers", "lowrank", "mode_singular_values", "residual_energy", "round_rank",
+           "mode_singular_values", "residual_energy", "round_rank",
            "singular_values", "spatial_kernel", "spatial_matrix", "spatial_svd", "truncated_svd", "tucker2",
            "tucker2_kernel", "whitened_svd", "whitening"]

@@ -11,8 +11,10 @@ As a recipe stage (fine-tune after it with a `finetune` stage, which distills on
       method: tucker2        # convolutions only; Linear layers always use truncated SVD
       param_ratio: 0.5       # keep half of the targeted layers' weights, allocated globally
 
-`ctx.record["layers"]` holds `{name: {"method", "ranks"}}` for every factorized layer: replay rebuilds
-the same shapes from it alone, then the factors load from the checkpoint.
+`ctx.record["layers"]` holds `{name: {"method", "ranks", "energy_lost"}}` for every factorized layer;
+the low-rank layers are recorded as layer swaps, and the factors load from the checkpoint. A
+quantized (or clustered, int8) layer is factorized from its values and its factors come out quantized
+(clustered, int8) the same way.
 
 >>> import nncompress
 >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -23,20 +25,19 @@ the same shapes from it alone, then the factors load from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from ..core import Config, ConfigError, Context, check, register
-from ..core.errors import ModelLoadError
+from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform
+from ..core.calibration import calibrate, io_shapes
 from .layers import CONV_TYPES, LowRankConv, LowRankLinear, full_ranks, weight_params
 from .rank import allocate, energy_rank, ladder, round_rank
 from .svd import mode_singular_values, residual_energy, singular_values, spatial_matrix, whitening
 
-__all__ = ["LowRankConfig", "factorizable_layers", "lowrank"]
+__all__ = ["LowRankConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +86,16 @@ class LowRankConfig(Config):
               f"refines tucker2 only; set method: tucker2 or hooi_iters: 0 (method is {self.method!r})")
 
 
-def factorizable_layers(model: nn.Module, ctx: Context) -> list[tuple[str, nn.Module]]:
-    """Targeted nn.Linear / ungrouped Conv layers that are not already factors of a low-rank layer."""
-    wrappers = {n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv))}
-    out = []
-    for name, m in ctx.targets.select(model):
-        if name.rpartition(".")[0] in wrappers or not isinstance(m, (nn.Linear, *CONV_TYPES)):
-            continue
-        out.append((name, m))
+LAYERS = (nn.Linear, *CONV_TYPES)
+
+
+def _factorizable(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """The sites that are not already factors of a low-rank layer."""
+    out = [s for s in sites if not isinstance(get_module(model, s.name.rpartition(".")[0]), (LowRankLinear, LowRankConv))]
+    if not out:
+        raise ConfigError("targets", "no nn.Linear or Conv1d/2d/3d among the targeted modules (factors of low-rank "
+                          "layers are not factorized again); widen targets (e.g. types: [Linear])")
     return out
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _method(m: nn.Module, config: LowRankConfig) -> str:
@@ -131,20 +128,16 @@ def _error(spectra: tuple[torch.Tensor, ...], ranks: tuple[int, ...]) -> float:
     return sum(residual_energy(s, r) for s, r in zip(spectra, ranks)) / len(ranks)
 
 
-@register("lowrank", config=LowRankConfig)
-def lowrank(model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
+@layer_transform("lowrank", config=LowRankConfig, layers=LAYERS, on_wrapped="through", what="Linear/Conv")
+def _lowrank(model: nn.Module, config: LowRankConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Factorize the targeted Linear / Conv layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
-    if ctx.replay:
-        return _rebuild(model, ctx.record.get("layers", {}))
-    layers = factorizable_layers(model, ctx)
-    if not layers:
-        raise ConfigError("targets", "no nn.Linear or Conv1d/2d/3d among the targeted modules; widen targets "
-                          "(e.g. types: [Linear])")
+    sites = _factorizable(model, sites)
     skipped: dict[str, str] = {}
-    sites = []
-    linears = [m for _, m in layers if isinstance(m, nn.Linear)]
+    chosen_sites = []
+    linears = [s.name for s in sites if isinstance(s.layer, nn.Linear)]
     chols = _whitenings(model, linears, config, ctx) if config.whiten else {}
-    for name, m in layers:
+    for site in sites:
+        name, m = site.name, site.layer
         method = _method(m, config)
         if method != "linear" and m.groups != 1:
             skipped[name] = f"grouped convolution (groups={m.groups}) is already cheap; not factorized"
@@ -152,24 +145,25 @@ def lowrank(model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
         if method == "spatial" and not isinstance(m, nn.Conv2d):
             raise ConfigError("method", f"{name}: spatial SVD splits the kh x kw kernel of a Conv2d, this is a "
                               f"{type(m).__name__}; use method svd or tucker2, or exclude it from targets")
-        sites.append((name, m, method, _spectra(m, method, chols.get(id(m)))))
-    chosen = _choose(model, sites, config, ctx, skipped)
+        chosen_sites.append((site, method, _spectra(m, method, chols.get(name))))
+    chosen = _choose(model, [(s.name, s.layer, meth, sp) for s, meth, sp in chosen_sites], config, ctx, skipped)
     record: dict[str, Any] = {}
     before = after = 0
-    for name, m, method, spectra in sites:
+    for site, method, spectra in chosen_sites:
+        name, m = site.name, site.layer
         dense = m.weight.numel()
         before += dense
         ranks = chosen.get(name)
         if ranks is None:
             after += dense
             continue
-        new = (LowRankLinear.from_linear(m, ranks[0], chols.get(id(m))) if method == "linear"
+        new = (LowRankLinear.from_linear(m, ranks[0], chols.get(name)) if method == "linear"
                else LowRankConv.factorize(m, method, ranks, config.hooi_iters))
-        _set_module(model, name, new)
+        site.replace(new)
         after += _weights(m, method, ranks)
         record[name] = {"method": method, "ranks": list(ranks), "energy_lost": round(_error(spectra, ranks), 6)}
     ctx.record.update({"layers": record, "skipped": skipped, "weights_before": before, "weights_after": after})
-    return model
+    return sites[0].model
 
 
 def _rank_path(full: tuple[int, ...], step: int) -> list[tuple[int, ...]]:
@@ -203,15 +197,15 @@ def _choose(model: nn.Module, sites: list, config: LowRankConfig, ctx: Context,
         return chosen
     field = "param_ratio" if config.param_ratio is not None else "mac_ratio"
     ratio = config.param_ratio if config.param_ratio is not None else config.mac_ratio
-    shapes = _io_shapes(model, [m for _, m, _, _ in sites], ctx) if field == "mac_ratio" else {}
+    shapes = _io_shapes(model, [name for name, _, _, _ in sites], ctx) if field == "mac_ratio" else {}
     ladders = []
     for name, m, method, spectra in sites:
         if field == "param_ratio":
             cost = (lambda r, m=m, method=method: _weights(m, method, r))
             dense = m.weight.numel()
         else:
-            cost = (lambda r, m=m, method=method: _macs(m, method, r, shapes[id(m)]))
-            dense = _dense_macs(m, shapes[id(m)])
+            cost = (lambda r, m=m, method=method, io=shapes[name]: _macs(m, method, r, io))
+            dense = _dense_macs(m, shapes[name])
         path = _rank_path(_full(m, method), config.round_to)
         ladders.append(ladder(name, path, cost, lambda r, s=spectra: _error(s, r), dense))
     budget = ratio * sum(lad.dense_cost for lad in ladders)
@@ -226,47 +220,17 @@ def _choose(model: nn.Module, sites: list, config: LowRankConfig, ctx: Context,
     return {n: r for n, r in chosen.items() if r is not None}
 
 
-def _whitenings(model: nn.Module, linears: list[nn.Module], config: LowRankConfig, ctx: Context
-                ) -> dict[int, torch.Tensor]:
-    """`{id(linear): L}` with `L L^T` the Gram matrix of the layer's inputs over the calibration batches."""
+def _whitenings(model: nn.Module, linears: list[str], config: LowRankConfig, ctx: Context
+                ) -> dict[str, torch.Tensor]:
+    """`{name: L}` with `L L^T` the Gram matrix of the layer's inputs over the calibration batches."""
     if ctx.data is None:
         raise ConfigError("whiten", "needs calibration data; pass Context(data=...) or set whiten: false")
-    grams: dict[int, torch.Tensor] = {}
-
-    def hook(m, args, out):
-        x = args[0].detach().reshape(-1, m.in_features).double()  # (tokens, I)
-        grams[id(m)] = grams.get(id(m), 0) + x.T @ x  # (I, I)
-
-    _forward_with_hooks(model, linears, hook, itertools.islice(ctx.data.calib, config.calib_batches))
-    return {k: whitening(g) for k, g in grams.items()}
+    stats = calibrate(model, ctx.data.calib, {n: ("gram",) for n in linears}, batches=config.calib_batches,
+                      device=ctx.device)
+    return {n: whitening(stats[n].gram()) for n in linears if n in stats}
 
 
-def _forward_with_hooks(model: nn.Module, modules: list[nn.Module], hook: Any, batches: Any) -> None:
-    """Run `batches` through `model` in eval mode without grad with `hook` on `modules`; restore after."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            for batch in batches:
-                _call(model, batch, dev)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-
-def _call(model: nn.Module, batch: Any, dev: torch.device) -> None:
-    if isinstance(batch, dict):
-        model(**{k: v.to(dev) for k, v in batch.items()})
-    elif isinstance(batch, (tuple, list)):
-        model(batch[0].to(dev))
-    else:
-        model(batch.to(dev))
-
-
-def _io_shapes(model: nn.Module, modules: list[nn.Module], ctx: Context) -> dict[int, tuple]:
+def _io_shapes(model: nn.Module, names: list[str], ctx: Context) -> dict[str, tuple]:
     """Input and output shapes of each module on one forward of an example batch."""
     if ctx.data is not None and hasattr(ctx.data, "example_batch"):
         inputs = ctx.data.example_batch(2)
@@ -275,16 +239,11 @@ def _io_shapes(model: nn.Module, modules: list[nn.Module], ctx: Context) -> dict
     else:
         raise ConfigError("mac_ratio", "counting MACs needs an example input; pass Context(data=...) or set "
                           "model.input_shape to one sample's shape, or use param_ratio")
-    shapes: dict[int, tuple] = {}
-
-    def hook(m, args, out):
-        shapes.setdefault(id(m), (tuple(args[0].shape), tuple(out.shape)))
-
-    _forward_with_hooks(model, modules, hook, [inputs])
-    missing = [m for m in modules if id(m) not in shapes]
+    shapes = io_shapes(model, names, inputs)
+    missing = [n for n in names if n not in shapes]
     if missing:
-        raise ConfigError("mac_ratio", f"{len(missing)} targeted layer(s) did not run on the example input; "
-                          "exclude them from targets or use param_ratio")
+        raise ConfigError("mac_ratio", f"{len(missing)} targeted layer(s) did not run on the example input "
+                          f"(e.g. {missing[0]!r}); exclude them from targets or use param_ratio")
     return shapes
 
 
@@ -312,20 +271,3 @@ def _macs(m: nn.Module, method: str, ranks: tuple[int, ...], io: tuple) -> float
         return r * c * k[0] * y[0] * y[2] * x[3] + o * r * k[1] * _positions(y)
     r_out, r_in = ranks
     return r_in * c * _positions(x) + (r_out * r_in * math.prod(k) + o * r_out) * _positions(y)
-
-
-def _rebuild(model: nn.Module, layers: dict[str, Any]) -> nn.Module:
-    """Replay: the same low-rank shapes, unfilled (the checkpoint's weights load next)."""
-    for name, entry in layers.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"manifest: lowrank factorized {name!r}, which the rebuilt model does not have; "
-                                 "the manifest and the model source do not belong together") from None
-        ranks = tuple(entry["ranks"])
-        if entry["method"] == "linear":
-            new = LowRankLinear.like(m, ranks[0])
-        else:
-            new = LowRankConv(m, entry["method"], ranks)
-        _set_module(model, name, new)
-    return model

@@ -2,7 +2,9 @@
 
 A factorized layer replaces the dense weight by its factors, so unlike the other wrappers it keeps
 no `.base`: `merge()` reconstructs the dense layer (the product of the factors), which equals the
-original layer exactly at full rank and is its best low-rank approximation otherwise.
+original layer exactly at full rank and is its best low-rank approximation otherwise. Both are
+containers (`core.surgery`): later techniques work on the factors, and their sizes are read off
+the factors' weights, so a pruned rank stays consistent.
 
 >>> _ = torch.manual_seed(0)
 >>> dense = nn.Linear(8, 6)
@@ -13,22 +15,43 @@ original layer exactly at full rank and is its best low-rank approximation other
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core import Wrapper, wrapper
+
 from .svd import spatial_kernel, spatial_svd, truncated_svd, tucker2, tucker2_kernel, whitened_svd
 
-__all__ = ["CONV_TYPES", "ConvMethod", "LowRankConv", "LowRankLinear", "full_ranks", "weight_params"]
+__all__ = ["CONV_TYPES", "ConvMethod", "LowRankConv", "LowRankLinear", "full_ranks", "weight_params",
+           "weight_shape"]
 
 ConvMethod = Literal["svd", "spatial", "tucker2"]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LowRankLinear(nn.Sequential):
-    """`second(first(x))`: Linear(I -> r, no bias) then Linear(r -> O, with the original bias)."""
+def weight_shape(m: nn.Module) -> torch.Size:
+    """The weight shape of a plain layer, or of the layer a wrapper stands for (a quantized factor)."""
+    for attr in ("weight", "weight_q"):
+        t = getattr(m, attr, None)
+        if isinstance(t, Tensor):
+            return t.shape
+    base = getattr(m, "base", None)
+    return weight_shape(base) if isinstance(base, nn.Module) else m.merge().weight.shape
+
+
+def _plain(m: nn.Module) -> nn.Module:
+    return m.merge() if isinstance(m, Wrapper) else m
+
+
+@wrapper("lowrank_linear")
+class LowRankLinear(Wrapper, nn.Sequential):
+    """`second(first(x))`: Linear(I -> r, no bias) then Linear(r -> O, with the original bias).
+
+    A container: other techniques reach the two factors (quantize them, prune the rank between them).
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):
@@ -36,11 +59,22 @@ class LowRankLinear(nn.Sequential):
         super().__init__()
         self.first = nn.Linear(in_features, rank, bias=False, **kw)  # weight (r, I)
         self.second = nn.Linear(rank, out_features, bias=bias, **kw)  # weight (O, r)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+
+    @property
+    def in_features(self) -> int:
+        return weight_shape(self.first)[1]
+
+    @property
+    def out_features(self) -> int:
+        return weight_shape(self.second)[0]
+
+    @property
+    def rank(self) -> int:
+        return weight_shape(self.first)[0]
 
     @classmethod
     def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        """An unfilled low-rank layer with `linear`'s shapes, device and dtype (replay: weights load later)."""
+        """An unfilled low-rank layer with `linear`'s shapes, device and dtype (weights come later)."""
         w = linear.weight
         return cls(linear.in_features, linear.out_features, rank, linear.bias is not None, w.device, w.dtype)
 
@@ -62,14 +96,24 @@ class LowRankLinear(nn.Sequential):
 
     def merge(self) -> nn.Linear:
         """A plain nn.Linear with weight `second.weight @ first.weight` (the reconstructed dense layer)."""
-        w = self.second.weight
-        out = nn.Linear(self.in_features, self.out_features, bias=self.second.bias is not None,
+        first, second = _plain(self.first), _plain(self.second)
+        w = second.weight
+        out = nn.Linear(first.in_features, second.out_features, bias=second.bias is not None,
                         device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            out.weight.copy_(w @ self.first.weight)  # (O, r) @ (r, I)
-            if self.second.bias is not None:
-                out.bias.copy_(self.second.bias)
+            out.weight.copy_(w @ first.weight)  # (O, r) @ (r, I)
+            if second.bias is not None:
+                out.bias.copy_(second.bias)
         return out
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"first": child(self.first), "second": child(self.second)}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> LowRankLinear:
+        layer = cls(1, 1, 1)
+        layer.first, layer.second = child(desc["first"]), child(desc["second"])
+        return layer
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -110,7 +154,8 @@ def _prod(values) -> int:
     return out
 
 
-class LowRankConv(nn.Sequential):
+@wrapper("lowrank_conv")
+class LowRankConv(Wrapper, nn.Sequential):
     """A convolution as a chain of smaller ones; `method` says which chain.
 
     svd:     kxk conv C -> r (the original stride, padding, dilation), then 1x1 conv r -> O
@@ -125,18 +170,19 @@ class LowRankConv(nn.Sequential):
             raise ValueError("LowRankConv: needs an ungrouped Conv1d/2d/3d")
         if method == "spatial" and not isinstance(conv, nn.Conv2d):
             raise ValueError("LowRankConv: spatial SVD needs a Conv2d (kh x kw kernel)")
-        self.method, self.ranks = method, tuple(int(r) for r in ranks)
+        self.method = method
+        ranks = tuple(int(r) for r in ranks)
         o, c, *k = conv.weight.shape
         bias, mode = conv.bias is not None, conv.padding_mode
         geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation,
                     "padding_mode": mode}
         ones = (1,) * len(k)
         if method == "svd":
-            (r,) = self.ranks
+            (r,) = ranks
             self.first = _conv(conv, c, r, tuple(k), **geometry)
             self.second = _conv(conv, r, o, ones, bias=bias)
         elif method == "spatial":
-            (r,) = self.ranks
+            (r,) = ranks
             pad = conv.padding
             pv, ph = (pad, pad) if isinstance(pad, str) else ((pad[0], 0), (0, pad[1]))
             self.vertical = _conv(conv, c, r, (k[0], 1), stride=(conv.stride[0], 1), padding=pv,
@@ -144,14 +190,23 @@ class LowRankConv(nn.Sequential):
             self.horizontal = _conv(conv, r, o, (1, k[1]), bias=bias, stride=(1, conv.stride[1]), padding=ph,
                                     dilation=(1, conv.dilation[1]), padding_mode=mode)
         elif method == "tucker2":
-            r_out, r_in = self.ranks
+            r_out, r_in = ranks
             self.first = _conv(conv, c, r_in, ones)
             self.core = _conv(conv, r_in, r_out, tuple(k), **geometry)
             self.last = _conv(conv, r_out, o, ones, bias=bias)
         else:
             raise ValueError(f"LowRankConv: unknown method {method!r}")
-        self._dense = {"type": type(conv), "in_channels": c, "out_channels": o, "kernel_size": tuple(k),
-                       **geometry}  # what merge() rebuilds
+        self._dense = {"type": type(conv).__name__, "kernel_size": list(k), **_plain_geometry(geometry)}
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The factorization's ranks, read off the factors (structured pruning may have narrowed them)."""
+        if self.method == "svd":
+            return (weight_shape(self.first)[0],)
+        if self.method == "spatial":
+            return (weight_shape(self.vertical)[0],)
+        core = weight_shape(self.core)
+        return (core[0], core[1])
 
     @classmethod
     def factorize(cls, conv: nn.Module, method: ConvMethod, ranks: tuple[int, ...], iters: int = 0) -> LowRankConv:
@@ -178,26 +233,52 @@ class LowRankConv(nn.Sequential):
 
     def dense_kernel(self) -> Tensor:
         """The (O, C, *k) kernel of the chain."""
+        f = {n: _plain(m).weight for n, m in self.named_children()}
         if self.method == "svd":
-            a = self.second.weight.flatten(1)  # (O, r)
-            b = self.first.weight  # (r, C, *k)
-            return torch.tensordot(a, b, dims=([1], [0]))  # (O, C, *k)
+            a = f["second"].flatten(1)  # (O, r)
+            return torch.tensordot(a, f["first"], dims=([1], [0]))  # (O, r) x (r, C, *k) -> (O, C, *k)
         if self.method == "spatial":
-            return spatial_kernel(self.vertical.weight, self.horizontal.weight)
-        return tucker2_kernel(self.first.weight.flatten(1), self.core.weight, self.last.weight.flatten(1))
+            return spatial_kernel(f["vertical"], f["horizontal"])
+        return tucker2_kernel(f["first"].flatten(1), f["core"], f["last"].flatten(1))
 
     def merge(self) -> nn.Module:
         """A plain conv with the chain's kernel (the reconstructed dense layer) and the same geometry."""
         d = self._dense
-        w = self[-1].weight
-        out = d["type"](d["in_channels"], d["out_channels"], d["kernel_size"], stride=d["stride"],
-                        padding=d["padding"], dilation=d["dilation"], padding_mode=d["padding_mode"],
-                        bias=self[-1].bias is not None, device=w.device, dtype=w.dtype)
+        last = _plain(self[-1])
+        kernel = self.dense_kernel()
+        w = last.weight
+        out = getattr(nn, d["type"])(kernel.shape[1], kernel.shape[0], tuple(d["kernel_size"]),
+                                     **_tuple_geometry(d), bias=last.bias is not None, device=w.device,
+                                     dtype=w.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.dense_kernel())
+            out.weight.copy_(kernel)
             if out.bias is not None:
-                out.bias.copy_(self[-1].bias)
+                out.bias.copy_(last.bias)
         return out
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"method": self.method, "dense": self._dense,
+                "factors": {n: child(m) for n, m in self.named_children()}}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> LowRankConv:
+        layer = cls.__new__(cls)
+        nn.Sequential.__init__(layer)
+        layer.method, layer._dense = desc["method"], dict(desc["dense"])
+        if layer.method not in ("svd", "spatial", "tucker2"):
+            raise ValueError(f"unknown low-rank method {layer.method!r}")
+        for name, d in desc["factors"].items():
+            layer.add_module(name, child(d))
+        return layer
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, ranks={self.ranks}"
+
+
+def _plain_geometry(geometry: dict[str, Any]) -> dict[str, Any]:
+    """JSON-able stride / padding / dilation (tuples as lists; a padding string stays a string)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in geometry.items()}
+
+
+def _tuple_geometry(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in ("stride", "padding", "dilation", "padding_mode")}

@@ -6,17 +6,16 @@ residual blocks) and `group_conv` (kernel-level pruning into grouped convolution
 """
 from . import importance  # noqa: F401  (registers the structured criteria)
 from .epi import EarlyPruningIndicator
-from .kernels import GroupConvConfig, GroupedConv, group_conv, group_partition, kernel_group_mask
-from .layers import DropLayersConfig, drop_layers, find_blocks, remove_blocks
-from .lottery import LotteryConfig  # (the `lottery` function stays in its module: same name)
+from .kernels import GroupConvConfig, GroupedConv, group_partition, kernel_group_mask
+from .layers import DropLayersConfig, find_blocks, remove_blocks
+from .lottery import LotteryConfig
 from .masks import global_masks, nm_mask, pattern_mask, unstructured_mask, vector_mask
-from .sparsity import SparsityConfig, cubic_sparsity, group_lasso, l1_penalty, sparsify
+from .sparsity import SparsityConfig, cubic_sparsity, group_lasso, l1_penalty
 from .structural import apply_record, remove_channels, remove_groups
-from .structured import PruneConfig, group_lasso_penalty, prune
+from .structured import PruneConfig, group_lasso_penalty
 
-__all__ = ["EarlyPruningIndicator", "GroupConvConfig", "GroupedConv", "group_conv", "group_partition",
-           "kernel_group_mask", "DropLayersConfig", "drop_layers", "find_blocks", "remove_blocks",
+__all__ = ["EarlyPruningIndicator", "GroupConvConfig", "GroupedConv", "group_partition",
+           "kernel_group_mask", "DropLayersConfig", "find_blocks", "remove_blocks",
            "LotteryConfig", "global_masks", "nm_mask", "pattern_mask",
            "unstructured_mask", "vector_mask", "SparsityConfig", "cubic_sparsity", "group_lasso", "l1_penalty",
-           "sparsify", "apply_record", "remove_channels", "remove_groups", "PruneConfig", "group_lasso_penalty",
-           "prune"]
+           "apply_record", "remove_channels", "remove_groups", "PruneConfig", "group_lasso_penalty"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..core import register
+from ..core.calibration import calibrate, gradient_sums
 from ..core.errors import ConfigError
 
 Stats = dict[str, Any]
@@ -236,62 +237,13 @@ NEEDS = {"taylor": "grad", "fisher": "grad_sq", "activation": "activations", "he
 
 def collect_stats(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                   need: str, producers: Iterable[str] = (), max_batches: int = 8) -> Stats:
-    """Gradients, squared gradients or output activations of `model` on up to `max_batches` batches.
-
-    The model's mode and its parameters' .grad are restored afterwards.
-    """
-    stats: Stats = {}
-    was_training = model.training
-    model.eval()  # BN uses running statistics: scores reflect the deployed network
-    saved = {n: p.grad for n, p in model.named_parameters()}
-    try:
-        if need == "activations":
-            stats["activations"] = _activations(model, batches, loss_fn, set(producers), max_batches)
-            return stats
-        if need == "hessian":  # the criterion runs its own HVPs on these batches, group by group
-            stats["hessian"] = {"batches": [b for _, b in zip(range(max_batches), batches)], "loss_fn": loss_fn}
-            return stats
-        grad: dict[str, torch.Tensor] = {}
-        grad_sq: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            if i >= max_batches:
-                break
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            for n, p in model.named_parameters():
-                if p.grad is not None:
-                    grad[n] = grad.get(n, 0) + p.grad.detach()
-                    grad_sq[n] = grad_sq.get(n, 0) + p.grad.detach().pow(2)
-        stats["grad"], stats["grad_sq"] = grad, grad_sq
-        return stats
-    finally:
-        for n, p in model.named_parameters():
-            p.grad = saved.get(n)
-        model.train(was_training)
-
-
-def _activations(model, batches, loss_fn, producers: set[str], max_batches: int) -> dict[str, torch.Tensor]:
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(module, inputs, output):
-            out = output.detach().abs()
-            # channels are dim 1 for convolutions and BN, the last dim for Linear
-            out = out.movedim(1, -1) if isinstance(module, nn.modules.conv._ConvNd) else out
-            flat = out.reshape(-1, out.shape[-1])  # (samples, C)
-            sums[name] = sums.get(name, 0) + flat.sum(0)
-            counts[name] = counts.get(name, 0) + flat.shape[0]
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in producers]
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if i >= max_batches:
-                    break
-                loss_fn(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    """Gradients, squared gradients or output activations of `model` on up to `max_batches` batches
+    (through the calibration engine; the model's mode and its parameters' .grad are restored)."""
+    if need == "activations":
+        found = calibrate(model, batches, {n: ("out_absmean",) for n in producers}, batches=max_batches,
+                          runner=lambda m, b: loss_fn(m, b))
+        return {"activations": {n: st.out_absmean().float() for n, st in found.items()}}
+    if need == "hessian":  # the criterion runs its own HVPs on these batches, group by group
+        return {"hessian": {"batches": [b for _, b in zip(range(max_batches), batches)], "loss_fn": loss_fn}}
+    grad, grad_sq = gradient_sums(model, batches, loss_fn, max_batches, squares=True)
+    return {"grad": grad, "grad_sq": grad_sq}

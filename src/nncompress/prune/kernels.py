@@ -21,15 +21,15 @@ computes what the dense conv computes with the cross-group kernels zeroed, with 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from ..core import Config, ConfigError, Context, check, register
+from ..core import Config, ConfigError, Context, Site, Wrapper, check, layer_transform, wrapper
 
-__all__ = ["GroupConvConfig", "GroupedConv", "balanced_assign", "group_conv", "group_partition",
-           "kernel_group_mask", "kernel_scores"]
+__all__ = ["GroupConvConfig", "GroupedConv", "balanced_assign", "group_partition", "kernel_group_mask",
+           "kernel_scores"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -147,12 +147,13 @@ def group_partition(scores: torch.Tensor, groups: int, iterations: int = 10, res
 # the module
 
 
-class GroupedConv(nn.Module):
+@wrapper("grouped_conv")
+class GroupedConv(Wrapper):
     """gather input channels -> ConvNd(groups=G) -> restore the output channel order.
 
     Equals the dense conv with the kernels between different groups zeroed. The original is not kept
     as `.base` (it would keep the dense weights the grouping removes); `merge()` rebuilds the masked
-    dense conv instead.
+    dense conv instead. A container: other techniques reach the grouped `conv` inside.
     """
 
     def __init__(self, conv: nn.Module, out_group: torch.Tensor, in_group: torch.Tensor, groups: int):
@@ -170,11 +171,14 @@ class GroupedConv(nn.Module):
             self.conv.weight.copy_(torch.cat(blocks))  # (O, I/G, *K)
             if conv.bias is not None:
                 self.conv.bias.copy_(conv.bias.detach()[out_order])
-        # structure, rebuilt from the record on load: not saved with the weights
-        self.register_buffer("in_perm", in_perm.to(w.device), persistent=False)
-        self.register_buffer("out_order", out_order.to(w.device), persistent=False)
-        self.register_buffer("out_inverse", torch.argsort(out_order).to(w.device), persistent=False)
-        self.identity_in = bool(torch.equal(in_perm, torch.arange(len(in_perm))))
+        self._set_order(in_perm.to(w.device), out_order.to(w.device))
+
+    def _set_order(self, in_perm: torch.Tensor, out_order: torch.Tensor) -> None:
+        # structure, described in the manifest: not saved with the weights
+        self.register_buffer("in_perm", in_perm, persistent=False)
+        self.register_buffer("out_order", out_order, persistent=False)
+        self.register_buffer("out_inverse", torch.argsort(out_order), persistent=False)
+        self.identity_in = bool(torch.equal(in_perm.cpu(), torch.arange(len(in_perm))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.identity_in:
@@ -182,9 +186,30 @@ class GroupedConv(nn.Module):
         y = self.conv(x)  # (N, O, ...) in group order
         return y.index_select(1, self.out_inverse)  # (N, O, ...) in the dense conv's order
 
+    def partition(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(out_group (C_out,), in_group (C_in,))`: the group of every dense output and input channel."""
+        conv = self.conv.base if isinstance(self.conv, Wrapper) else self.conv   # a quantized grouped conv
+        g, n_out, n_in = conv.groups, len(self.out_order), len(self.in_perm)
+        out_group, in_group = torch.empty_like(self.out_order), torch.empty_like(self.in_perm)
+        out_group[self.out_order] = torch.arange(n_out, device=self.out_order.device) // (n_out // g)
+        in_group[self.in_perm] = torch.arange(n_in, device=self.in_perm.device) // (n_in // g)
+        return out_group, in_group
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"conv": child(self.conv), "in_perm": self.in_perm.tolist(), "out_order": self.out_order.tolist()}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> "GroupedConv":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.conv = child(desc["conv"])
+        layer._set_order(torch.tensor(desc["in_perm"], dtype=torch.long), torch.tensor(desc["out_order"], dtype=torch.long))
+        return layer
+
     def merge(self) -> nn.Module:
         """The equivalent dense conv (groups=1) with the cross-group kernels zero."""
-        c, g = self.conv, self.conv.groups
+        c = self.conv.merge() if isinstance(self.conv, Wrapper) else self.conv
+        g = c.groups
         o, ci = c.weight.shape[0], c.weight.shape[1]
         dense = type(c)(ci * g, o, c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
                         bias=c.bias is not None, padding_mode=c.padding_mode, device=c.weight.device,
@@ -212,37 +237,25 @@ def _why_not(conv: nn.Module, groups: int) -> str | None:
     return None
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, key = name.rpartition(".")
-    setattr(model.get_submodule(parent), key, module)
-
-
-@register("group_conv", config=GroupConvConfig)
-def group_conv(model: nn.Module, config: GroupConvConfig, ctx: Context) -> nn.Module:
+@layer_transform("group_conv", config=GroupConvConfig, layers=_CONVS, on_wrapped="through", what="Conv1d/2d/3d")
+def _group_conv(model: nn.Module, config: GroupConvConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Kernel-level pruning: dense convolutions -> equivalent grouped convolutions with channel permutations."""
-    if ctx.replay:
-        for name, r in ctx.record.get("convs", {}).items():
-            conv = model.get_submodule(name)
-            _set(model, name, GroupedConv(conv, torch.tensor(r["out_group"]), torch.tensor(r["in_group"]), r["groups"]))
-        return model
-    convs = [(n, m) for n, m in ctx.targets.select(model) if type(m) in _CONVS]
-    if not convs:
-        raise ConfigError("targets", "no Conv1d/Conv2d/Conv3d among the targeted modules; widen targets")
     done, skipped, kept = {}, {}, {}
-    for name, conv in convs:
+    for site in sites:
+        name, conv = site.name, site.layer
         reason = _why_not(conv, config.groups)
         if reason:
             skipped[name] = reason
             continue
         s = kernel_scores(conv.weight, config.importance)  # (O, I)
         out_group, in_group = group_partition(s, config.groups, config.iterations, config.restarts, config.seed)
-        done[name] = {"groups": config.groups, "out_group": out_group.tolist(), "in_group": in_group.tolist()}
+        done[name] = config.groups
         kept[name] = round(_kept(s, out_group, in_group) / max(float(s.sum()), 1e-30), 6)
-        _set(model, name, GroupedConv(conv, out_group, in_group, config.groups))
+        site.replace(GroupedConv(conv, out_group, in_group, config.groups))
     if not done:
         first = next(iter(skipped.items()))
         raise ConfigError("groups", f"no targeted conv can be split into {config.groups} groups "
                           f"(e.g. {first[0]}: {first[1]}); choose groups dividing the channel counts")
     ctx.record.update(convs=done, kept_fraction=kept, skipped=skipped)
     ctx.log(f"group_conv: {len(done)} convs grouped {config.groups}-way, {len(skipped)} skipped")
-    return model
+    return sites[0].model

@@ -35,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import Config, ConfigError, Context, check, lookup, register
+from ..core.calibration import collect_block_io, feed, first_tensor, intercepting
 from ..core.errors import DataError
 
-__all__ = ["DropLayersConfig", "angular_distance", "cosine_distance", "drop_layers", "find_blocks",
-           "remove_blocks", "skipping"]
+__all__ = ["DropLayersConfig", "angular_distance", "cosine_distance", "find_blocks", "remove_blocks", "skipping"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,24 +109,6 @@ def angular_distance(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
 # finding and removing blocks
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for a in args:
-        if torch.is_tensor(a):
-            return a
-    t = kwargs.get("hidden_states")
-    return t if torch.is_tensor(t) else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
-
-
-def _out_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, dict):  # transformers ModelOutput: logits / last_hidden_state come first
-        out = next((v for v in out.values() if torch.is_tensor(v)), None)
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        return out[0]
-    return None
-
-
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -181,12 +163,6 @@ def _structural_candidates(model: nn.Module, ctx: Context) -> list[str]:
     return sorted((n for n in set(names) if n in selected), key=order.__getitem__)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-
-
 def _calib_batches(ctx: Context, n: int) -> list:
     if ctx.data is None:
         raise ConfigError("importance", "drop_layers scores blocks on calibration data; run it in a recipe or "
@@ -201,50 +177,19 @@ def _calib_batches(ctx: Context, n: int) -> list:
     return out
 
 
-def capture_blocks(model: nn.Module, names: list[str], batch: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`{name: (block input, block output)}` for one forward of `batch` (first call of each block)."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for n in names:
-        def hook(mod, args, kwargs, out, n=n):
-            x, y = _first_tensor(args, kwargs), _out_tensor(out)
-            if x is not None and y is not None and n not in seen:
-                seen[n] = (x.detach(), y.detach())
-        handles.append(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def find_blocks(model: nn.Module, ctx: Context, batch: Any) -> list[str]:
     """Names of the removable residual blocks among `ctx.targets`, checked on one forward of `batch`:
     a block qualifies only if it runs and its output has its input's shape."""
     names = _structural_candidates(model, ctx)
-    io = capture_blocks(model, names, batch)
+    io = collect_block_io(model, names, batch)
     return [n for n in names if n in io and io[n][0].shape == io[n][1].shape]
 
 
-class skipping:
+def skipping(model: nn.Module, names: Iterable[str]):
     """Context manager: the named blocks return their input (the model without them), then restore."""
-
-    def __init__(self, model: nn.Module, names: Iterable[str]):
-        self.modules = [model.get_submodule(n) for n in names]
-        self.handles: list = []
-
-    def __enter__(self) -> "skipping":
-        def hook(mod, args, kwargs, out):
-            x = _first_tensor(args, kwargs)
-            return (x, *out[1:]) if isinstance(out, tuple) else x
-        self.handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
+    def skip(out: Any, x: torch.Tensor | None) -> Any:
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+    return intercepting(model, names, skip)
 
 
 def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
@@ -304,7 +249,7 @@ def _mask(batch: Any) -> torch.Tensor | None:
 def _distance_scores(model: nn.Module, names: list[str], batches: list, dist) -> torch.Tensor:
     total = torch.zeros(len(names), dtype=torch.float64)
     for b in batches:
-        io = capture_blocks(model, names, b)
+        io = collect_block_io(model, names, b)
         total += torch.stack([dist(*io[n], _mask(b)) for n in names])
     return total / len(batches)
 
@@ -326,7 +271,7 @@ def loss_importance(model: nn.Module, names: list[str], batches: list) -> torch.
     """Loss increase when the block is skipped: cross-entropy for (x, y) batches, else the mean
     squared change of the model's outputs."""
     def loss(batch, ref=None) -> float:
-        out = _out_tensor(_call(model, batch))
+        out = first_tensor(feed(model, batch))
         if isinstance(batch, (tuple, list)):
             return float(F.cross_entropy(out.float(), batch[1]))
         return 0.0 if ref is None else float((out.double() - ref.double()).pow(2).mean())
@@ -334,7 +279,7 @@ def loss_importance(model: nn.Module, names: list[str], batches: list) -> torch.
     scores = torch.zeros(len(names), dtype=torch.float64)
     with torch.no_grad():
         for b in batches:
-            ref = _out_tensor(_call(model, b))
+            ref = first_tensor(feed(model, b))
             base = loss(b)
             for j, n in enumerate(names):
                 with skipping(model, [n]):
@@ -366,17 +311,20 @@ def _pick_contiguous(model: nn.Module, names: list[str], n: int, batches: list, 
                           "set contiguous=False")
     total = torch.zeros(len(wins), dtype=torch.float64)
     for b in batches:
-        io = capture_blocks(model, names, b)
+        io = collect_block_io(model, names, b)
         total += torch.stack([dist(io[w[0]][0], io[w[-1]][1], _mask(b)) for w in wins])
     best = int(torch.argmin(total))
     return wins[best], {w[0]: float(s) / len(batches) for w, s in zip(wins, total)}
 
 
+@register("remove_blocks", namespace="edit")
+def _replay_removed_blocks(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    return remove_blocks(model, [str(n) for n in edit.get("names", [])])
+
+
 @register("drop_layers", config=DropLayersConfig)
-def drop_layers(model: nn.Module, config: DropLayersConfig, ctx: Context) -> nn.Module:
+def _drop_layers(model: nn.Module, config: DropLayersConfig, ctx: Context) -> nn.Module:
     """Remove the least important whole residual blocks (layer pruning)."""
-    if ctx.replay:
-        return remove_blocks(model, list(ctx.record.get("removed", [])))
     was = model.training
     model.eval()
     batches = _calib_batches(ctx, config.calib_batches)
@@ -400,5 +348,6 @@ def drop_layers(model: nn.Module, config: DropLayersConfig, ctx: Context) -> nn.
         drop = sorted((names[i] for i in order[:n].tolist()), key=names.index)
         scores = {nm: float(v) for nm, v in zip(names, s)}
     ctx.record.update(removed=drop, scores=scores)
+    ctx.edits.add("remove_blocks", names=drop)
     ctx.log(f"drop_layers: removed {', '.join(drop)}")
     return remove_blocks(model, drop).train(was)

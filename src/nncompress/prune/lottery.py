@@ -18,9 +18,10 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from ..core import Config, ConfigError, Context, TrainConfig, check, fit, register
+from ..core import Config, ConfigError, Context, Site, TrainConfig, check, fit, layer_transform
+from ..core.objectives import objective, require_data
 from .masks import global_masks, magnitude_scores, unstructured_mask
-from .sparsity import Masks, SparsityConfig, sparse_layers, training_loss
+from .sparsity import SPARSE_LAYERS, Masks, SparsityConfig, plain_sites, sparse_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +57,28 @@ class LotteryConfig(Config):
               f"must be >= 0, got {self.final_epochs}")
 
 
-@register("lottery", config=LotteryConfig)
-def lottery(model: nn.Module, config: LotteryConfig, ctx: Context) -> nn.Module:
+@layer_transform("lottery", config=LotteryConfig, layers=SPARSE_LAYERS, on_wrapped="through", what="Linear/Conv")
+def _lottery(model: nn.Module, config: LotteryConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Find a winning ticket by iterative magnitude pruning with rewinding, then train it."""
-    if ctx.replay:  # the ticket's zeros come from the checkpoint
-        return model
-    model.to(ctx.device)
+    require_data(ctx, "lottery")
     skipped: dict[str, str] = {}
-    layers = sparse_layers(model, SparsityConfig(), ctx.targets, skipped)
-    if not layers:
-        raise ConfigError("targets", "no Linear or Conv layer to prune; widen targets")
-    loss_fn = training_loss(ctx, model, "lottery")
+    with plain_sites(sites) as plain:
+        model = plain.model.to(ctx.device)
+        layers = sparse_layers(plain.layers, SparsityConfig(), skipped)
+        if not layers:
+            raise ConfigError("targets", "no Linear or Conv layer to prune; widen targets")
+        masks, levels = _find_ticket(model, layers, config, ctx)
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    ctx.record.update(sparsity=round(zeros / sum(m.numel() for m in masks.values()), 6), round_sparsity=levels,
+                      layers={n: round(float((~m).float().mean()), 6) for n, m in masks.items()})
+    if skipped:
+        ctx.record["skipped"] = skipped
+    return sites[0].model.eval()
+
+
+def _find_ticket(model: nn.Module, layers: dict[str, nn.Module], config: LotteryConfig, ctx: Context
+                 ) -> tuple[Masks, list[float]]:
+    loss_fn = objective(ctx, "lottery", model)
     masks: Masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
     rewind = _snapshot(model) if config.rewind_steps == 0 else None
     steps, levels = 0, []
@@ -96,12 +108,7 @@ def lottery(model: nn.Module, config: LotteryConfig, ctx: Context) -> nn.Module:
     if final:
         fit(model, ctx.data.train, loss_fn, TrainConfig(epochs=final, lr=config.lr),
             after_step=lambda m: enforce(layers, masks), progress=ctx.progress, desc="lottery ticket")
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    ctx.record.update(sparsity=round(zeros / sum(m.numel() for m in masks.values()), 6), round_sparsity=levels,
-                      layers={n: round(float((~m).float().mean()), 6) for n, m in masks.items()})
-    if skipped:
-        ctx.record["skipped"] = skipped
-    return model.eval()
+    return masks, levels
 
 
 def prune_survivors(layers: dict[str, nn.Module], masks: Masks, level: float, scope: str = "global") -> Masks:
@@ -125,13 +132,23 @@ def enforce(layers: dict[str, nn.Module], masks: Masks) -> None:
             m.weight.mul_(masks[n])
 
 
+_REINIT_STREAM = 0x7A11E7  # a seed stream of its own: never the one the model's own init was drawn from
+
+
 def reinitialize(layers: dict[str, nn.Module], seed: int) -> None:
-    """Fresh random weights from each layer's own `reset_parameters`, seeded without touching the
-    global generator's state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in layers.values():
-            m.reset_parameters()
+    """Fresh random weights from each layer's own `reset_parameters`, seeded (from a stream kept apart
+    from the usual seeds) without touching the global generator's state. The control must differ from
+    the ticket: if a layer comes out equal to the weights it had (a model initialised with the very
+    same seed), it is drawn again from the next seed."""
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    for attempt in range(8):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_REINIT_STREAM + 1009 * seed + attempt)
+            for m in layers.values():
+                m.reset_parameters()
+        if not any(torch.equal(m.weight, before[n]) for n, m in layers.items()):
+            return
+    raise RuntimeError("lottery: could not draw a re-initialisation different from the ticket")
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..core import Config, ConfigError, Context, Targets, TrainConfig, check, fit, lookup, names, register
+from ..core import Config, ConfigError, Context, Site, Targets, TrainConfig, check, fit, layer_transform, lookup
+from ..core import names, register
+from ..core.calibration import LayerStats, calibrate, gradient_sums
+from ..core.objectives import objective
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
                     wanda_scores)
@@ -156,39 +159,71 @@ def wanda_saliency(w: torch.Tensor, stats: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- the stage
 
 
-@register("sparsify", config=SparsityConfig)
-def sparsify(model: nn.Module, config: SparsityConfig, ctx: Context) -> nn.Module:
+SPARSE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@layer_transform("sparsify", config=SparsityConfig, layers=SPARSE_LAYERS, on_wrapped="through", what="Linear/Conv")
+def _sparsify(model: nn.Module, config: SparsityConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Zero weights by an element, N:M, vector or kernel-pattern mask and keep them zero."""
-    if ctx.replay:  # the zeros come from the checkpoint: the masks are implied by them
-        return model
     was_training = model.training
-    model.to(ctx.device)
     skipped: dict[str, str] = {}
-    layers = sparse_layers(model, config, ctx.targets, skipped)
-    if not layers:
-        raise ConfigError("targets", "no Linear or Conv layer left to sparsify; widen targets"
-                          + (f" (skipped: {skipped})" if skipped else ""))
-    job = _Job(model, layers, config, ctx, torch.Generator().manual_seed(config.seed), [])
-    job.loss = training_loss(ctx, model, "sparsify.epochs") if config.epochs else None
-    if config.importance in _SOLVERS or (config.importance == "wanda" and config.schedule == "one_shot"
-                                         and config.sequential and not config.soft):
-        masks = _train(job, layerwise_prune(job))
-    elif config.importance == "snip" and config.schedule != "gradual":
-        masks = _train(job, snip_prune(job), _constant(config.target) if config.soft else None)
-    elif config.schedule == "gradual":
-        start = _apply(job, compute_masks(job, config.initial_sparsity)) if config.initial_sparsity else None
-        masks = _train(job, start, lambda step, total: cubic_sparsity(
-            step, max(1, round(config.ramp * total)), config.target, config.initial_sparsity))
-    else:
-        rounds = config.rounds if config.schedule == "iterative" else 1
-        masks = None
-        for k in range(1, rounds + 1):
-            level = 1 - (1 - config.target) ** (k / rounds)
-            masks = _apply(job, compute_masks(job, level, None if config.soft else masks))
-            masks = _train(job, masks, _constant(level) if config.soft else None)
+    with plain_sites(sites) as plain:
+        model = plain.model.to(ctx.device)
+        layers = sparse_layers(plain.layers, config, skipped)
+        if not layers:
+            raise ConfigError("targets", "no Linear or Conv layer left to sparsify; widen targets"
+                              + (f" (skipped: {skipped})" if skipped else ""))
+        job = _Job(model, layers, config, ctx, torch.Generator().manual_seed(config.seed), [])
+        job.loss = objective(ctx, "sparsify.epochs", model) if config.epochs else None
+        masks = _run(job)
     _record(ctx, masks, skipped, job.notes)
+    model = sites[0].model
     model.train(was_training)
     return model
+
+
+class plain_sites:
+    """Context manager: the sites' layers as plain modules in the model while inside (a wrapped layer
+    is replaced by its merge), the wrappers re-applied to the edited layers on exit (quantized weights
+    pruned to 2:4 stay quantized; the zeros are on every grid)."""
+
+    def __init__(self, sites: list[Site]):
+        self.sites = sites
+
+    def __enter__(self) -> "plain_sites":
+        for s in self.sites:
+            if s.wrapped is not None:
+                s.replace(s.layer, rewrap=False)
+        self.layers = {s.name: s.layer for s in self.sites}
+        self.model = self.sites[0].model
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            for s in self.sites:
+                if s.wrapped is not None:
+                    s.replace(s.layer)
+
+
+def _run(job: _Job) -> Masks:
+    """The configured criterion and schedule; returns the final masks."""
+    config, ctx = job.config, job.ctx
+    if config.importance in _SOLVERS or (config.importance == "wanda" and config.schedule == "one_shot"
+                                         and config.sequential and not config.soft):
+        return _train(job, layerwise_prune(job))
+    if config.importance == "snip" and config.schedule != "gradual":
+        return _train(job, snip_prune(job), _constant(config.target) if config.soft else None)
+    if config.schedule == "gradual":
+        start = _apply(job, compute_masks(job, config.initial_sparsity)) if config.initial_sparsity else None
+        return _train(job, start, lambda step, total: cubic_sparsity(
+            step, max(1, round(config.ramp * total)), config.target, config.initial_sparsity))
+    rounds = config.rounds if config.schedule == "iterative" else 1
+    masks = None
+    for k in range(1, rounds + 1):
+        level = 1 - (1 - config.target) ** (k / rounds)
+        masks = _apply(job, compute_masks(job, level, None if config.soft else masks))
+        masks = _train(job, masks, _constant(level) if config.soft else None)
+    return masks
 
 
 def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) -> float:
@@ -201,13 +236,11 @@ def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) ->
     return final + (initial - final) * (1 - t) ** 3
 
 
-def sparse_layers(model: nn.Module, config: SparsityConfig, targets: Targets,
+def sparse_layers(candidates: dict[str, nn.Module], config: SparsityConfig,
                   skipped: dict[str, str]) -> dict[str, nn.Module]:
-    """The targeted Linear and Conv layers that `config` can sparsify; the others land in `skipped`."""
+    """The layers among `candidates` that `config` can sparsify; the others land in `skipped`."""
     layers = {}
-    for name, mod in targets.select(model):
-        if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
+    for name, mod in candidates.items():
         fan_in, kernel = mod.weight.shape[1], tuple(mod.weight.shape[2:])
         if config.granularity == "nm" and fan_in % config.m:
             skipped[name] = f"{fan_in} inputs are not a multiple of m={config.m}"
@@ -334,7 +367,7 @@ def layerwise_prune(job: _Job) -> Masks:
     return {n: masks[n] for n in job.layers}
 
 
-def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: InputStats | None, hessian: bool) -> torch.Tensor:
+def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: LayerStats | None, hessian: bool) -> torch.Tensor:
     cfg, w = job.config, mod.weight
     if stats is None or stats.count == 0:
         job.notes.append(f"{name}: not reached by the calibration data; pruned by magnitude")
@@ -439,30 +472,6 @@ def _train(job: _Job, masks: Masks | None, level_at: Callable[[int, int], float]
     return state["masks"]
 
 
-def training_loss(ctx: Context, model: nn.Module, where: str) -> LossFn:
-    """Cross-entropy for classification; for embedding models, 1 - cosine to the teacher (the model
-    as it is now when the context has none)."""
-    data = ctx.data
-    if data is None:
-        raise ConfigError(where, "training needs data; run the stage in a recipe or pass Context(data=...)")
-    device = ctx.device
-    if getattr(data, "task", "classification") == "embedding":
-        teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
-        teacher.eval().requires_grad_(False)
-
-        def distill(m: nn.Module, batch) -> torch.Tensor:
-            inputs = _move(batch_inputs(batch), device)
-            with torch.no_grad():
-                target = call(teacher, inputs)
-            return (1 - F.cosine_similarity(call(m, inputs), target, dim=-1)).mean()
-        return distill
-
-    def cross_entropy(m: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(call(m, _move(x, device)), y.to(device))
-    return cross_entropy
-
-
 # ------------------------------------------------------------------------- calibration statistics
 
 
@@ -472,139 +481,22 @@ def calib_grads(job: _Job) -> dict[str, torch.Tensor]:
     if data is None or getattr(data, "task", "classification") != "classification":
         raise ConfigError("importance", f"{job.config.importance!r} needs labelled calibration data; for "
                           "embedding models use magnitude, wanda or sparsegpt")
-    loss_fn = training_loss(job.ctx, job.model, "importance")
+    loss_fn = objective(job.ctx, "importance", job.model)
     params = {n: _dense(m) for n, m in job.layers.items()}
-    saved = {n: p.grad for n, p in params.items()}
-    was = job.model.training
-    job.model.eval()
-    grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    try:
-        for i, batch in enumerate(data.calib):
-            if i >= job.config.calib_batches:
-                break
-            job.model.zero_grad(set_to_none=True)
-            loss_fn(job.model, batch).backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    grads[n] += p.grad.detach()
-    finally:
-        job.model.zero_grad(set_to_none=True)
-        for n, p in params.items():
-            p.grad = saved[n]
-        job.model.train(was)
-    return grads
-
-
-class InputStats:
-    """Running sums over the calibration rows (tokens or pixels) x of one layer's input (T, I)."""
-
-    def __init__(self, hessian: bool):
-        self.want_hessian = hessian
-        self.count = 0
-        self.sq: torch.Tensor | None = None  # (I,) sum of x^2
-        self.xtx: torch.Tensor | None = None  # (I, I) sum of x x^T
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().float()  # (T, I)
-        self.count += x.shape[0]
-        sq = x.pow(2).sum(0).double()
-        self.sq = sq if self.sq is None else self.sq + sq
-        if self.want_hessian:  # float32 products per batch (as SparseGPT does), summed in float64
-            xtx = (x.T @ x).double()
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
-
-    def norm(self) -> torch.Tensor:
-        """||X_j||_2 per input feature: Wanda's activation norm."""
-        return self.sq.sqrt()
-
-    def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / T: the layer-wise Hessian of ||WX - W'X||^2 (mean over rows)."""
-        return 2 * self.xtx / self.count
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layers of interest have seen their input."""
+    grads, _ = gradient_sums(job.model, data.calib, loss_fn, job.config.calib_batches, params)
+    return {n: grads.get(n, torch.zeros_like(p)) for n, p in params.items()}
 
 
 def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, max_batches: int,
-                   hessian: bool = False, first_group: bool = False) -> dict[str, InputStats]:
-    """Input statistics of `layers` over up to `max_batches` batches; padding tokens (an
-    `attention_mask` in dict batches) are left out.
-
-    first_group: only the first of `layers` the forward reaches, with the others fed that very same
-    input tensor (attention's q, k and v): none depends on another, so they can be pruned together.
-    Each forward stops right after them.
-    """
-    stats = {n: InputStats(hessian and isinstance(m, nn.Linear)) for n, m in layers.items()}
-    group: list[str] = []
-    state: dict[str, Any] = {"mask": None, "anchor": None, "batch": 0, "seen": 0}
-
-    def hook(name: str):
-        def fn(module: nn.Module, args) -> None:
-            x = args[0]
-            if first_group and state["batch"] == 0:  # the first batch finds the group
-                if state["anchor"] is None:
-                    state["anchor"] = x
-                elif x is not state["anchor"]:
-                    raise _Stop
-                if name not in group:
-                    group.append(name)
-                    lead = stats[group[0]]
-                    if name != group[0] and type(module) is type(layers[group[0]]) \
-                            and stats[name].want_hessian == lead.want_hessian:
-                        stats[name] = lead  # the very same input: share one set of sums
-            elif first_group and name not in group:
-                raise _Stop
-            if not (first_group and name != group[0] and stats[name] is stats[group[0]]):
-                stats[name].add(_rows(module, x, state["mask"]))
-            state["seen"] += 1
-            if first_group and state["batch"] > 0 and state["seen"] >= len(group):
-                raise _Stop
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if i >= max_batches:
-                    break
-                inputs = batch_inputs(batch)
-                state.update(batch=i, seen=0, mask=inputs.get("attention_mask") if isinstance(inputs, dict) else None)
-                try:
-                    call(model, _move(inputs, next(model.parameters()).device))
-                except _Stop:
-                    pass
-                state["anchor"] = None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return {n: stats[n] for n in group} if first_group else stats
-
-
-def _rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return x.movedim(1, -1).reshape(-1, x.shape[1])  # (B * spatial, C)
-    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
-        x = x[token_mask.to(x.device).bool()]  # (tokens, I): padding left out
-    return x.reshape(-1, x.shape[-1])  # (rows, I)
-
-
-def batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch: x of (x, y), a dict as is, or a tensor."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def _move(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device)
+                   hessian: bool = False, first_group: bool = False) -> dict[str, LayerStats]:
+    """Input statistics of `layers` (Wanda's norms, SparseGPT's Gram) over up to `max_batches` batches;
+    padding tokens are left out. first_group: only the first group of layers reading one tensor."""
+    names = {id(m): n for n, m in model.named_modules()}
+    wants = {names[id(m)]: ("sqnorm", "gram") if hessian and isinstance(m, nn.Linear) else ("sqnorm",)
+             for m in layers.values()}
+    found = calibrate(model, batches, wants, batches=max_batches, first_group=first_group)
+    by_module = {names[id(m)]: n for n, m in layers.items()}
+    return {by_module[k]: v for k, v in found.items()}
 
 
 # --------------------------------------------------------------------------------- regularization

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import Config, ConfigError, Context, TrainConfig, check, fit, lookup, register
+from ..core import Config, ConfigError, Context, TrainConfig, check, fit, lookup, plain_view, register
 from ..core.errors import DataError
 from ..graph import build_graph
 from .importance import NEEDS, collect_stats
@@ -85,53 +85,85 @@ class PruneConfig(Config):
 
 
 @register("prune", config=PruneConfig)
-def prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
+def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     """Structured pruning of coupled channel groups; the model physically shrinks."""
-    if ctx.replay:
-        for record in ctx.record.get("removals", []):
-            apply_record(model, record)
-        return model
     inputs = example_inputs(model, ctx)
     if config.penalty != "none":
         sparse_train(model, config, ctx, inputs)
-    removals = ctx.record.setdefault("removals", [])
     budget = config.target_macs or config.target_params
     original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
+    removed = 0
     for step in range(1, config.steps + 1):
-        if budget:
-            plan = _plan_for_budget(model, config, ctx, inputs, budget ** (step / config.steps))
-            removals.extend(_remove(model, plan, ctx))
-        elif config.scope == "local":  # cumulative ratio of the original widths: k steps end at one-shot's
-            removals.extend(prune_once(model, config, ctx, inputs, config.ratio * step / config.steps, original))
-        else:  # global: the fraction of what is left that brings the total to ratio * step / steps
-            done, goal = config.ratio * (step - 1) / config.steps, config.ratio * step / config.steps
-            removals.extend(prune_once(model, config, ctx, inputs, 1 - (1 - goal) / (1 - done)))
+        with plain_view(model) as view:  # quantized / clustered layers are pruned through their plain view
+            if budget:
+                plan = _plan_for_budget(model, config, ctx, inputs, budget ** (step / config.steps))
+            elif config.scope == "local":  # cumulative ratio of the original widths: k steps end at one-shot's
+                plan = plan_from_scores(score_groups(model, config, ctx, inputs), config,
+                                        config.ratio * step / config.steps, original)
+            else:  # global: the fraction of what is left that brings the total to ratio * step / steps
+                done, goal = config.ratio * (step - 1) / config.steps, config.ratio * step / config.steps
+                plan = plan_from_scores(score_groups(model, config, ctx, inputs), config,
+                                        1 - (1 - goal) / (1 - done))
+            removed += _remove(model, plan, ctx, view)
         if config.finetune_epochs:
             _finetune(model, config, ctx)
+    ctx.record["channels_removed"] = removed
     return model.eval()
 
 
-def prune_once(model: nn.Module, config: PruneConfig, ctx: Context, inputs, ratio: float,
-               original: dict[tuple, int] | None = None) -> list[dict]:
-    """One pruning step to `ratio` of each group's `original` width (default: its current width);
-    returns the removal records (replayable without data)."""
-    scored = score_groups(model, config, ctx, inputs)
-    return _remove(model, plan_from_scores(scored, config, ratio, original), ctx)
-
-
-def _remove(model: nn.Module, plan: list, ctx: Context) -> list[dict]:
+def _remove(model: nn.Module, plan: list, ctx: Context, view: plain_view) -> int:
+    """Remove the plan's channels (in the plain view; the wrappers follow) and record the edit."""
     removed = sum(len(drop) for _, drop in plan)
-    ctx.record["channels_removed"] = ctx.record.get("channels_removed", 0) + removed
-    return [remove_groups(model, plan)] if removed else []
+    if removed:
+        record = remove_groups(model, plan)
+        view.cut_through(_cuts(record), record.get("modules", {}))
+        ctx.edits.add("remove_channels", **_compact(record))
+    return removed
+
+
+def _cuts(record: dict[str, Any]) -> list[tuple[str, int, list[int]]]:
+    return [(p["name"], int(p["dim"]), p["keep"]) for p in record.get("params", [])]
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """The removal record with each distinct kept-index list stored once (every member of a group, a
+    conv, its bias, its BatchNorm and the next layer's input, shares one), referred to by position."""
+    keeps: list[list[int]] = []
+    seen: dict[tuple[int, ...], int] = {}
+    params = []
+    for p in record.get("params", []):
+        key = tuple(p["keep"])
+        if key not in seen:
+            seen[key] = len(keeps)
+            keeps.append(list(key))
+        params.append({**p, "keep": seen[key]})
+    return {"record": {**record, "params": params}, "keeps": keeps}
+
+
+def _expand(edit: dict[str, Any]) -> dict[str, Any]:
+    record, keeps = dict(edit["record"]), edit["keeps"]
+    record["params"] = [{**p, "keep": keeps[int(p["keep"])]} for p in record.get("params", [])]
+    return record
+
+
+@register("remove_channels", namespace="edit")
+def _replay_removal(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    record = _expand(edit)
+    with plain_view(model) as view:
+        apply_record(model, record)
+        view.cut_through(_cuts(record), record.get("modules", {}))
+    return model
 
 
 def score_groups(model: nn.Module, config: PruneConfig, ctx: Context, inputs) -> list[tuple]:
     """Trace the model once and score every prunable targeted group: `[(group, scores), ...]`."""
     graph = build_graph(model, inputs)
-    groups = [g for g in graph.groups(ctx.targets) if g.prunable]
+    every = graph.groups(ctx.targets)
+    groups = [g for g in every if g.prunable]
     if not groups:
-        raise ConfigError("targets", "no prunable channel group among the targeted modules; "
-                          "widen targets or see graph.groups() for the reasons")
+        why = next((g.reason for g in every if g.reason), "")
+        raise ConfigError("targets", "no prunable channel group among the targeted modules"
+                          + (f" (e.g. {why})" if why else "") + "; widen targets or see graph.groups() for the reasons")
     scorer = lookup(config.importance, namespace="importance")
     stats = _stats(model, groups, config, ctx)
     scored = [(g, scorer(model, g, stats)) for g in groups]

@@ -17,25 +17,23 @@ from .bn_fold import equalization_scales, equalize, find_conv_bn_pairs, find_equ
 from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantEmbedding, QuantLinear, QuantSpec, QuantWrapper, STEQuantize,
                          calibrating, dorefa_weight, format_from_dict, format_to_dict, granularity_from_dict,
                          lsq_quantize, pact_quantize, qparams, quantize_ste, quantize_values, wrap)
-from .gptq import GPTQConfig, gptq_quantize, gptq_transform
+from .gptq import GPTQConfig, gptq_quantize
 from .observers import kl_threshold, observe
-from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity, quantize
+from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity
 from .smoothquant import (SmoothedLinear, SmoothGroup, SmoothQuantConfig, activation_maxima, find_smooth_groups,
-                          migrate_into_norm, smoothing_scales, smoothquant_transform, weight_input_max)
-from .qat import QATConfig, convert, frozen_weight_quant, kd_loss, prepare_qat, quantization_aware_training, refresh_weight_scales
+                          migrate_into_norm, smoothing_scales, weight_input_max)
+from .qat import QATConfig, frozen_weight_quant, kd_loss, refresh_weight_scales
 from .storage import WeightCodes, dequantize_codes, storage_hints, weight_codes
 from . import native  # noqa: F401,E402  (registers int8_dynamic: torch-native int8 Linear)
 
 __all__ = [
-    "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig",
-    "quantize", "quantization_aware_training", "gptq_transform", "gptq_quantize",
-    "prepare_qat", "convert", "refresh_weight_scales", "kd_loss",
+    "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig", "gptq_quantize", "refresh_weight_scales", "kd_loss",
     "FakeQuant", "QuantWrapper", "QuantLinear", "QuantConv", "QuantEmbedding", "frozen_weight_quant", "wrap", "calibrating", "calibrate", "bias_correct",
     "quant_sensitivity", "STEQuantize", "GradScale", "quantize_ste", "quantize_values", "qparams",
     "lsq_quantize", "pact_quantize", "dorefa_weight", "format_from_dict", "format_to_dict", "granularity_from_dict",
     "observe", "kl_threshold",
     "fold_batchnorm", "find_conv_bn_pairs", "equalize", "equalization_scales", "find_equalization_pairs",
     "WeightCodes", "weight_codes", "dequantize_codes", "storage_hints",
-    "SmoothQuantConfig", "smoothquant_transform", "SmoothedLinear", "SmoothGroup", "smoothing_scales",
+    "SmoothQuantConfig", "SmoothedLinear", "SmoothGroup", "smoothing_scales",
     "weight_input_max", "migrate_into_norm", "activation_maxima", "find_smooth_groups",
 ]

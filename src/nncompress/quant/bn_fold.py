@@ -32,8 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core import Edits
+
 __all__ = ["fold_batchnorm", "fold_bn_weights", "find_conv_bn_pairs", "equalize", "equalization_scales",
-           "find_equalization_pairs", "set_module"]
+           "find_equalization_pairs"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
@@ -45,15 +47,6 @@ class _Node:
     users: list[str]              # consumers (names) that are known
     sole: bool                    # the output has exactly one consumer in the whole graph
     calls: int = 1
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace the submodule `name` (dotted) by `new`; returns the model (`new` itself for name "")."""
-    if not name:
-        return new
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model
 
 
 # ------------------------------------------------------------------------------------ data flow
@@ -210,12 +203,14 @@ def fold_bn_weights(w: Tensor, b: Tensor | None, bn: nn.modules.batchnorm._Batch
     return w_new.to(w.dtype), ((b0 - mean) * k + beta).to(w.dtype)
 
 
-def fold_batchnorm(model: nn.Module, example_inputs: Any = None,
-                   pairs: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, example_inputs: Any = None, pairs: list[tuple[str, str]] | None = None,
+                   edits: Edits | None = None) -> list[tuple[str, str]]:
     """Fold each BatchNorm into the Linear/Conv before it, in place; the BN becomes `nn.Identity`.
 
-    `pairs` (from a previous run's record) skips the search. Returns the pairs folded.
+    `pairs` skips the search. `edits` (a transform's `ctx.edits`) records the structural changes
+    (the BN swapped out, a bias added) for replay. Returns the pairs folded.
     """
+    edits = edits or Edits()
     pairs = find_conv_bn_pairs(model, example_inputs) if pairs is None else [tuple(p) for p in pairs]
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
@@ -223,10 +218,11 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None,
         with torch.no_grad():
             layer.weight.copy_(w)
             if layer.bias is None:
+                edits.touch(model, layer_name)  # a new bias is structure
                 layer.bias = nn.Parameter(b)
             else:
                 layer.bias.copy_(b)
-        set_module(model, bn_name, nn.Identity())
+        edits.swap(model, bn_name, nn.Identity())
     return [tuple(p) for p in pairs]
 
 

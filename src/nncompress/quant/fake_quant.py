@@ -20,7 +20,6 @@ channel is per output channel, per group runs along the flattened fan-in.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 from typing import Any, Iterator, Literal
@@ -30,15 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import NNCompressError, lookup
-from ..formats import IntFormat, expand_scale  # noqa: F401  (IntFormat: the doctest)
+from ..core import NNCompressError, Wrapper, lookup, wrapper
+from ..core.surgery import cut_plain, keep_indices
+from ..formats import IntFormat, PerChannel, PerTensor, expand_scale  # noqa: F401  (IntFormat: the doctest)
 from . import observers as _observers  # noqa: F401  (registers the observers a spec names)
 # the spec and the pure functions live in their own modules; re-exported here for `from .fake_quant import ...`
 from .functional import (EPS, GradScale, STEQuantize, dorefa_weight, lsq_quantize, pact_quantize,  # noqa: F401
                          qparams, quantize_ste, quantize_values, uses_scale)
 from .spec import QuantSpec, format_from_dict, format_to_dict, granularity_from_dict  # noqa: F401
-
-_RECORD_LIST_MAX = 64  # record tensors up to this size as readable lists, larger ones as base64 bytes
 
 # ------------------------------------------------------------------------------------- state holder
 
@@ -111,7 +109,18 @@ class FakeQuant(nn.Module):
         elif self.spec.method == "pact":
             self._set_param("alpha", hi.clamp_min(EPS))
         else:
-            self.scale, self.zero_point = scale.to(device), zp.to(device)
+            self.set_qparams(scale.to(device), zp.to(device))
+
+    def set_qparams(self, scale: Tensor, zero_point: Tensor | None) -> None:
+        """Fix scale and zero point; a grid whose zero point is always 0 (symmetric) keeps none, so
+        checkpoints store no zero points for it."""
+        self.scale = scale
+        self.zero_point = None if zero_point is None or not self.has_zero_point else zero_point.to(torch.int32)
+
+    @property
+    def has_zero_point(self) -> bool:
+        """Only asymmetric integer grids have a zero point that can be nonzero."""
+        return isinstance(self.fmt, IntFormat) and not self.fmt.symmetric
 
     def _set_param(self, name: str, value: Tensor) -> None:
         p = getattr(self, name)
@@ -144,46 +153,32 @@ class FakeQuant(nn.Module):
             return lsq_quantize(x, self._expand(self.step, x), fmt, per_step)
         if method == "pact":
             return pact_quantize(x, self._expand(self.alpha, x), fmt)
-        return quantize_ste(x, fmt, self._expand(self.scale, x), self._expand(self.zero_point, x))
+        zero = None if self.zero_point is None else self._expand(self.zero_point, x)
+        return quantize_ste(x, fmt, self._expand(self.scale, x), zero)
 
     def _expand(self, t: Tensor, x: Tensor) -> Tensor:
         return expand_scale(t, self.granularity, x.shape)
 
-    # ---- manifest ----------------------------------------------------------------------------
+    # ---- manifest: structure only, the tensors' values are in the checkpoint ---------------------
 
-    def to_record(self) -> dict[str, Any]:
-        """The spec and every tensor this quantizer holds, JSON-able: small tensors as lists, larger
-        ones as base64 of their little-endian bytes (a list of per-row scales of a 30k-token embedding
-        is megabytes of decimal text in the manifest; the bytes are exact and a quarter of that)."""
-        tensors = {}
-        for name in ("scale", "zero_point", "step", "alpha"):
-            t = getattr(self, name)
-            if t is not None:
-                t = t.detach().cpu().contiguous()
-                entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                if t.numel() <= _RECORD_LIST_MAX:
-                    entry["values"] = t.flatten().tolist()
-                else:
-                    entry["base64"] = base64.b64encode(t.numpy().astype(t.numpy().dtype.newbyteorder("<"))
-                                                       .tobytes()).decode("ascii")
-                tensors[name] = entry
-        return {"role": self.role, "spec": self.spec.to_dict(), "tensors": tensors}
+    _TENSORS = ("scale", "zero_point", "step", "alpha")
+
+    def describe(self) -> dict[str, Any]:
+        """The spec and the shape of every tensor this quantizer holds (values: the checkpoint's)."""
+        tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                   for name in self._TENSORS if (t := getattr(self, name)) is not None}
+        return {"role": self.role, "spec": self.spec.to_dict(), "tensors": tensors, "track": self.track}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "FakeQuant":
-        """Rebuild a quantizer from `to_record` output, without data."""
-        fq = cls(QuantSpec.from_dict(record["spec"]), record["role"])
-        for name, t in record.get("tensors", {}).items():
-            dtype = getattr(torch, t["dtype"])
-            if "base64" in t:
-                raw = bytearray(base64.b64decode(t["base64"]))
-                value = torch.frombuffer(raw, dtype=dtype).reshape(t["shape"]).clone()
-            else:
-                value = torch.tensor(t["values"], dtype=dtype).reshape(t["shape"])
-            if name in ("step", "alpha"):
-                setattr(fq, name, nn.Parameter(value))
-            else:
-                setattr(fq, name, value)
+    def rebuild(cls, desc: dict[str, Any]) -> "FakeQuant":
+        """A quantizer with `describe`'s spec and zero-filled tensors of its shapes, without data."""
+        fq = cls(QuantSpec.from_dict(desc["spec"], "spec"), desc["role"])
+        fq.track = bool(desc.get("track", False))
+        for name, t in (desc.get("tensors") or {}).items():
+            if name not in cls._TENSORS:
+                raise NNCompressError(f"manifest: unknown quantizer tensor {name!r}; the manifest is corrupt")
+            value = torch.zeros(t["shape"], dtype=getattr(torch, t["dtype"]))
+            setattr(fq, name, nn.Parameter(value) if name in ("step", "alpha") else value)
         return fq
 
     def extra_repr(self) -> str:
@@ -193,11 +188,13 @@ class FakeQuant(nn.Module):
 
 # ------------------------------------------------------------------------------------- wrappers
 
-class QuantWrapper(nn.Module):
+class QuantWrapper(Wrapper):
     """A layer with fake-quantized weight (and optionally input); the original is `.base`.
 
     `weight_quant` None means the weight is already on its grid (QAT convert baked it in).
     """
+
+    holds_values = True
 
     def __init__(self, base: nn.Module, weight: QuantSpec | FakeQuant | None = None,
                  activation: QuantSpec | FakeQuant | None = None, calibrate_weight: bool = True):
@@ -238,21 +235,84 @@ class QuantWrapper(nn.Module):
                                          requires_grad=self.base.weight.requires_grad)
         return merged
 
+    # ---- the wrapper protocol (core.surgery) ----------------------------------------------------
 
+    @property
+    def stands_for(self) -> type:
+        return type(self.base)
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"base": child(self.base),
+                "weight": None if self.weight_quant is None else self.weight_quant.describe(),
+                "input": None if self.input_quant is None else self.input_quant.describe()}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> "QuantWrapper":
+        weight = FakeQuant.rebuild(desc["weight"]) if desc.get("weight") else None
+        act = FakeQuant.rebuild(desc["input"]) if desc.get("input") else None
+        return cls(child(desc["base"]), weight, act, calibrate_weight=False)
+
+    def rewrap(self, layer: nn.Module, first: bool) -> "QuantWrapper":
+        """The same weight spec on `layer` (scales fitted to its weights); the input quantizer goes to
+        the layer that reads this one's input (`first`), the others stay weight-only (their inputs were
+        never calibrated)."""
+        weight = None if self.weight_quant is None else self.weight_quant.spec
+        act = copy.deepcopy(self.input_quant) if first and type(layer) is type(self.base) else None
+        return wrap(layer, weight, act)
+
+    def cut(self, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+        """Slice `base` like the view; per-output-channel quantizer state follows the kept rows, a
+        grid whose groups run along a cut input dimension is fitted again to the kept weights."""
+        cut_plain(self.base, cuts, attrs)
+        fq = self.weight_quant
+        if fq is not None and fq.needs_range and fq.ready:
+            g = fq.granularity
+            if 0 in cuts.get("weight", {}) and not isinstance(g, PerTensor):
+                for name in FakeQuant._TENSORS:
+                    keep_indices(fq, name, 0, cuts["weight"][0])
+            refit = any(d != 0 for d in cuts.get("weight", {})) and not (
+                isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0))
+            if refit:
+                self.calibrate_weight()
+        iq, kept_inputs = self.input_quant, cuts.get("weight", {}).get(1)
+        if iq is not None and kept_inputs is not None and isinstance(iq.granularity, PerChannel):
+            for name in FakeQuant._TENSORS:  # a per-channel input range follows the kept input channels
+                t = getattr(iq, name)
+                if t is not None and t.dim():
+                    keep_indices(iq, name, iq.granularity.axis % t.dim(), kept_inputs)
+
+    def summary(self) -> str:
+        w = "float weights" if self.weight_quant is None else f"{_short(self.weight_quant)} weights"
+        a = "" if self.input_quant is None else f", {_short(self.input_quant)} inputs"
+        return f"quantized ({w}{a})"
+
+
+def _short(fq: FakeQuant) -> str:
+    f = format_to_dict(fq.fmt)
+    return f"{f['kind']}{f.get('bits', '')}"
+
+
+@wrapper("quant_linear")
 class QuantLinear(QuantWrapper):
     """`nn.Linear` with fake quantization; input (N, ..., I), weight (O, I)."""
+
+    rewrap_types = (nn.Linear,)
 
     def _layer(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w, self.base.bias)
 
 
+@wrapper("quant_conv")
 class QuantConv(QuantWrapper):
     """`nn.Conv1d/2d/3d` with fake quantization; the base layer's padding mode, stride, groups apply."""
+
+    rewrap_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def _layer(self, x: Tensor, w: Tensor) -> Tensor:
         return self.base._conv_forward(x, w, self.base.bias)
 
 
+@wrapper("quant_embedding")
 class QuantEmbedding(QuantWrapper):
     """`nn.Embedding` with a fake-quantized table (V, D): weight only, since its inputs are indices.
     Per channel (axis 0) is a scale per token row; per group runs along the embedding dimension.
@@ -269,6 +329,8 @@ class QuantEmbedding(QuantWrapper):
             raise NNCompressError("an embedding's input is token indices: quantize its weight only "
                                   "(activation: null), or exclude it from the targets")
         super().__init__(base, weight, None, calibrate_weight)
+
+    rewrap_types = (nn.Embedding,)
 
     def _layer(self, x: Tensor, w: Tensor) -> Tensor:
         b = self.base

@@ -26,15 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Config, ConfigError, Context, check, lookup, register
-from ..core.errors import DataError, TargetError
+from ..core import Config, ConfigError, Context, Site, check, layer_transform, lookup
+from ..core.calibration import calibrate, patch_rows
+from ..core.errors import DataError
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
-from .bn_fold import set_module
 from .fake_quant import QuantSpec, QuantWrapper, qparams, quantize_values, wrap  # noqa: F401 (doctest)
-from .ptq import (_batches, batch_inputs, call_model, layer_record, quantizable_layers, rebuild_layer,
-                  unwrap_layers)
+from .ptq import QUANT_LAYERS, float_layer, quant_sites
 
-__all__ = ["GPTQConfig", "gptq_transform", "gptq_quantize", "layer_inputs"]
+__all__ = ["GPTQConfig", "gptq_quantize", "layer_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,50 +70,22 @@ class GPTQConfig(Config):
 
 # ------------------------------------------------------------------------------------ inputs -> H
 
-def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows the layer's weight (O, C) multiplies: (M, C); patches for convolutions."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])                                    # (N * ..., I)
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(2)                                                   # (N, C, 1, L)
-        k, s, d = (1, *layer.kernel_size), (1, *layer.stride), (1, *layer.dilation)
-    else:
-        k, s, d = layer.kernel_size, layer.stride, layer.dilation
-    cols = F.unfold(x, k, dilation=d, stride=s)                              # (N, C * k, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])                   # (N * L, C * k)
+layer_inputs = patch_rows  # the rows a layer's weight multiplies (conv inputs unfolded into patches)
 
 
 def _gptq_capable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or (type(layer) in (nn.Conv1d, nn.Conv2d) and layer.groups == 1)
 
 
-def _hessians(model: nn.Module, layers: dict[str, nn.Module], loader, batches: int, device) -> dict[str, Tensor]:
-    """H = 2 X^T X / n (float64) per layer, from one pass over `batches` calibration batches."""
-    hs: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(m, args):
-            rows = layer_inputs(m, args[0].detach()).double()                # (M, C)
-            hs[name] = hs.get(name, 0) + 2 * rows.T @ rows
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in _batches(loader, batches):
-                call_model(model, batch_inputs(batch), device)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = sorted(set(layers) - set(hs))
+def _hessians(model: nn.Module, names: list[str], loader, batches: int, device) -> dict[str, Tensor]:
+    """H = 2 X^T X / n (float64) per layer (conv inputs unfolded into patches), from one pass over
+    `batches` calibration batches that stops after the last of `names`."""
+    found = calibrate(model, loader, {n: ("patch_gram",) for n in names}, batches=batches, device=device)
+    missing = sorted(set(names) - set(found))
     if missing:
         raise DataError(f"gptq: layer {missing[0]!r} saw no calibration input; exclude it with "
                         f"targets.exclude: [{missing[0]!r}]")
-    return {n: hs[n] / counts[n] for n in hs}
+    return {n: st.hessian() for n, st in found.items()}
 
 
 # ------------------------------------------------------------------------------------ the sweep
@@ -235,40 +206,36 @@ def _quantize_layer(layer: nn.Module, h: Tensor | None, config: GPTQConfig) -> Q
     q, scale, zp = gptq_quantize(w.flatten(1), h, config.weight, config.damp, config.block_size, config.act_order)
     with torch.no_grad():
         layer.weight.copy_(q.reshape(w.shape))
-    fq = wrapper.weight_quant
-    fq.scale, fq.zero_point = scale.to(w.device), zp.to(w.device)
+    wrapper.weight_quant.set_qparams(scale.to(w.device), zp.to(w.device))
     return wrapper
 
 
-@register("gptq", config=GPTQConfig)
-def gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
+@layer_transform("gptq", config=GPTQConfig, layers=QUANT_LAYERS, on_wrapped="merge", what="Linear/Conv")
+def _gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """GPTQ weight quantization with calibration data (error-corrected rounding, layer by layer)."""
-    if ctx.replay:
-        model, _ = unwrap_layers(model, ctx.targets, ctx.record.get("unwrapped", []))
-        for name, rec in ctx.record.get("layers", {}).items():
-            model = set_module(model, name, rebuild_layer(model.get_submodule(name), rec))
-        return model
     if ctx.data is None:
         raise ConfigError("gptq", "needs calibration data; run it in a recipe or pass Context(data=...)")
     model.eval()
-    model, ctx.record["unwrapped"] = unwrap_layers(model, ctx.targets)
-    layers = quantizable_layers(model, ctx.targets)
-    if not layers:
-        raise TargetError("gptq: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; check targets.include / types")
-    capable = {n: m for n, m in layers if _gptq_capable(m)}
+    sites = quant_sites(sites, ctx.targets, "gptq")
+    layers = {s.name: float_layer(s.layer) for s in sites}
+    for s in sites:  # the float layers go in first: the Hessians are those of the float model's inputs
+        if layers[s.name] is not s.layer:
+            s.replace(layers[s.name])
+    model = sites[0].model
+    capable = {n: m for n, m in layers.items() if _gptq_capable(m)}
     hs: dict[str, Tensor] = {}
     if not config.sequential:
-        hs = _hessians(model, capable, ctx.data.calib, config.calib_batches, ctx.device)
-    for name, layer in layers:
+        hs = _hessians(model, list(capable), ctx.data.calib, config.calib_batches, ctx.device)
+    for site in sites:
+        name, layer = site.name, layers[site.name]
         if config.sequential and name in capable:
-            hs[name] = _hessians(model, {name: layer}, ctx.data.calib, config.calib_batches, ctx.device)[name]
+            hs[name] = _hessians(model, [name], ctx.data.calib, config.calib_batches, ctx.device)[name]
         try:
             wrapper = _quantize_layer(layer, hs.pop(name, None), config)
         except ConfigError as e:
             path = e.path if e.path.startswith("weight") else f"weight.granularity.{e.path}"
             raise ConfigError(path, f"layer {name!r}: {e.message}; or exclude it with "
                                     f"targets.exclude: [{name!r}]") from None
-        model = set_module(model, name, wrapper)
-    ctx.record["rtn"] = [n for n, _ in layers if n not in capable]
-    ctx.record["layers"] = {n: layer_record(model.get_submodule(n)) for n, _ in layers}
-    return model.eval()
+        site.replace(wrapper)
+    ctx.record["rtn"] = [n for n in layers if n not in capable]
+    return sites[0].model.eval()

@@ -51,15 +51,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core import Config, Context, check, register
-from ..core.errors import TargetError, UnsupportedOpError
+from ..core import Config, Context, Site, Wrapper, check, layer_transform, wrapper
+from ..core.errors import UnsupportedOpError
+from ..core.surgery import keep_indices
 from ..formats import IntFormat, PerChannel
-from .bn_fold import set_module
 from .fake_quant import QuantLinear
 from .storage import weight_codes
 
-__all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "int8_dynamic", "quantize_rows", "int8_linear",
-           "int8_linear_reference", "fbgemm_prepack", "fbgemm_linear_reference", "to_int8_dynamic"]
+__all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "quantize_rows", "int8_linear",
+           "int8_linear_reference", "fbgemm_prepack", "fbgemm_linear_reference"]
 
 Kernel = Literal["fbgemm", "int_mm"]
 
@@ -137,12 +137,16 @@ def weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 # ------------------------------------------------------------------------------------ the module
 
-class Int8DynamicLinear(nn.Module):
+@wrapper("int8_dynamic_linear")
+class Int8DynamicLinear(Wrapper):
     """A Linear holding int8 weight codes (O, I) and per-channel scales (O,); inference only.
 
     It holds no float copy of the weight (that is the point of int8 storage): `merge()` returns the
     plain `nn.Linear` with the dequantized weight `codes * scale`.
     """
+
+    holds_values = True
+    rewrap_types = (nn.Linear,)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernel: Kernel = "fbgemm",
                  reduce_range: bool = False):
@@ -219,6 +223,38 @@ class Int8DynamicLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}" + (", reduce_range=True" if self.reduce_range else ""))
 
+    # ---- the wrapper protocol (core.surgery) ----------------------------------------------------
+
+    @property
+    def stands_for(self) -> type:
+        return nn.Linear
+
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "kernel": self.kernel, "reduce_range": self.reduce_range}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> "Int8DynamicLinear":
+        return cls(int(desc["in_features"]), int(desc["out_features"]), bool(desc["bias"]), kernel=desc["kernel"],
+                   reduce_range=bool(desc.get("reduce_range", False)))
+
+    def rewrap(self, layer: nn.Module, first: bool) -> "Int8DynamicLinear":
+        return Int8DynamicLinear.from_linear(layer, kernel=self.kernel, reduce_range=self.reduce_range)
+
+    def cut(self, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+        """Keep rows / columns of the codes: each row keeps its own scale, so the kept codes stay exact."""
+        for dim, keep in cuts.get("weight", {}).items():
+            keep_indices(self, "weight_q", dim, keep)
+            if dim == 0:
+                keep_indices(self, "weight_scale", 0, keep)
+        for dim, keep in cuts.get("bias", {}).items():
+            keep_indices(self, "bias", dim, keep)
+        self.out_features, self.in_features = self.weight_q.shape
+        self._packed = None
+
+    def summary(self) -> str:
+        return "int8 (dynamic activations)"
+
 
 def _int8_codes_of(layer: QuantLinear) -> Any:
     fq = layer.weight_quant
@@ -229,7 +265,7 @@ def _int8_codes_of(layer: QuantLinear) -> Any:
     ok = (fq is not None and isinstance(fq.fmt, IntFormat) and fq.fmt.bits == 8 and fq.fmt.signed
           and fq.fmt.symmetric and isinstance(fq.granularity, PerChannel) and fq.granularity.axis == 0)
     codes = weight_codes(layer) if ok else None
-    if codes is None or bool((codes.zero_point != 0).any()):
+    if codes is None or (codes.zero_point is not None and bool((codes.zero_point != 0).any())):
         raise UnsupportedOpError(f"int8_dynamic keeps QuantLinear codes only for 8-bit signed symmetric per-channel "
                                  f"weights, got {None if fq is None else fq.fmt} "
                                  f"{None if fq is None else fq.granularity}; requantize with that spec or "
@@ -258,16 +294,6 @@ class Int8DynamicConfig(Config):
               "applies to kernel 'fbgemm' only (int_mm uses symmetric int8 rows); drop it")
 
 
-def to_int8_dynamic(model: nn.Module, names: list[str], config: Int8DynamicConfig = Int8DynamicConfig()
-                    ) -> nn.Module:
-    """Replace the named Linear / QuantLinear layers by `Int8DynamicLinear` (in place when nested)."""
-    for name in names:
-        layer = Int8DynamicLinear.from_linear(model.get_submodule(name), kernel=config.kernel,
-                                              reduce_range=config.reduce_range)
-        model = set_module(model, name, layer)
-    return model
-
-
 def _check_kernel(config: Int8DynamicConfig) -> None:
     engines = torch.backends.quantized.supported_engines
     if config.kernel == "fbgemm" and not {"fbgemm", "x86"} & set(engines):
@@ -275,28 +301,14 @@ def _check_kernel(config: Int8DynamicConfig) -> None:
                                  f"(engines: {engines}); use kernel: int_mm")
 
 
-def _candidates(model: nn.Module, ctx: Context) -> list[str]:
-    inside = {id(m.base) for m in model.modules() if isinstance(m, QuantLinear)}
-    return [n for n, m in ctx.targets.select(model)
-            if (type(m) is nn.Linear and id(m) not in inside) or isinstance(m, QuantLinear)]
-
-
-@register("int8_dynamic", config=Int8DynamicConfig)
-def int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: Context) -> nn.Module:
+@layer_transform("int8_dynamic", config=Int8DynamicConfig, layers=(nn.Linear, QuantLinear), on_wrapped="merge",
+                 what="Linear")
+def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Int8 weights and dynamically quantized activations for every targeted Linear (eval mode only)."""
     _check_kernel(config)
-    if ctx.replay:  # structure only: the int8 codes and scales come from the checkpoint
-        for name, shape in ctx.record["layers"].items():
-            old = model.get_submodule(name)
-            base = old.base if isinstance(old, QuantLinear) else old
-            model = set_module(model, name, Int8DynamicLinear(shape[1], shape[0], base.bias is not None,
-                                                              kernel=config.kernel, reduce_range=config.reduce_range))
-        return model.eval()
-    names = _candidates(model, ctx)
-    if not names:
-        raise TargetError("int8_dynamic: no nn.Linear among the targets; check targets.include / types")
-    model = to_int8_dynamic(model.eval(), names, config)
-    ctx.record["layers"] = {n: [model.get_submodule(n).out_features, model.get_submodule(n).in_features]
-                            for n in names}
-    ctx.log(f"int8_dynamic: {len(names)} Linear layers converted")
-    return model
+    for site in sites:
+        site.replace(Int8DynamicLinear.from_linear(site.layer, kernel=config.kernel,
+                                                   reduce_range=config.reduce_range))
+    ctx.record["layers"] = [s.name for s in sites]
+    ctx.log(f"int8_dynamic: {len(sites)} Linear layers converted")
+    return sites[0].model.eval()

@@ -16,8 +16,9 @@ As a recipe stage:
       fold_bn: true
 
 The model keeps fake-quant wrappers (`QuantLinear` / `QuantConv`, original under `.base`), so what is
-measured afterwards is the quantized model. `ctx.record` holds, per layer, the resolved specs and
-every scale / zero point as lists: replay rebuilds the same wrappers without data.
+measured afterwards is the quantized model. The wrappers are recorded as layer swaps (their specs
+and tensor shapes); the scales themselves are stored once, in the checkpoint. A layer quantized
+before starts again from its float weights; a clustered or int8 layer is quantized from its values.
 """
 from __future__ import annotations
 
@@ -29,15 +30,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Config, ConfigError, Context, Targets, check, register
+from ..core import Config, ConfigError, Context, Site, Targets, check, layer_transform, set_module
+from ..core.calibration import calibrate as calibrate_stats
+from ..core.calibration import feed
 from ..core.errors import DataError, TargetError
 from ..formats import PerGroup
-from .bn_fold import equalize, fold_batchnorm, set_module
-from .fake_quant import QUANTIZABLE, FakeQuant, QuantSpec, QuantWrapper, calibrating, wrap
+from .bn_fold import equalize, fold_batchnorm
+from .fake_quant import (QUANTIZABLE, QuantConv, QuantEmbedding, QuantLinear, QuantSpec, QuantWrapper, calibrating,
+                         wrap)
 
-__all__ = ["QuantizeConfig", "quantize", "quantizable_layers", "unwrap_layers", "wrap_layers", "calibrate",
-           "bias_correct",
-           "layer_record", "rebuild_layer", "quant_sensitivity", "batch_inputs", "call_model"]
+__all__ = ["QuantizeConfig", "QUANT_LAYERS", "calibrate", "bias_correct", "quant_sensitivity", "float_layer",
+           "quant_sites", "wrap_sites", "wants_embeddings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,58 +75,43 @@ class QuantizeConfig(Config):
 
 # ------------------------------------------------------------------------------------ helpers
 
-def batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch: `x` of `(x, y)`, or the dict itself."""
-    if isinstance(batch, dict):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-        return batch[0]
-    if torch.is_tensor(batch):
-        return batch
-    raise DataError(f"a batch must be an (x, y) pair, a tensor or a dict of tensors, got {type(batch).__name__}")
+QUANT_LAYERS = (*QUANTIZABLE, QuantLinear, QuantConv, QuantEmbedding)  # own wrappers: quantized again
 
 
-def call_model(model: nn.Module, inputs: Any, device: torch.device | None = None) -> Any:
-    if isinstance(inputs, dict):
-        return model(**{k: v.to(device) if device is not None else v for k, v in inputs.items()})
-    return model(inputs.to(device) if device is not None else inputs)
+def wants_embeddings(targets: Targets) -> bool:
+    """Embedding tables are quantized only when `targets.types` names Embedding (weight only; never by
+    default, so existing recipes keep their float embeddings)."""
+    return any(t in ("Embedding", nn.Embedding) for t in targets.types)
 
 
-def quantizable_layers(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
-    """Targeted Linear/Conv layers (exact types) that are not already inside a quant wrapper, and
-    `nn.Embedding` tables when `targets.types` names Embedding (weight only; never by default, so
-    existing recipes keep their float embeddings)."""
-    inside = {id(m.base) for m in model.modules() if isinstance(m, QuantWrapper)}
-    embeddings = any(t in ("Embedding", nn.Embedding) for t in targets.types)
-    return [(n, m) for n, m in targets.select(model) if type(m) in QUANTIZABLE and id(m) not in inside
-            and (embeddings or type(m) is not nn.Embedding)]
+def float_layer(layer: nn.Module) -> nn.Module:
+    """What a quantizer starts from: a layer quantized before starts again from its float weights."""
+    return layer.base if isinstance(layer, QuantWrapper) else layer
 
 
-def unwrap_layers(model: nn.Module, targets: Targets, names: list[str] | None = None) -> tuple[nn.Module, list[str]]:
-    """Put back the `.base` of targeted wrappers (a layer quantized again starts from its float
-    weights); `names` (from a record) replays exactly those. Returns the model and the names."""
-    if names is None:
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, QuantWrapper) and targets.matches(n, m.base)]
-    for name in names:
-        model = set_module(model, name, model.get_submodule(name).base)
-    return model, list(names)
+def quant_sites(sites: list[Site], targets: Targets, stage: str) -> list[Site]:
+    """The sites a quantization stage wraps (embeddings only when asked for)."""
+    keep = wants_embeddings(targets)
+    out = [s for s in sites if keep or type(float_layer(s.layer)) is not nn.Embedding]
+    if not out:
+        raise TargetError(f"{stage}: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; check "
+                          "targets.include / types (embeddings need types: [Embedding])")
+    return out
 
 
-def wrap_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], weight: QuantSpec | None,
-                activation: QuantSpec | None) -> tuple[nn.Module, dict[str, QuantWrapper]]:
-    """Replace each (name, layer) by its wrapper; raises a ConfigError naming the layer on a bad fit."""
+def wrap_sites(sites: list[Site], weight: QuantSpec | None, activation: QuantSpec | None) -> dict[str, QuantWrapper]:
+    """Replace each site's layer by its wrapper; raises a ConfigError naming the layer on a bad fit."""
     wrappers = {}
-    for name, layer in layers:
+    for site in sites:
+        layer = float_layer(site.layer)
         try:
             wrapper = wrap(layer, weight, None if type(layer) is nn.Embedding else activation)  # ids: weight only
         except ConfigError as e:
             raise ConfigError(f"weight.granularity.{e.path}" if e.path else "weight.granularity",
-                              f"layer {name!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)}): "
-                              f"{e.message}; or exclude it with targets.exclude: [{name!r}]") from None
-        model = set_module(model, name, wrapper)
-        wrappers[name] = wrapper
-    return model, wrappers
+                              f"layer {site.name!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)}): "
+                              f"{e.message}; or exclude it with targets.exclude: [{site.name!r}]") from None
+        wrappers[site.name] = site.replace(wrapper)
+    return wrappers
 
 
 def _batches(loader: Iterable, n: int) -> Iterable:
@@ -135,33 +123,13 @@ def _batches(loader: Iterable, n: int) -> Iterable:
 
 def calibrate(model: nn.Module, loader: Iterable, batches: int, device: torch.device | None = None,
               input_means: dict[str, QuantWrapper] | None = None) -> dict[str, Tensor]:
-    """Run `batches` batches through the model inside `calibrating`; optionally collect the mean
-    input of each wrapper in `input_means` (per input channel), for bias correction."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    for name, w in (input_means or {}).items():
-        def hook(_m, args, name=name):
-            x = args[0].detach().double()
-            dims = [d for d in range(x.ndim) if d != (x.ndim - 1 if isinstance(_m.base, nn.Linear) else 1)]
-            sums[name] = sums.get(name, 0) + x.sum(dims)
-            counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1 if isinstance(_m.base, nn.Linear) else 1]
-        handles.append(w.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with calibrating(model), torch.no_grad():
-            seen = 0
-            for batch in _batches(loader, batches):
-                call_model(model, batch_inputs(batch), device)
-                seen += 1
-            if seen == 0:
-                raise DataError("calibration loader yielded no batches; give the data a calib split")
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {n: (sums[n] / counts[n]) for n in sums}
+    """Run `batches` batches through the model inside `calibrating` (activation quantizers observe
+    their inputs); optionally return the mean input of each wrapper named in `input_means` (per input
+    channel), for bias correction."""
+    wants = {n: ("mean",) for n in (input_means or {})}
+    with calibrating(model):
+        found = calibrate_stats(model, loader, wants, batches=batches, device=device, stop_early=False)
+    return {n: st.mean() for n, st in found.items()}
 
 
 def bias_correct(wrapper: QuantWrapper, mean_input: Tensor) -> Tensor:
@@ -184,75 +152,39 @@ def bias_correct(wrapper: QuantWrapper, mean_input: Tensor) -> Tensor:
     return delta
 
 
-def layer_record(wrapper: QuantWrapper) -> dict[str, Any]:
-    """What replay needs to rebuild `wrapper`: the layer type and each quantizer's record."""
-    return {"type": type(wrapper.base).__name__,
-            "weight": wrapper.weight_quant.to_record() if wrapper.weight_quant is not None else None,
-            "input": wrapper.input_quant.to_record() if wrapper.input_quant is not None else None}
-
-
-def rebuild_layer(layer: nn.Module, record: dict[str, Any]) -> QuantWrapper:
-    """The wrapper `layer_record` describes, around `layer`, without data."""
-    weight = FakeQuant.from_record(record["weight"]) if record.get("weight") else None
-    act = FakeQuant.from_record(record["input"]) if record.get("input") else None
-    return wrap(layer, weight, act, calibrate_weight=False)
-
-
-def _replay(model: nn.Module, config: QuantizeConfig, ctx: Context) -> nn.Module:
-    rec = ctx.record
-    model, _ = unwrap_layers(model, ctx.targets, rec.get("unwrapped", []))
-    if rec.get("folded"):
-        fold_batchnorm(model, pairs=rec["folded"])
-    if rec.get("equalized"):
-        equalize(model, pairs=rec["equalized"])
-    for name, layer_rec in rec.get("layers", {}).items():
-        model = set_module(model, name, rebuild_layer(model.get_submodule(name), layer_rec))
-    for name, delta in rec.get("bias_correction", {}).items():
-        base = model.get_submodule(name).base
-        d = torch.tensor(delta, dtype=base.weight.dtype)
-        with torch.no_grad():
-            if base.bias is None:
-                base.bias = nn.Parameter(-d)
-            else:
-                base.bias.sub_(d)
-    return model
-
-
 # ------------------------------------------------------------------------------------ the transform
 
-@register("quantize", config=QuantizeConfig)
-def quantize(model: nn.Module, config: QuantizeConfig, ctx: Context) -> nn.Module:
+@layer_transform("quantize", config=QuantizeConfig, layers=QUANT_LAYERS, on_wrapped="merge", what="Linear/Conv")
+def _quantize(model: nn.Module, config: QuantizeConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Post-training quantization: fake-quant wrappers with scales from observers and calibration data."""
-    if ctx.replay:
-        return _replay(model, config, ctx)
     needs_data = config.activation is not None or config.bias_correction
     if needs_data and ctx.data is None:
         raise ConfigError("quantize.activation" if config.activation is not None else "quantize.bias_correction",
                           "needs calibration data; run it in a recipe or pass Context(data=...)")
+    sites = quant_sites(sites, ctx.targets, "quantize")
     model.eval()
-    model, ctx.record["unwrapped"] = unwrap_layers(model, ctx.targets)
     example = ctx.data.example_batch(2) if ctx.data is not None else None
     if config.fold_bn:
-        ctx.record["folded"] = [list(p) for p in fold_batchnorm(model, example)]
+        ctx.record["folded"] = [list(p) for p in fold_batchnorm(model, example, edits=ctx.edits)]
     if config.equalize:
         ctx.record["equalized"] = [list(p) for p in equalize(model, example)]
-    layers = quantizable_layers(model, ctx.targets)
-    if not layers:
-        raise TargetError("quantize: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; "
-                          "check targets.include / types")
-    model, wrappers = wrap_layers(model, layers, config.weight, config.activation)
-    model.to(ctx.device)
+    wrappers = wrap_sites(sites, config.weight, config.activation)
+    model = sites[0].model.to(ctx.device)
     if needs_data:
         biased = {n: w for n, w in wrappers.items() if type(w.base) is not nn.Embedding}   # no bias to correct
         means = calibrate(model, ctx.data.calib, config.calib_batches, ctx.device,
                           input_means=biased if config.bias_correction else None)
         if config.bias_correction:
-            ctx.record["bias_correction"] = {n: bias_correct(wrappers[n], means[n]).tolist() for n in biased}
+            for name, w in biased.items():
+                if w.base.bias is None:
+                    ctx.edits.touch(model, f"{name}.base")  # a bias appears: part of the structure
+            ctx.record["bias_correction"] = {n: round(float(bias_correct(wrappers[n], means[n]).abs().max()), 6)
+                                             for n in biased}
     for name, w in wrappers.items():
         if w.input_quant is not None and not w.input_quant.ready:
             raise DataError(f"quantize: layer {name!r} saw no calibration input; it is not on the forward path "
                             f"of the calibration data, exclude it with targets.exclude: [{name!r}]")
-    ctx.record["layers"] = {n: layer_record(w) for n, w in wrappers.items()}
+    ctx.record["layers"] = sorted(wrappers)
     ctx.log(f"quantize: {len(wrappers)} layers wrapped")
     return model.eval()
 
@@ -266,7 +198,7 @@ def _accuracy(model: nn.Module, loader: Iterable, device: torch.device | None, m
             if max_batches is not None and i >= max_batches:
                 break
             x, y = batch[0], batch[1]
-            pred = call_model(model, x, device).argmax(-1).cpu()
+            pred = feed(model, x, device).argmax(-1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
     return correct / max(total, 1)
@@ -278,7 +210,7 @@ def _fidelity(reference: list[Tensor]) -> Callable[[nn.Module, Iterable, Any, An
         sims = []
         with torch.no_grad():
             for ref, batch in zip(reference, _batches(loader, max_batches or len(reference))):
-                out = call_model(model, batch_inputs(batch), device)
+                out = feed(model, batch, device)
                 sims.append(F.cosine_similarity(out.flatten(1).float().cpu(), ref.flatten(1), dim=-1).mean())
         return float(torch.stack(sims).mean())
     return metric
@@ -307,12 +239,15 @@ def quant_sensitivity(model: nn.Module, data: Any, spec: QuantSpec, targets: Tar
         metric = _accuracy
     else:
         with torch.no_grad():
-            ref = [call_model(model, batch_inputs(b), device).float().cpu()
+            ref = [feed(model, b, device).float().cpu()
                    for b in _batches(data.test, max_batches or 10 ** 9)]
         metric = _fidelity(ref)
     baseline = metric(model, data.test, device, max_batches)
     drops = []
-    for name, layer in quantizable_layers(model, targets):
+    embeddings = wants_embeddings(targets)
+    layers = [(n, m) for n, m in targets.select(model) if type(m) in QUANTIZABLE
+              and (embeddings or type(m) is not nn.Embedding)]
+    for name, layer in layers:
         wrapper = wrap(layer, spec, None)
         model = set_module(model, name, wrapper)
         try:

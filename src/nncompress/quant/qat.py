@@ -11,6 +11,13 @@ way (their alpha is refitted from the weights at every forward).
 `bits_schedule: [8, 4, 2]` trains at each weight width in turn (progressive quantization, Zhuang
 et al. 2018), `epochs` at each; the activation format keeps its width.
 
+In your own training loop, `step` splits the stage in two applications, each recorded (so `save` and
+`load` work after either), as torchao's `QATConfig(step=...)` does:
+
+    model = nncompress.apply(model, QATConfig(weight=spec, step="prepare"))   # wrappers, train mode
+    for x, y in loader: ...                                                   # your loop, your optimizer
+    model = nncompress.apply(model, QATConfig(weight=spec, step="convert"))   # frozen, eval mode
+
 `convert` freezes exactly the tensors the fake-quant forward uses, so prepared and converted models
 agree bit for bit. Integer weight grids (rtn, or LSQ whose learned step becomes the fixed scale) and
 binary / ternary weights keep an eval-mode wrapper with a frozen weight quantizer, so checkpoints store
@@ -18,35 +25,36 @@ their weights as bit-packed codes (`quant.storage`); other weight formats (DoReF
 baked in: weight-only layers become plain Linear/Conv modules, layers with input quantization keep
 their (frozen) input quantizer around the baked base.
 
+>>> import nncompress
 >>> from nncompress.formats import IntFormat
->>> m = prepare_qat(nn.Sequential(nn.Linear(4, 3)), QuantSpec(format=IntFormat(bits=4), method="lsq"))
+>>> spec = QuantSpec(format=IntFormat(bits=4), method="lsq")
+>>> m = nncompress.apply(nn.Sequential(nn.Linear(4, 3)), QATConfig(weight=spec, step="prepare"))
 >>> x = torch.randn(2, 4)
 >>> y = m(x)                                           # fake-quant forward (straight-through backward)
->>> c = convert(m)
+>>> c = nncompress.apply(m, QATConfig(weight=spec, step="convert"))
 >>> torch.equal(c(x), y), type(c[0]).__name__, c[0].weight_quant.spec.method
 (True, 'QuantLinear', 'rtn')
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, Context, Targets, TrainConfig, check, fit, register
-from ..core.errors import DataError, TargetError
+from ..core import ConfigError, Context, Edits, Site, TrainConfig, check, fit, get_module, layer_transform
+from ..core.errors import TargetError
+from ..core.objectives import kd_logits_loss, objective
 from ..core.train import make_optimizer
 from ..core.zeros import zero_keeper
 from ..formats import BinaryFormat, IntFormat, PerGroup, TernaryFormat
-from .bn_fold import fold_batchnorm, set_module
+from .bn_fold import fold_batchnorm
 from .fake_quant import EPS, FakeQuant, QuantSpec, QuantWrapper
-from .ptq import (batch_inputs, calibrate, call_model, layer_record, quantizable_layers, rebuild_layer, unwrap_layers,
-                  wrap_layers)
+from .ptq import QUANT_LAYERS, calibrate, quant_sites, wrap_sites
 
-__all__ = ["QATConfig", "quantization_aware_training", "prepare_qat", "convert", "frozen_weight_quant",
-           "refresh_weight_scales", "kd_loss"]
+__all__ = ["QATConfig", "frozen_weight_quant", "refresh_weight_scales", "kd_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,8 @@ class QATConfig(TrainConfig):
     temperature:   distillation temperature T
     calib_batches: calibration batches that initialise activation ranges (and LSQ steps, PACT alphas)
     fold_bn:       fold BatchNorm into the preceding layer before training
+    step:          all (prepare, train, convert) | prepare (wrap only: train in your own loop) | convert
+                   (freeze the prepared wrappers among the targets)
     """
 
     weight: QuantSpec = QuantSpec()
@@ -69,6 +79,7 @@ class QATConfig(TrainConfig):
     temperature: float = 4.0
     calib_batches: int = 8
     fold_bn: bool = False
+    step: Literal["all", "prepare", "convert"] = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,22 +106,19 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     >>> kd_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), temperature=4.0).item()
     0.0
     """
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
-                    log_target=True) * t * t
+    return kd_logits_loss(student, teacher, temperature)
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
 
 
-def prepare_qat(model: nn.Module, weight: QuantSpec, activation: QuantSpec | None = None,
-                layers: list[tuple[str, nn.Module]] | None = None, calib: Any = None, calib_batches: int = 8,
-                device: torch.device | None = None) -> nn.Module:
-    """Wrap `layers` (default: every Linear/Conv) for training; activation quantizers are initialised
-    on `calib` (required when `activation` is given). rtn activations keep observing while training."""
-    layers = quantizable_layers(model, Targets()) if layers is None else layers
-    model, wrappers = wrap_layers(model, layers, weight, activation)
+def _prepare(sites: list[Site], weight: QuantSpec, activation: QuantSpec | None, calib: Any = None,
+             calib_batches: int = 8, device: torch.device | None = None) -> nn.Module:
+    """Wrap the sites for training; activation quantizers are initialised on `calib` (required when
+    `activation` is given). rtn activations keep observing while training."""
+    wrappers = wrap_sites(sites, weight, activation)
+    model = sites[0].model
     if activation is not None:
         if calib is None:
             raise ConfigError("activation", "initialising activation quantizers needs calibration data")
@@ -144,25 +152,26 @@ def frozen_weight_quant(fq: FakeQuant) -> FakeQuant | None:
     with torch.no_grad():
         if method == "lsq":
             scale = fq.step.detach().abs().clamp_min(EPS).clone()                # lsq_quantize's |s|, clamped
-            frozen.scale, frozen.zero_point = scale, torch.zeros_like(scale, dtype=torch.int32)
+            frozen.set_qparams(scale, torch.zeros_like(scale, dtype=torch.int32))
         else:
-            frozen.scale, frozen.zero_point = fq.scale.detach().clone(), fq.zero_point.detach().clone()
+            zp = None if fq.zero_point is None else fq.zero_point.detach().clone()
+            frozen.set_qparams(fq.scale.detach().clone(), zp)
     return frozen
 
 
-def convert(model: nn.Module) -> nn.Module:
+def _convert(model: nn.Module, sites: list[tuple[str, QuantWrapper]], edits: Edits) -> nn.Module:
     """Freeze the quantized weights (see the module docstring); returns the model, in eval mode.
 
     Wrappers whose weight format stores as packed codes keep a frozen weight quantizer; the others bake
     the dequantized weight in (weight-only ones become plain modules). Input quantizers stay, frozen.
     """
     model.eval()
-    for name, w in _wrappers(model):
+    for name, w in sites:
         frozen = frozen_weight_quant(w.weight_quant) if w.weight_quant is not None else None
         if frozen is not None:
             w.weight_quant = frozen
         elif w.input_quant is None:
-            model = set_module(model, name, w.merge())
+            model = edits.swap(model, name, w.merge())
             continue
         else:
             with torch.no_grad():
@@ -176,60 +185,39 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
-def _loss_fn(config: QATConfig, ctx: Context):
-    teacher, device = ctx.teacher, ctx.device
-    embedding = getattr(ctx.data, "task", "classification") == "embedding"
-    if (embedding or config.kd_alpha > 0) and teacher is None:
-        raise ConfigError("qat.kd_alpha", "distillation needs a teacher (the recipe provides the pre-recipe "
-                          "model); set kd_alpha: 0 or pass Context(teacher=...)")
-    if teacher is not None:
-        teacher.eval()
-
-    def loss(m: nn.Module, batch) -> torch.Tensor:
-        inputs = batch_inputs(batch)
-        out = call_model(m, inputs, device)
-        if embedding:
-            with torch.no_grad():
-                target = call_model(teacher, inputs, device)
-            return 1.0 - F.cosine_similarity(out, target, dim=-1).mean()
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise DataError("qat: classification batches must be (inputs, labels) pairs")
-        value = F.cross_entropy(out, batch[1].to(device))
-        if config.kd_alpha > 0:
-            with torch.no_grad():
-                t = call_model(teacher, inputs, device)
-            value = (1 - config.kd_alpha) * value + config.kd_alpha * kd_loss(out, t, config.temperature)
-        return value
-
-    return loss
-
-
-def _set_weight_spec(model: nn.Module, spec: QuantSpec) -> None:
-    """Swap every wrapper's weight quantizer for a fresh one with `spec`, fitted to the current weights."""
-    for _, w in _wrappers(model):
+def _set_weight_spec(wrappers: list[QuantWrapper], spec: QuantSpec) -> None:
+    """Swap each wrapper's weight quantizer for a fresh one with `spec`, fitted to the current weights."""
+    for w in wrappers:
         w.weight_quant = FakeQuant(spec, "weight").to(w.base.weight.device)
         w.calibrate_weight()
 
 
-@register("qat", config=QATConfig)
-def quantization_aware_training(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
+@layer_transform("qat", config=QATConfig, layers=QUANT_LAYERS, on_wrapped="merge", what="Linear/Conv")
+def _qat(model: nn.Module, config: QATConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Quantization-aware training through fake-quant wrappers, then convert (outputs kept bit for bit)."""
-    if ctx.replay:
-        return _replay(model, ctx)
-    if ctx.data is None:
+    if config.step == "convert":
+        prepared = [(s.name, s.layer) for s in sites if isinstance(s.layer, QuantWrapper)]
+        if not prepared:
+            raise TargetError("qat: step convert found no quantized layer among the targets; apply "
+                              "QATConfig(step='prepare') first")
+        return _convert(model, prepared, ctx.edits)
+    needs_data = config.step == "all" or config.activation is not None
+    if needs_data and ctx.data is None:
         raise ConfigError("qat", "needs training data; run it in a recipe or pass Context(data=...)")
-    loss_fn = _loss_fn(config, ctx)
+    sites = quant_sites(sites, ctx.targets, "qat")
     model.to(ctx.device)
-    model, ctx.record["unwrapped"] = unwrap_layers(model, ctx.targets)  # e.g. after a quantize stage
     if config.fold_bn:
         model.eval()
-        ctx.record["folded"] = [list(p) for p in fold_batchnorm(model, ctx.data.example_batch(2))]
-    layers = quantizable_layers(model, ctx.targets)
-    if not layers:
-        raise TargetError("qat: no Linear/Conv1d/Conv2d/Conv3d layer among the targets; check targets.include / types")
+        example = ctx.data.example_batch(2) if ctx.data is not None else None
+        ctx.record["folded"] = [list(p) for p in fold_batchnorm(model, example, edits=ctx.edits)]
     widths = list(config.bits_schedule) or [None]
     specs = [config.weight if b is None else config.weight.with_bits(b) for b in widths]
-    model = prepare_qat(model, specs[0], config.activation, layers, ctx.data.calib, config.calib_batches, ctx.device)
+    calib = ctx.data.calib if ctx.data is not None else None
+    model = _prepare(sites, specs[0], config.activation, calib, config.calib_batches, ctx.device)
+    if config.step == "prepare":
+        return model.train()
+    loss_fn = objective(ctx, "qat.kd_alpha", kd_alpha=config.kd_alpha, temperature=config.temperature)
+    wrappers = [get_module(model, s.name) for s in sites]
     train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
     keep_zeros = zero_keeper(model)  # weights pruned by an earlier stage stay pruned
 
@@ -240,23 +228,12 @@ def quantization_aware_training(model: nn.Module, config: QATConfig, ctx: Contex
     losses = []
     for i, spec in enumerate(specs):
         if i:
-            _set_weight_spec(model, spec)
+            _set_weight_spec(wrappers, spec)
         optimizer = make_optimizer(model.parameters(), train_cfg)
         losses.append(fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer,
                           after_step=after_step, progress=ctx.progress,
                           desc=f"qat{'' if widths[i] is None else f' {widths[i]}-bit'}"))
-    model = convert(model)
+    model = _convert(model, [(s.name, w) for s, w in zip(sites, wrappers)], ctx.edits)
     ctx.record["epoch_losses"] = [[round(x, 6) for x in stage] for stage in losses]
     ctx.record["weight"] = specs[-1].resolved("weight").to_dict()
-    ctx.record["layers"] = {n: layer_record(w) for n, w in _wrappers(model)}
     return model.eval()
-
-
-def _replay(model: nn.Module, ctx: Context) -> nn.Module:
-    """Rebuild the converted structure: folded BNs, and the wrappers that kept an input quantizer."""
-    model, _ = unwrap_layers(model, ctx.targets, ctx.record.get("unwrapped", []))
-    if ctx.record.get("folded"):
-        fold_batchnorm(model, pairs=ctx.record["folded"])
-    for name, rec in ctx.record.get("layers", {}).items():
-        model = set_module(model, name, rebuild_layer(model.get_submodule(name), rec))
-    return model

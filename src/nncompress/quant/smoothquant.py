@@ -22,8 +22,8 @@ output.dense, a pooler) are left alone and listed in `ctx.record["unsmoothed"]` 
     model = nncompress.apply(model, SmoothQuantConfig(alpha=0.5), context=Context(data=data))
     model = nncompress.apply(model, QuantizeConfig(activation=QuantSpec(...)), context=Context(data=data))
 
-`ctx.record` holds each group's LayerNorm, Linears, mode and scales; replay rebuilds the
-`SmoothedLinear` wrappers and the checkpoint brings the smoothed weights.
+`ctx.record` holds each group's LayerNorm, Linears, mode and scale range; the `SmoothedLinear`
+wrappers are recorded as layer swaps, and the checkpoint brings the scales and smoothed weights.
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..core import Config, ConfigError, Context, check, register
+from ..core import (CompositionError, Config, ConfigError, Context, Site, Wrapper, check, get_module,
+                    layer_transform, wrapper)
 from ..core.errors import DataError, TargetError
-from .bn_fold import set_module
-from .fake_quant import QuantWrapper
-from .ptq import batch_inputs, call_model
+from ..core.surgery import cut_plain, keep_indices
+from ..core.calibration import batch_inputs, calibrate, feed
 
 __all__ = ["SmoothQuantConfig", "SmoothedLinear", "smoothing_scales", "weight_input_max", "migrate_into_norm",
-           "activation_maxima", "smoothquant_transform", "find_smooth_groups", "SmoothGroup"]
+           "activation_maxima", "find_smooth_groups", "SmoothGroup"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +115,11 @@ def migrate_into_norm(norm: nn.Module, linears: Iterable[nn.Linear], scales: Ten
         lin.weight.mul_(s.to(lin.weight)[None, :])                        # (O, I) * (1, I)
 
 
-class SmoothedLinear(nn.Module):
+@wrapper("smoothed_linear")
+class SmoothedLinear(Wrapper):
     """`base(x / scale)`, where `base` is the Linear with weight `W diag(scale)`: the same function
     as the original Linear, but the activation a quantizer sees is the smoothed `x / scale`.
+    Other techniques reach `base` (a later `quantize` wraps it, so its input quantizer sees `x / scale`).
 
     >>> fc = nn.Linear(3, 2); x = torch.randn(4, 3); y = fc(x)
     >>> sm = SmoothedLinear.smooth(fc, torch.tensor([2.0, 0.5, 4.0]))
@@ -125,34 +127,54 @@ class SmoothedLinear(nn.Module):
     (True, True)
     """
 
-    def __init__(self, base: nn.Linear, scale: Tensor):
+    view_as_merge = True  # structured pruning sees the merged Linear (the division is no op it maps)
+
+    def __init__(self, base: nn.Module, scale: Tensor):
         super().__init__()
         self.base = base
-        self.register_buffer("scale", scale.detach().clone().to(base.weight))  # (I,), saved with the weights
+        self.register_buffer("scale", scale.detach().clone().float())  # (I,), saved with the weights
 
     @classmethod
     @torch.no_grad()
     def smooth(cls, linear: nn.Linear, scale: Tensor) -> "SmoothedLinear":
         """Wrap `linear` (in place: its weight columns are multiplied by `scale`)."""
         linear.weight.mul_(scale.to(linear.weight)[None, :])              # (O, I) * (1, I)
-        return cls(linear, scale)
+        return cls(linear, scale.to(linear.weight))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x / self.scale)                                  # (..., I) / (I,)
+        return self.base(x / self.scale.to(x.dtype))                      # (..., I) / (I,)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A plain Linear with the scale folded back into the weight columns."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        out.to(self.base.weight)
-        out.weight.copy_(self.base.weight / self.scale[None, :])
-        if self.base.bias is not None:
-            out.bias.copy_(self.base.bias)
+        """A plain Linear with the scale folded back into the weight columns (a wrapped base is merged first)."""
+        base = self.base.merge() if isinstance(self.base, Wrapper) else self.base
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        out.to(base.weight)
+        out.weight.copy_(base.weight / self.scale.to(base.weight)[None, :])
+        if base.bias is not None:
+            out.bias.copy_(base.bias)
         return out
 
+    def describe(self, child: Any) -> dict[str, Any]:
+        return {"base": child(self.base), "in_features": int(self.scale.numel())}
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Any) -> "SmoothedLinear":
+        return cls(child(desc["base"]), torch.ones(int(desc["in_features"])))
+
+    def cut(self, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+        """The merged view's weight is `base.weight / scale`: the base follows its cuts, the scale its
+        kept input columns."""
+        if isinstance(self.base, Wrapper):
+            self.base.cut(cuts, attrs)
+        else:
+            cut_plain(self.base, cuts, attrs)
+        if 1 in cuts.get("weight", {}):
+            keep_indices(self, "scale", 0, cuts["weight"][1])
+
     def extra_repr(self) -> str:
-        return f"in_features={self.base.in_features}, scale range [{float(self.scale.min()):.3g}, " \
-               f"{float(self.scale.max()):.3g}]"
+        return (f"in_features={self.scale.numel()}, scale range [{float(self.scale.min()):.3g}, "
+                f"{float(self.scale.max()):.3g}]")
 
 
 # ------------------------------------------------------------------------------------ who feeds whom
@@ -248,7 +270,7 @@ def find_smooth_groups(model: nn.Module, inputs: Any, targets: Iterable[str],
                for name, m in model.named_modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
     try:
         with trace:
-            out = call_model(model, inputs, device)
+            out = feed(model, inputs, device)
         for leaf in tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out):
             if torch.is_tensor(leaf) and id(leaf) in trace.tags:
                 trace.readers[trace.tags[id(leaf)][0]].add("model output")
@@ -275,61 +297,30 @@ _NOT_NORM_FED = "its input does not come straight from a norm"
 # ------------------------------------------------------------------------------------ calibration
 
 @torch.no_grad()
-def activation_maxima(model: nn.Module, loader: Iterable, probes: dict[str, nn.Module], batches: int,
+def activation_maxima(model: nn.Module, loader: Iterable, names: Iterable[str], batches: int,
                       device: torch.device | None = None) -> dict[str, Tensor]:
-    """max |x_j| over `batches` calibration batches of the input of each probe module (key -> (I,))."""
-    maxima: dict[str, Tensor] = {}
-    handles = []
-    for key, module in probes.items():
-        def hook(_m, args, key=key):
-            x = args[0].detach().abs()
-            cur = x.reshape(-1, x.shape[-1]).amax(dim=0).float()          # (I,)
-            maxima[key] = torch.maximum(maxima[key], cur) if key in maxima else cur
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        seen = 0
-        for i, batch in enumerate(loader):
-            if i >= batches:
-                break
-            call_model(model, batch_inputs(batch), device)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise DataError("smoothquant: the calibration loader yielded no batches; give the data a calib split")
-    return maxima
+    """max |x_j| (I,) over `batches` calibration batches of the input of each named module (padding
+    tokens left out)."""
+    found = calibrate(model, loader, {n: ("absmax",) for n in names}, batches=batches, device=device)
+    return {n: st.absmax for n, st in found.items() if st.absmax is not None}
 
 
 # ------------------------------------------------------------------------------------ the transform
 
-def _replay(model: nn.Module, ctx: Context) -> nn.Module:
-    for group in ctx.record.get("groups", []):
-        if group["mode"] != "explicit":
-            continue  # folded scales live in the saved weights; nothing structural to redo
-        scale = torch.tensor(group["scales"])
-        for name in group["linears"]:
-            model = set_module(model, name, SmoothedLinear(model.get_submodule(name), scale))
-    return model
-
-
-@register("smoothquant", config=SmoothQuantConfig)
-def smoothquant_transform(model: nn.Module, config: SmoothQuantConfig, ctx: Context) -> nn.Module:
+@layer_transform("smoothquant", config=SmoothQuantConfig, layers=(nn.Linear,), on_wrapped="refuse")
+def _smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Smooth the inputs of LayerNorm-fed Linears (SmoothQuant); the float model's outputs are unchanged."""
-    if ctx.replay:
-        return _replay(model, ctx)
     if ctx.data is None:
         raise ConfigError("smoothquant", "needs calibration data for the activation maxima; "
                           "run it in a recipe or pass Context(data=...)")
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, (QuantWrapper, SmoothedLinear))]
-    if wrapped:
-        raise ConfigError("smoothquant", f"{wrapped[0]!r} is already quantized or smoothed; run smoothquant "
-                          f"once, before quantize (it must see the float Linears)")
+    smoothed = [s.name for s in sites if isinstance(get_module(model, s.name.rpartition(".")[0]), SmoothedLinear)]
+    if smoothed:
+        raise CompositionError(f"smoothquant: layer {smoothed[0]!r} is already smoothed; run smoothquant once, "
+                               "or add a `merge` stage before it")
     model.eval().to(ctx.device)
     example = batch_inputs(next(iter(ctx.data.calib)))
-    linears = {n for n, m in ctx.targets.select(model) if type(m) is nn.Linear}
-    if not linears:
-        raise TargetError("smoothquant: no nn.Linear among the targets; check targets.include / types")
+    by_name = {s.name: s for s in sites}
+    linears = set(by_name)
     if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
         raise TargetError(f"smoothquant: the model has no {' / '.join(t.__name__ for t in NORM_TYPES)}; "
                           f"SmoothQuant migrates scales out of the norm that feeds the Linears")
@@ -338,26 +329,27 @@ def smoothquant_transform(model: nn.Module, config: SmoothQuantConfig, ctx: Cont
         alone = [n for n, why in unsmoothed.items() if why == _NOT_NORM_FED]
         groups += [SmoothGroup("", (n,), ("not fed by a norm",)) for n in alone]
         unsmoothed = {n: why for n, why in unsmoothed.items() if n not in alone}
-    probes = {str(i): model.get_submodule(g.linears[0]) for i, g in enumerate(groups)}
-    maxima = activation_maxima(model, ctx.data.calib, probes, config.calib_batches, ctx.device)
+    maxima = activation_maxima(model, ctx.data.calib, [g.linears[0] for g in groups], config.calib_batches,
+                               ctx.device)
     record: list[dict[str, Any]] = []
     for i, g in enumerate(groups):
         if not g.exclusive and not config.explicit_scale:
             unsmoothed.update({n: f"{g.norm} also feeds {', '.join(g.others)}, and explicit_scale is off"
                                for n in g.linears})
             continue
-        if str(i) not in maxima:
+        if g.linears[0] not in maxima:
             raise DataError(f"smoothquant: {g.linears[0]!r} saw no calibration input; it is not on the forward "
                             f"path of the calibration data, exclude it with targets.exclude: [{g.linears[0]!r}]")
         layers = [model.get_submodule(n) for n in g.linears]
-        s = smoothing_scales(maxima[str(i)].to(layers[0].weight), weight_input_max(layers), config.alpha)
+        s = smoothing_scales(maxima[g.linears[0]].to(layers[0].weight), weight_input_max(layers), config.alpha)
         if g.exclusive:
             migrate_into_norm(model.get_submodule(g.norm), layers, s)
         else:
             for name, layer in zip(g.linears, layers):
-                model = set_module(model, name, SmoothedLinear.smooth(layer, s))
+                by_name[name].replace(SmoothedLinear.smooth(layer, s))
         record.append({"norm": g.norm or None, "linears": list(g.linears),
-                       "mode": "folded" if g.exclusive else "explicit", "scales": s.tolist()})
+                       "mode": "folded" if g.exclusive else "explicit",
+                       "scale_range": [round(float(s.min()), 6), round(float(s.max()), 6)]})
     ctx.record.update({"groups": record, "unsmoothed": dict(sorted(unsmoothed.items()))})
     n_smoothed = sum(len(g["linears"]) for g in record)
     ctx.log(f"smoothquant: {n_smoothed} Linears smoothed in {len(record)} groups, {len(unsmoothed)} left alone")

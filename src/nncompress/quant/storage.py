@@ -81,10 +81,10 @@ def weight_codes(wrapper: QuantWrapper) -> WeightCodes | None:
             if fq.scale is None:
                 return None
             s = expand_scale(fq.scale, fq.granularity, w.shape)
-            z = expand_scale(fq.zero_point, fq.granularity, w.shape)
+            z = None if fq.zero_point is None else expand_scale(fq.zero_point, fq.granularity, w.shape)
             codes = fmt.encode(w, s, z)
-            return WeightCodes(codes.view(wrapper.base.weight.shape), fmt.bits, fmt.signed,
-                               fq.scale.detach(), fq.zero_point.detach(), fq.granularity)
+            return WeightCodes(codes.view(wrapper.base.weight.shape), fmt.bits, fmt.signed, fq.scale.detach(),
+                               None if fq.zero_point is None else fq.zero_point.detach(), fq.granularity)
         if isinstance(fmt, BinaryFormat):
             alpha = group_reduce(w, fmt.granularity, lambda v, d: v.abs().mean(d, keepdim=True))
             codes = fmt.encode(w)

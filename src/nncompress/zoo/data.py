@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..core import DataError, register
+from ..core.calibration import batch_inputs
 
 __all__ = ["DataBundle", "digits", "mnist1d", "sentence_corpus", "sentences", "default_cache_dir"]
 
@@ -69,17 +70,6 @@ class DataBundle:
         if isinstance(parts[0], dict):
             return {k: torch.cat([p[k] for p in parts])[:batch_size] for k in parts[0]}
         return torch.cat(parts)[:batch_size]
-
-
-def batch_inputs(batch: Any) -> Inputs:
-    """The model inputs of a batch: `x` of `(x, y)`, or the dict itself."""
-    if isinstance(batch, dict):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
-        return batch[0]
-    raise DataError(f"a batch must be an (x, y) pair or a dict of tensors, got {type(batch).__name__}"
-                    f"{' of ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}; "
-                    f"make the loader yield (inputs, labels) or {{'input_ids': ..., 'attention_mask': ...}}")
 
 
 def _batch_len(inputs: Inputs) -> int:

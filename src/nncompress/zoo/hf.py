@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ModelLoadError
+from ..core import ModelLoadError, register
 
 __all__ = ["SentenceEncoder", "hf_from_config", "load_hf", "resolve_hf_path"]
 
@@ -104,10 +104,13 @@ def load_hf(path_or_alias: str | Path) -> tuple[SentenceEncoder, Any]:
     return SentenceEncoder(model).eval(), tokenizer
 
 
+@register("hf_config", namespace="model")
 def hf_from_config(config: dict[str, Any]) -> SentenceEncoder:
     """The same architecture as a loaded encoder, randomly initialised (weights come from elsewhere).
 
-    `config` is `model.model.config.to_dict()`; it must name its `model_type`.
+    `config` is `model.model.config.to_dict()`; it must name its `model_type`. Registered as the model
+    `hf_config` (`{"name": "hf_config", "kwargs": {"config": {...}}}`): a manifest can name it without
+    trusting code, since transformers builds the architecture from the config alone.
 
     >>> tiny = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
     ...         "intermediate_size": 64, "vocab_size": 100}

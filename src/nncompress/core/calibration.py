@@ -1,0 +1,457 @@
+"""Calibration: one way to feed a batch to a model, one pass that captures what a technique asks for,
+and the only forward hooks in the library.
+
+    stats = calibrate(model, data.calib, {"fc1": ("gram",), "fc2": ("absmax", "mean")}, batches=8)
+    stats["fc1"].gram()          # (I, I) float64 Gram matrix of fc1's inputs over the calibration rows
+    stats["fc2"].absmax          # (I,) max |x| per input channel
+
+Rows are what a layer's weight multiplies: tokens (padding left out when the batch carries an
+`attention_mask`) of a Linear's input, pixels of a convolution's channels, or, for `patch_gram`,
+a convolution's unfolded patches (GPTQ's Hessian). The forward stops as soon as every module asked
+about has run, so calibrating early layers of a deep model costs little. `sequential_blocks` runs
+a stack of blocks one at a time on cached inputs, so block k is calibrated on the outputs of the
+already compressed blocks before it, with memory bounded by one block's activations.
+
+>>> import torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+>>> x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
+>>> s = calibrate(net, [(x, None)], {"0": ("absmax", "count")})
+>>> s["0"].absmax.tolist(), s["0"].count
+([1.0, 2.0, 1.0], 2)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import DataError
+
+__all__ = ["batch_inputs", "move", "feed", "first_tensor", "evaluating", "LayerStats", "calibrate", "io_shapes",
+           "gradient_sums", "capturing", "output_of", "intercepting", "collect_block_io", "sequential_blocks",
+           "BlockInputs", "channel_rows", "patch_rows", "STATS"]
+
+STATS = ("count", "mean", "sqnorm", "absmax", "gram", "patch_gram", "out_absmean")
+
+
+# ------------------------------------------------------------------------------------ feeding a model
+
+def batch_inputs(batch: Any) -> Any:
+    """The model inputs of a batch: `x` of `(x, y)`, a dict of tensors as is, or a tensor."""
+    if isinstance(batch, Mapping) or torch.is_tensor(batch):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
+        return batch[0]
+    raise DataError(f"a batch must be an (x, y) pair, a tensor or a dict of tensors, got {type(batch).__name__}"
+                    f"{' of ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}; "
+                    f"make the loader yield (inputs, labels) or {{'input_ids': ..., 'attention_mask': ...}}")
+
+
+def move(inputs: Any, device: torch.device | str | None) -> Any:
+    """`inputs` (a tensor or a dict of them) on `device` (None: where they are)."""
+    if device is None:
+        return inputs
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def feed(model: nn.Module, batch: Any, device: torch.device | str | None = None) -> Any:
+    """Run `model` on a batch: `model(x)` for a tensor (or the x of `(x, y)`), `model(**x)` for a dict."""
+    inputs = move(batch_inputs(batch), device)
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The tensor a module returned: itself, `.logits` / the first value of a Hugging Face output, or
+    the first item of a tuple."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, Mapping):
+        return next((v for v in output.values() if torch.is_tensor(v)), None)
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    return None
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients inside; the model's mode comes back after."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
+
+
+def _batches(loader: Iterable, n: int) -> Iterator[Any]:
+    return itertools.islice(iter(loader), n)
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+@dataclasses.dataclass
+class LayerStats:
+    """Running statistics of one module's inputs (rows x channels) and outputs, over calibration batches."""
+
+    want: tuple[str, ...]
+    count: int = 0
+    sum: Tensor | None = None          # (I,) float64
+    sq: Tensor | None = None           # (I,) float64, sum of x^2
+    absmax: Tensor | None = None       # (I,) float32
+    xtx: Tensor | None = None          # (I, I) float64, sum of x x^T (rows, or conv patches for patch_gram)
+    gram_rows: int = 0
+    out_abs: Tensor | None = None      # (C,) float64, sum of |y| per output channel
+    out_rows: int = 0
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def add_input(self, module: nn.Module, x: Tensor, mask: Tensor | None) -> None:
+        rows = channel_rows(module, x, mask).detach()                  # (T, I)
+        self.count += rows.shape[0]
+        if {"mean", "sqnorm"} & set(self.want):
+            r64 = rows.double()
+            self.sum = _acc(self.sum, r64.sum(0))
+            self.sq = _acc(self.sq, r64.pow(2).sum(0))
+        if "absmax" in self.want:
+            cur = rows.abs().amax(0).float() if rows.numel() else None
+            if cur is not None:
+                self.absmax = cur if self.absmax is None else torch.maximum(self.absmax, cur)
+        if "gram" in self.want or "patch_gram" in self.want:
+            g = patch_rows(module, x) if "patch_gram" in self.want else rows
+            g = g.double()
+            self.xtx = _acc(self.xtx, (g.T @ g).double())
+            self.gram_rows += g.shape[0]
+
+    def add_output(self, module: nn.Module, y: Tensor) -> None:
+        y = y.detach()
+        y = y.movedim(1, -1) if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else y
+        flat = y.reshape(-1, y.shape[-1]).abs().double()               # (rows, C)
+        self.out_abs = _acc(self.out_abs, flat.sum(0))
+        self.out_rows += flat.shape[0]
+
+    def mean(self) -> Tensor:
+        """E[x] per input channel (I,)."""
+        return self.sum / max(self.count, 1)
+
+    def norm(self) -> Tensor:
+        """||X_j||_2 per input channel: Wanda's activation norm."""
+        return self.sq.sqrt()
+
+    def gram(self) -> Tensor:
+        """X^T X (float64) over every calibration row."""
+        return self.xtx
+
+    def hessian(self) -> Tensor:
+        """H = 2 X^T X / n: the layer-wise Hessian of ||W X - W' X||^2 (mean over rows)."""
+        return 2 * self.xtx / max(self.gram_rows, 1)
+
+    def out_absmean(self) -> Tensor:
+        """E|y| per output channel (C,)."""
+        return self.out_abs / max(self.out_rows, 1)
+
+
+def _acc(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def _is_conv(module: nn.Module) -> bool:
+    plain = getattr(module, "stands_for", None)  # a wrapped conv (quantized) still has conv inputs
+    return issubclass(plain if isinstance(plain, type) else type(module), nn.modules.conv._ConvNd)
+
+
+def channel_rows(module: nn.Module, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """(rows, channels) of a layer input: pixels of a conv's channels, else the last dim's rows
+    (tokens; padding left out under `token_mask` (N, T))."""
+    if _is_conv(module):
+        return x.movedim(1, -1).reshape(-1, x.shape[1])                  # (N * spatial, C)
+    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        x = x[token_mask.to(x.device).bool()]                            # (tokens, I): padding left out
+    return x.reshape(-1, x.shape[-1])                                    # (rows, I)
+
+
+def patch_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows a layer's weight (O, C) multiplies: (M, C) for a Linear, unfolded patches for a conv."""
+    if isinstance(module, nn.Linear) or not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return x.reshape(-1, x.shape[-1])                                # (N * ..., I)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)                                               # (N, C, 1, L)
+        k, s, d = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        k, s, d = module.kernel_size, module.stride, module.dilation
+    cols = F.unfold(x, k, dilation=d, stride=s)                          # (N, C * k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])               # (N * L, C * k)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once every module asked about has run."""
+
+
+def _first_arg(args: tuple, kwargs: dict) -> Tensor | None:
+    for a in args:
+        if torch.is_tensor(a):
+            return a
+    t = kwargs.get("hidden_states")
+    return t if torch.is_tensor(t) else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
+
+
+def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[str]], *, batches: int = 8,
+              device: torch.device | str | None = None, stop_early: bool = True, first_group: bool = False,
+              runner: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, LayerStats]:
+    """Feed up to `batches` batches of `loader` and accumulate, for each module name in `wants`, the
+    statistics it names (any of `STATS`; "shape" adds the first input / output shapes).
+
+    Runs in eval mode without gradients (the mode comes back after); modules the data never reaches
+    are absent from the result. `runner(model, batch)` replaces `feed` (e.g. to run under a context).
+    first_group: only the first of the modules the forward reaches, with those fed that very same input
+    tensor (attention's q, k and v, which can be compressed together); they share one set of sums.
+    """
+    stats = {n: LayerStats(tuple(w)) for n, w in wants.items()}
+    for w in stats.values():
+        unknown = set(w.want) - set(STATS) - {"shape"}
+        if unknown:
+            raise ValueError(f"calibrate: unknown statistic {sorted(unknown)[0]!r}; known: {', '.join(STATS)}")
+    state: dict[str, Any] = {"mask": None, "seen": set(), "anchor": None, "batch": 0}
+    group: list[str] = []
+
+    def accumulates(name: str, module: nn.Module, x: Tensor) -> bool:
+        """first_group: whether this call adds to the sums; raises `_Stop` once past the group."""
+        if state["batch"] == 0 and name not in group:  # the first batch finds the group
+            if state["anchor"] is None:
+                state["anchor"] = x
+            elif x is not state["anchor"]:
+                raise _Stop
+            lead = group[0] if group else None
+            group.append(name)
+            if lead is not None and type(module) is type(modules[lead]) and stats[name].want == stats[lead].want:
+                stats[name] = stats[lead]  # the very same input: one set of sums
+        if name not in group:
+            raise _Stop
+        return name == group[0] or stats[name] is not stats[group[0]]
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_arg(args, kwargs)
+            if x is None or not x.is_floating_point():
+                return
+            if first_group and not accumulates(name, module, x):
+                stats[name].shapes = stats[name].shapes or (tuple(x.shape), ())
+                return
+            stats[name].add_input(module, x, state["mask"])
+            if stats[name].shapes is None:
+                stats[name].shapes = (tuple(x.shape), ())
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            st = stats[name]
+            y = first_tensor(out)
+            if y is not None and "out_absmean" in st.want:
+                st.add_output(module, y)
+            if y is not None and st.shapes is not None and not st.shapes[1]:
+                st.shapes = (st.shapes[0], tuple(y.shape))
+            state["seen"].add(name)
+            expected = len(group) if first_group and state["batch"] > 0 else len(stats)
+            if stop_early and len(state["seen"]) >= expected:
+                raise _Stop
+        return hook
+
+    modules = {n: model.get_submodule(n) if n else model for n in stats}
+    with contextlib.ExitStack() as stack:
+        for n, m in modules.items():
+            stack.enter_context(m.register_forward_pre_hook(pre(n), with_kwargs=True))
+            stack.enter_context(m.register_forward_hook(post(n), with_kwargs=True))
+        stack.enter_context(evaluating(model))
+        fed = 0
+        for i, batch in enumerate(_batches(loader, batches)):
+            inputs = batch_inputs(batch) if runner is None else None
+            state.update(batch=i, seen=set(), anchor=None,
+                         mask=inputs.get("attention_mask") if isinstance(inputs, Mapping) else None)
+            fed += 1
+            try:
+                (runner or (lambda m, b: feed(m, b, device)))(model, batch)
+            except _Stop:
+                pass
+    if not fed:
+        raise DataError("the calibration loader yielded no batches; give the data a calib split with at least one")
+    if first_group:
+        return {n: stats[n] for n in group}
+    return {n: s for n, s in stats.items() if s.shapes is not None}
+
+
+def io_shapes(model: nn.Module, names: Sequence[str], inputs: Any) -> dict[str, tuple]:
+    """`{name: (input shape, output shape)}` of each module on one forward of `inputs`."""
+    stats = calibrate(model, [inputs], {n: ("shape",) for n in names}, batches=1)
+    return {n: s.shapes for n, s in stats.items()}
+
+
+def gradient_sums(model: nn.Module, loader: Iterable, loss_fn: Callable[[nn.Module, Any], Tensor], batches: int,
+                  params: Mapping[str, Tensor] | None = None, squares: bool = False
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Sum of dL/dp (and of its square, per batch, with `squares`) over up to `batches` batches, for
+    `params` (default: every named parameter), in eval mode (BatchNorm uses running statistics: the
+    deployed network). The model's mode and the parameters' `.grad` are restored afterwards."""
+    params = dict(params) if params is not None else dict(model.named_parameters())
+    saved = {n: p.grad for n, p in params.items()}
+    grad: dict[str, Tensor] = {}
+    grad_sq: dict[str, Tensor] = {}
+    was = model.training
+    model.eval()
+    try:
+        for batch in _batches(loader, batches):
+            for p in params.values():
+                p.grad = None
+            loss_fn(model, batch).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    grad[n] = _acc(grad.get(n), p.grad.detach())
+                    if squares:
+                        grad_sq[n] = _acc(grad_sq.get(n), p.grad.detach().pow(2))
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
+        model.train(was)
+    return grad, grad_sq
+
+
+# ------------------------------------------------------------------------------------ capture, stop, intercept
+
+@contextlib.contextmanager
+def capturing(model: nn.Module, names: Sequence[str], inputs: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Record the output (or, with `inputs`, the first input) of each named module while inside; the
+    last call wins. Captured tensors keep their autograd graph (feature distillation trains on them)."""
+    out: dict[str, Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        for n in dict.fromkeys(names):
+            m = model.get_submodule(n) if n else model
+            if inputs:
+                hook = (lambda _m, a, kw, n=n: out.__setitem__(n, _first_arg(a, kw)))
+                stack.enter_context(m.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                hook = (lambda _m, _a, o, n=n: out.__setitem__(n, first_tensor(o)))
+                stack.enter_context(m.register_forward_hook(hook))
+        yield out
+
+
+class _Reached(Exception):
+    def __init__(self, value: Any):
+        super().__init__()
+        self.value = value
+
+
+def output_of(model: nn.Module, name: str, inputs: Any, run: Callable[[nn.Module, Any], Any] | None = None
+              ) -> Tensor | None:
+    """The output of module `name` on `inputs` (None if it did not run); the forward stops there."""
+    def stop(_m: nn.Module, _a: Any, out: Any) -> None:
+        raise _Reached(first_tensor(out))
+
+    m = model.get_submodule(name) if name else model
+    with m.register_forward_hook(stop):
+        try:
+            (run or (lambda mod, x: feed(mod, x)))(model, inputs)
+        except _Reached as reached:
+            return reached.value
+    return None
+
+
+@contextlib.contextmanager
+def intercepting(model: nn.Module, names: Iterable[str], fn: Callable[[Any, Tensor | None], Any]) -> Iterator[None]:
+    """Inside, each named module returns `fn(its output, its first input)` instead of its output
+    (`fn = lambda out, x: x` skips the modules)."""
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+                return fn(out, _first_arg(args, kwargs))
+            stack.enter_context(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
+        yield
+
+
+def collect_block_io(model: nn.Module, names: Sequence[str], batch: Any, device: Any = None
+                     ) -> dict[str, tuple[Tensor, Tensor]]:
+    """`{name: (first input, output tensor)}` of each block on one forward of `batch` (first call)."""
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, n: str = n) -> None:
+                x, y = _first_arg(args, kwargs), first_tensor(out)
+                if x is not None and y is not None and n not in seen:
+                    seen[n] = (x.detach(), y.detach())
+            stack.enter_context(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
+        with torch.no_grad():
+            feed(model, batch, device)
+    return seen
+
+
+# ------------------------------------------------------------------------------------ block by block
+
+@dataclasses.dataclass
+class BlockInputs:
+    """The calls a block received for each calibration batch: positional args and keyword args."""
+
+    calls: list[tuple[tuple, dict]]
+
+    def run(self, block: nn.Module) -> list[Any]:
+        with torch.no_grad():
+            return [block(*a, **k) for a, k in self.calls]
+
+    def stats(self, block: nn.Module, wants: Mapping[str, Iterable[str]]) -> dict[str, LayerStats]:
+        """`calibrate` over the block alone, fed the cached calls (names relative to the block)."""
+        def runner(m: nn.Module, call: Any) -> Any:
+            a, k = call
+            return m(*a, **k)
+        return calibrate(block, self.calls, wants, batches=len(self.calls), runner=runner)
+
+    def advance(self, outputs: list[Any]) -> "BlockInputs":
+        """The next block's calls: this block's output in place of its hidden-state input."""
+        calls = []
+        for (a, k), out in zip(self.calls, outputs):
+            y = first_tensor(out)
+            if a and torch.is_tensor(a[0]):
+                a = (y, *a[1:])
+            else:
+                k = {**k, "hidden_states": y}
+            calls.append((a, k))
+        return BlockInputs(calls)
+
+
+def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable, batches: int,
+                      step: Callable[[str, nn.Module, BlockInputs], None], device: Any = None) -> None:
+    """Compress a chain of blocks one at a time: block k's inputs are block k-1's outputs after
+    `step(name, block, inputs)` compressed it (the first block's come from the model on the data).
+
+    Only one block's inputs are held at a time. The blocks must form a chain (each one's output is the
+    next one's hidden-state input), as the layer stacks of transformers and residual networks do.
+    """
+    calls: list[tuple[tuple, dict]] = []
+    first = model.get_submodule(blocks[0])
+
+    def catch(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _Stop
+
+    with first.register_forward_pre_hook(catch, with_kwargs=True), evaluating(model):
+        for batch in _batches(loader, batches):
+            try:
+                feed(model, batch, device)
+            except _Stop:
+                pass
+    if not calls:
+        raise DataError(f"calibration never reached {blocks[0]!r}; check the data matches the model")
+    inputs = BlockInputs(calls)
+    for name in blocks:
+        block = model.get_submodule(name)
+        was = block.training
+        block.eval()
+        step(name, block, inputs)
+        inputs = inputs.advance(inputs.run(block))
+        block.train(was)

@@ -1,0 +1,462 @@
+"""Layer surgery: the one place that finds and replaces modules, the wrapper protocol, and the record
+of structural edits that `nncompress.load` replays.
+
+Every layer a technique puts in place of a plain one (quantized, low-rank, clustered, grouped,
+smoothed, int8) is a `Wrapper` registered once with `@wrapper("name")`. It can be undone
+(`merge()`: plain modules computing the same), described as JSON (`describe`) and rebuilt from that
+description (`rebuild`) with placeholder tensors that the checkpoint then fills. A technique swaps
+layers through `ctx.edits.swap(...)` (or a `Site` from `layer_sites`); `apply` turns what was swapped
+into `edits` of the history, and replay rebuilds them without running the technique again.
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+>>> _ = set_module(m, "1", nn.Identity())
+>>> type(get_module(m, "1")).__name__
+'Identity'
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable, Literal
+
+import torch
+import torch.nn as nn
+
+from .errors import CompositionError, ModelLoadError, TargetError
+from .registry import lookup, register
+from .targets import Targets
+
+__all__ = ["Wrapper", "wrapper", "get_module", "set_module", "Edits", "Site", "layer_sites", "describe_module",
+           "build_module", "replay_edits", "merge_wrappers", "plain_view", "OnWrapped", "keep_indices", "sync_shape",
+           "cut_plain"]
+
+Describe = Callable[[nn.Module], dict[str, Any]]
+Build = Callable[[dict[str, Any]], nn.Module]
+OnWrapped = Literal["through", "merge", "refuse"]
+
+
+# ------------------------------------------------------------------------------------ find and replace
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule `name` (dotted; "" is the model); a missing name raises `TargetError`."""
+    if not name:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise TargetError(f"{type(model).__name__} has no module {name!r}") from None
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `name` (dotted); returns the model, or `new` itself when `name` is "" (the root)."""
+    if not name:
+        return new
+    parent, _, attr = name.rpartition(".")
+    setattr(get_module(model, parent), attr, new)
+    return model
+
+
+# ------------------------------------------------------------------------------------ the protocol
+
+class Wrapper(nn.Module):
+    """Base of every layer a technique puts in place of a plain one.
+
+    holds_values: True when the wrapper *is* one layer's values in another form (quantized, clustered,
+                  int8): other techniques see its `merge()` (and may re-apply it to what they make,
+                  `rewrap`). False for containers of plain layers (low-rank factors, a grouped conv, a
+                  smoothing scale): other techniques reach the plain layers inside.
+    stands_for:   the plain layer class it replaces (so `Targets(types=("Linear",))` still selects it)
+    """
+
+    kind: ClassVar[str] = ""
+    holds_values: ClassVar[bool] = False
+    rewrap_types: ClassVar[tuple[type, ...]] = ()  # plain layers `rewrap` accepts
+
+    @property
+    def stands_for(self) -> type | None:
+        """The plain class a value wrapper replaces (containers: None)."""
+        return None
+
+    def merge(self) -> nn.Module:
+        """Plain modules computing what this wrapper computes (exactly, or as its docstring states)."""
+        raise NotImplementedError
+
+    def describe(self, child: Describe) -> dict[str, Any]:
+        """Its structure as JSON (no tensor values: those come from the checkpoint); `child(m)`
+        describes an inner module."""
+        raise NotImplementedError
+
+    @classmethod
+    def rebuild(cls, desc: dict[str, Any], child: Build) -> "Wrapper":
+        """The structure `describe` wrote, with placeholder tensors; `child(d)` builds an inner module."""
+        raise NotImplementedError
+
+    def rewrap(self, layer: nn.Module, first: bool) -> nn.Module:
+        """The same technique applied to another plain layer (e.g. the factors of a low-rank
+        decomposition of this layer); `first`: the layer reads this wrapper's own input (the first
+        factor). Value wrappers only."""
+        raise CompositionError(f"{type(self).__name__} cannot be re-applied to another layer")
+
+    def cut(self, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+        """Structured pruning reached this wrapper through its plain view: keep only the indices
+        `cuts[tensor][dim]` of the view's tensors ("weight", "bias"), set the view's changed
+        attributes `attrs` (e.g. `groups`), and update its own state."""
+        raise CompositionError(f"{type(self).__name__} cannot be pruned through; merge it first")
+
+    def summary(self) -> str:
+        """What it is, in a few words, for messages ("quantized (int4 weights)")."""
+        return type(self).__name__
+
+
+def keep_indices(module: nn.Module, tensor: str, dim: int, keep: list[int]) -> None:
+    """Replace `module.<tensor>` (a parameter or buffer) by its entries `keep` along `dim` (a new
+    tensor of the same kind, so optimizers built afterwards see the new shape)."""
+    t = getattr(module, tensor)
+    if t is None:
+        return
+    idx = torch.as_tensor(keep, dtype=torch.long, device=t.device)
+    new = t.detach().index_select(dim, idx).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(module, tensor, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        setattr(module, tensor, new)
+
+
+def sync_shape(module: nn.Module) -> None:
+    """Set a Linear / Conv / Embedding's size attributes from its (sliced) weight."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = w.shape
+
+
+def cut_plain(module: nn.Module, cuts: dict[str, dict[int, list[int]]], attrs: dict[str, Any]) -> None:
+    """Apply a plain view's cuts and attribute changes (`groups` of a depthwise conv) to `module`."""
+    for tensor, dims in cuts.items():
+        for dim, keep in dims.items():
+            keep_indices(module, tensor, dim, keep)
+    for attr, value in attrs.items():
+        setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    sync_shape(module)
+
+
+def wrapper(name: str):
+    """Class decorator: register a `Wrapper` subclass under `name` (what manifests call it)."""
+    def wrap(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Wrapper)):
+            raise TypeError(f"@wrapper({name!r}) decorates Wrapper subclasses, not {cls!r}")
+        cls.kind = name
+        return register(name, namespace="wrapper")(cls)
+    return wrap
+
+
+# ------------------------------------------------------------------------------------ plain modules
+
+def _conv_args(m: nn.Module) -> dict[str, Any]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+            "padding_mode": m.padding_mode}
+
+
+_PLAIN: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = {
+    "Identity": (nn.Identity, lambda m: {}),
+    "Linear": (nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                     "bias": m.bias is not None}),
+    "Conv1d": (nn.Conv1d, _conv_args), "Conv2d": (nn.Conv2d, _conv_args), "Conv3d": (nn.Conv3d, _conv_args),
+    "Embedding": (nn.Embedding, lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                                           "padding_idx": m.padding_idx, "max_norm": m.max_norm,
+                                           "norm_type": m.norm_type, "scale_grad_by_freq": m.scale_grad_by_freq,
+                                           "sparse": m.sparse}),
+}
+
+
+def _dtype_of(m: nn.Module) -> str | None:
+    t = next(iter(m.parameters(recurse=False)), None)
+    return None if t is None else str(t.dtype).removeprefix("torch.")
+
+
+def describe_module(m: nn.Module, site: nn.Module | None = None) -> dict[str, Any]:
+    """JSON structure of `m`: `{"site": true}` for the module that was at the swapped name before,
+    a registered wrapper's own description, or a plain layer's constructor arguments."""
+    def child(x: nn.Module) -> dict[str, Any]:
+        if site is not None and x is site:
+            return {"site": True}
+        if isinstance(x, Wrapper):
+            return {"wrapper": x.kind, **x.describe(child)}
+        entry = _PLAIN.get(type(x).__name__)
+        if entry is None or type(x) is not entry[0]:
+            raise CompositionError(f"cannot record a {type(x).__name__} put in the model: only registered wrappers "
+                                   f"and {', '.join(_PLAIN)} can be rebuilt on load")
+        return {"plain": type(x).__name__, "args": entry[1](x), "dtype": _dtype_of(x)}
+    return child(m)
+
+
+def _tuple_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def build_module(desc: dict[str, Any], site: nn.Module | None = None) -> nn.Module:
+    """The module `describe_module` described, with placeholder tensors (the checkpoint fills them)."""
+    def child(d: dict[str, Any]) -> nn.Module:
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"manifest: a module description must be a mapping, got {type(d).__name__}")
+        if d.get("site"):
+            if site is None:
+                raise ModelLoadError("manifest: a module refers to the swapped layer, but there is none")
+            return site
+        if "wrapper" in d:
+            try:
+                cls = lookup(d["wrapper"], "wrapper")
+            except KeyError:
+                raise ModelLoadError(f"manifest: unknown layer wrapper {d['wrapper']!r}; the checkpoint needs a newer "
+                                     "nncompress") from None
+            return cls.rebuild(d, child)
+        name = d.get("plain")
+        if name not in _PLAIN:
+            raise ModelLoadError(f"manifest: cannot build a {name!r} layer; known: {', '.join(_PLAIN)}")
+        kwargs = _tuple_args(d.get("args") or {})
+        if d.get("dtype"):
+            kwargs["dtype"] = getattr(torch, str(d["dtype"]))
+        try:
+            return _PLAIN[name][0](**kwargs)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"manifest: bad arguments for a {name} layer ({e}); the manifest is corrupt") from None
+    return child(desc)
+
+
+# ------------------------------------------------------------------------------------ recorded edits
+
+class Edits:
+    """The structural edits of one `apply`, in order: layer swaps and registered edit kinds.
+
+    A swapped name is described once, after the transform ends, as the module finally there: later
+    changes to a swapped layer inside the same transform (QAT's convert) are part of what replays.
+    The layer that was there before is referred to as `{"site": true}` (so layers nncompress cannot
+    build, such as a model's own classes, can still be wrapped) unless its own structure changed
+    meanwhile (a bias added by BN folding), in which case it is described in full.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, Any]] = []
+        self._originals: dict[str, tuple[nn.Module, dict[str, Any] | None]] = {}
+
+    def swap(self, model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+        """`set_module(model, name, new)`, recorded for replay. Returns the model (or `new` at the root)."""
+        self.touch(model, name)
+        return set_module(model, name, new)
+
+    def touch(self, model: nn.Module, name: str) -> None:
+        """Announce an in-place structural change of the module at `name` (call it before the change)."""
+        if name not in self._originals:
+            old = get_module(model, name)
+            self._originals[name] = (old, _plain_spec(old))
+            self._events.append(("swap", name))
+
+    def add(self, edit: str, **payload: Any) -> None:
+        """Record an edit replayed by the function registered as `edit` in the "edit" namespace."""
+        self._events.append(("edit", {"edit": edit, **payload}))
+
+    def finalize(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The JSON edits: each swapped name described as what is there now; names inside another
+        swapped name are covered by its description."""
+        swapped = [p for kind, p in self._events if kind == "swap"]
+        out = []
+        for kind, payload in self._events:
+            if kind == "edit":
+                out.append(payload)
+                continue
+            name = payload
+            if any(name.startswith(other + ".") for other in swapped if other) or (name and "" in swapped):
+                continue
+            now = get_module(model, name)
+            old, old_spec = self._originals[name]
+            site = old if old_spec is None or _plain_spec(old) == old_spec else None
+            if now is site:
+                continue  # swapped and put back unchanged
+            out.append({"edit": "swap", "name": name, "module": describe_module(now, site)})
+        return out
+
+
+def _plain_spec(m: nn.Module) -> dict[str, Any] | None:
+    entry = _PLAIN.get(type(m).__name__)
+    if entry is None or type(m) is not entry[0]:
+        return None
+    return {"args": entry[1](m), "dtype": _dtype_of(m)}
+
+
+@register("swap", namespace="edit")
+def _replay_swap(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    name = edit.get("name")
+    if not isinstance(name, str):
+        raise ModelLoadError("manifest: a swap edit without a layer name; the manifest is corrupt")
+    try:
+        site = get_module(model, name)
+    except TargetError:
+        raise ModelLoadError(f"manifest: a transform replaced {name!r}, which the rebuilt model does not have; the "
+                             "manifest and the model source do not belong together") from None
+    return set_module(model, name, build_module(edit.get("module") or {}, site))
+
+
+def replay_edits(model: nn.Module, edits: Iterable[dict[str, Any]], where: str = "manifest") -> nn.Module:
+    """Re-apply recorded edits (structure only; weights come from the checkpoint)."""
+    for edit in edits:
+        kind = edit.get("edit") if isinstance(edit, dict) else None
+        try:
+            fn = lookup(str(kind), "edit")
+        except KeyError:
+            raise ModelLoadError(f"{where}: unknown edit {kind!r}; the checkpoint needs a newer nncompress") from None
+        model = fn(model, edit)
+    return model
+
+
+# ------------------------------------------------------------------------------------ target sites
+
+@dataclasses.dataclass
+class Site:
+    """One layer a layer transform works on.
+
+    name:    where it is in the model
+    layer:   what the technique transforms: a plain layer, the merged values of a wrapper that was
+             there, or the wrapper itself when the technique takes that wrapper class natively
+    wrapped: the value wrapper found at `name`, when `layer` is its merge
+    """
+
+    name: str
+    layer: nn.Module
+    wrapped: Wrapper | None
+    rewrap: bool
+    _model: list[nn.Module]
+    _edits: Edits
+
+    def replace(self, new: nn.Module, rewrap: bool | None = None) -> nn.Module:
+        """Put `new` in place of the layer (recorded); with `through` composition (or `rewrap=True`) the
+        wrapper that was there is re-applied to every plain layer of `new` (a quantized layer's low-rank
+        factors come out quantized). Returns what was put in place."""
+        if (self.rewrap if rewrap is None else rewrap) and self.wrapped is not None:
+            new = _rewrap_leaves(new, self.wrapped)
+        self._model[0] = self._edits.swap(self._model[0], self.name, new)
+        return new
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+
+def _rewrap_leaves(new: nn.Module, w: Wrapper) -> nn.Module:
+    if type(new) in w.rewrap_types:
+        return w.rewrap(new, True)
+    leaves = [(name, m) for name, m in new.named_modules() if name and type(m) in w.rewrap_types]
+    for i, (name, m) in enumerate(leaves):  # module order is forward order for the factor chains
+        set_module(new, name, w.rewrap(m, i == 0))
+    return new
+
+
+def _matches(targets: Targets, name: str, module: nn.Module, inherited: bool) -> bool:
+    """`targets` selects `module`: by its own name, or (`inherited`) through a selected container."""
+    if inherited:
+        return targets.matches_type(module)
+    return targets.matches(name, module)
+
+
+def _candidates(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
+    """Modules the targets select, looking into containers (a selected low-rank layer selects its
+    factors) but not into value wrappers (their insides are theirs)."""
+    targets.select(model)  # typos in names and types raise here, listing what the model has
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, m: nn.Module, inherited: bool) -> None:
+        excluded = bool(prefix) and targets.excludes(prefix)
+        if not excluded and _matches(targets, prefix, m, inherited):
+            out.append((prefix, m))
+        if isinstance(m, Wrapper) and (m.holds_values or excluded):
+            return  # a value wrapper's insides are its own; excluding a container excludes its layers
+        selected_container = isinstance(m, Wrapper) and (inherited or targets.matches_name(prefix))
+        for key, c in m.named_children():
+            walk(f"{prefix}.{key}" if prefix else key, c, inherited or selected_container)
+
+    walk("", model, False)
+    return out
+
+
+def layer_sites(model: nn.Module, targets: Targets, edits: Edits, layers: tuple[type, ...], stage: str,
+                on_wrapped: OnWrapped = "through", what: str = "") -> list[Site]:
+    """The layers a layer transform works on: targeted modules of exactly one of `layers` (subclasses
+    are left alone: their owner may read them directly), and value wrappers standing for one.
+
+    A wrapper class listed in `layers` is handed over as it is. Any other value wrapper is handled by
+    `on_wrapped`: "through" (the technique sees its merged layer and the wrapper is re-applied to what
+    comes out), "merge" (the technique sees the merged layer; the wrapper is gone), or "refuse" (a
+    `CompositionError` naming the layer, what it is and the fix).
+    """
+    holder = [model]
+    sites: list[Site] = []
+    for name, m in _candidates(model, targets):
+        if type(m) in layers:
+            sites.append(Site(name, m, None, False, holder, edits))
+        elif isinstance(m, Wrapper) and m.holds_values and m.stands_for in layers:
+            if on_wrapped == "refuse":
+                raise CompositionError(f"{stage}: layer {name!r} is already {m.summary()}; add a `merge` stage "
+                                       f"before {stage}, or run {stage} before the stage that made it")
+            sites.append(Site(name, m.merge(), m, on_wrapped == "through", holder, edits))
+    if not sites:
+        kinds = what or "/".join(t.__name__ for t in layers)
+        raise TargetError(f"{stage}: no {kinds} layer among the targets ({targets.short()}); check "
+                          "targets.include / types")
+    return sites
+
+
+# ------------------------------------------------------------------------------------ merge, views
+
+def merge_wrappers(model: nn.Module, targets: Targets | None = None, edits: Edits | None = None) -> nn.Module:
+    """Replace the targeted wrappers (all by default) by their plain equivalents, innermost first."""
+    targets = targets or Targets()
+    names = [n for n, m in model.named_modules() if isinstance(m, Wrapper) and targets.matches(n, m)]
+    for name in sorted(names, key=lambda n: -n.count(".") - bool(n)):
+        new = get_module(model, name).merge()
+        model = edits.swap(model, name, new) if edits is not None else set_module(model, name, new)
+    return model
+
+
+class plain_view:
+    """Context manager: every value wrapper (and every wrapper that is not a plain chain of layers)
+    is temporarily replaced by its `merge()`, so graph analysis and scoring see plain layers.
+    `cut_through(record_params)` hands the channel cuts made on the view back to the wrappers; on exit
+    the wrappers are put back.
+
+        with plain_view(model) as view:
+            record = remove_groups(model, plan)      # edits the plain copies
+            view.cut_through(cuts, attrs)            # the wrappers follow
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swapped: dict[str, Wrapper] = {}
+
+    def __enter__(self) -> "plain_view":
+        for name, m in list(self.model.named_modules()):
+            if not name or any(name.startswith(s + ".") for s in self.swapped):
+                continue
+            if isinstance(m, Wrapper) and (m.holds_values or getattr(m, "view_as_merge", False)):
+                self.swapped[name] = m
+                set_module(self.model, name, m.merge())
+        return self
+
+    def cut_through(self, cuts: list[tuple[str, int, list[int]]], attrs: dict[str, dict[str, Any]]) -> None:
+        """Hand the view's cuts (`(tensor name, dim, kept indices)`) and changed module attributes
+        (`{module name: {attr: value}}`) to the wrappers they fall in."""
+        for name, w in self.swapped.items():
+            mine: dict[str, dict[int, list[int]]] = {}
+            for full, dim, keep in cuts:
+                owner, _, tensor = full.rpartition(".")
+                if owner == name:
+                    mine.setdefault(tensor, {})[int(dim)] = list(keep)
+            if mine or attrs.get(name):
+                w.cut(mine, dict(attrs.get(name) or {}))
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, w in self.swapped.items():
+            set_module(self.model, name, w)
