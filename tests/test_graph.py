@@ -548,7 +548,8 @@ def test_heads_are_pruned_as_units_but_one_head_is_not_prunable():
     assert two.prunable and two.size == 2 and {m.stride for m in two.members if m.module == "o"} == {4}
     one = DependencyGraph(Attention(heads=1), x).group_of("q")
     assert not one.prunable
-    assert one.reason == "Attention: aten.view splits a dim of 4 into (1, 4), a single attention head whose size is fixed in code"
+    assert one.reason == ("Attention: aten.view splits a dim of 4 into (1, 4), a single attention head whose size "
+                          "is fixed in code")
     model = Attention(heads=2).eval()
     ref = model(x)
     remove_channels(model, two, [1])
