@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import nncompress.graph as graph_pkg
 import nncompress.graph.groups as groups_mod
 import nncompress.graph.spaces as spaces_mod
+import nncompress.graph.ties as ties_mod
 import nncompress.graph.trace as trace_mod
 import nncompress.prune.structural as structural_mod
 from nncompress.core import ConfigError, ModelLoadError, Targets, UnsupportedOpError
@@ -193,6 +194,49 @@ class UpNet(nn.Module):
     def forward(self, x):  # (N, 2, 5)
         y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1) + self.c(x)  # (N, 7, 5)
         return self.fc(self.act(self.up(y)).flatten(1))
+
+
+class Attention(nn.Module):
+    """Self-attention that views Q/K/V as (N, L, -1, head_dim), head_dim fixed in code (as transformers do)."""
+
+    def __init__(self, heads: int, head_dim: int = 4):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q, self.k, self.v = (nn.Linear(8, heads * head_dim) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, 8)
+
+    def forward(self, x):  # (N, L, 8)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))  # (N, H, L, D)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (N, L, H, D)
+        return self.o(y.reshape(*x.shape[:-1], -1))
+
+
+class Config:
+    """Stands in for a transformers config: `use_cache`, and a sub-config."""
+
+    def __init__(self):
+        self.use_cache = True
+        self.text_config = type("TextConfig", (), {})()
+        self.text_config.use_cache = True
+
+
+class Cache:
+    """What a decoder returns when `use_cache` is on: export cannot flatten it."""
+
+
+class CachingNet(nn.Module):
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.config = Config()
+        self.fc = nn.Linear(4, 4)
+        self.fail = fail
+
+    def forward(self, x, use_cache=None):
+        if self.fail and x.sum() > 0:  # data-dependent control flow: export fails
+            x = x * 2
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return (self.fc(x), Cache()) if use_cache or self.config.text_config.use_cache else self.fc(x)
 
 
 TINY = {
@@ -485,6 +529,33 @@ def test_tracing_leaves_the_model_alone():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_tracing_switches_caches_off_and_restores_them():
+    model = CachingNet()
+    graph = DependencyGraph(model, torch.randn(2, 4))
+    assert graph.group_of("fc").reason.startswith("model output")
+    assert model.config.use_cache and model.config.text_config.use_cache
+    assert isinstance(model(torch.randn(2, 4))[1], Cache)
+    DependencyGraph(model, {"x": torch.randn(2, 4), "use_cache": True})  # an explicit request is overridden too
+    broken = CachingNet(fail=True).train()
+    with pytest.raises(UnsupportedOpError, match="^CachingNet: torch.export cannot trace"):
+        DependencyGraph(broken, torch.randn(2, 4))
+    assert broken.config.use_cache and broken.config.text_config.use_cache and broken.training
+
+
+def test_heads_are_pruned_as_units_but_one_head_is_not_prunable():
+    x = torch.randn(2, 5, 8)
+    two = DependencyGraph(Attention(heads=2), x).group_of("q")
+    assert two.prunable and two.size == 2 and {m.stride for m in two.members if m.module == "o"} == {4}
+    one = DependencyGraph(Attention(heads=1), x).group_of("q")
+    assert not one.prunable
+    assert one.reason == ("Attention: aten.view splits a dim of 4 into (1, 4), a single attention head whose size "
+                          "is fixed in code")
+    model = Attention(heads=2).eval()
+    ref = model(x)
+    remove_channels(model, two, [1])
+    assert model(x).shape == ref.shape and model.q.out_features == 4
+
+
 def test_printing_a_group_shows_the_chain():
     model, x = _build("mnist1d_cnn")
     text = str(DependencyGraph(model, x).group_of("stem.0"))
@@ -589,7 +660,7 @@ def test_minilm_ffn_groups_prune_and_run(capsys):
 
 
 def test_doc_examples_run():
-    for module in (graph_pkg, groups_mod, spaces_mod, trace_mod, structural_mod):
+    for module in (graph_pkg, groups_mod, spaces_mod, ties_mod, trace_mod, structural_mod):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 

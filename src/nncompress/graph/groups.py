@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..core.targets import Targets
 from .spaces import Slot
+from .ties import tie_widths
 from .trace import trace
 from .walk import Walk
 
@@ -97,6 +98,7 @@ class DependencyGraph:
         self.model_class = type(model).__name__
         self.trace = trace(model, example_inputs)
         self._walk = Walk(self.trace).run()
+        tie_widths(self._walk)
         self._groups = _collect(self._walk)
 
     def groups(self, targets: Targets | None = None) -> list[Group]:

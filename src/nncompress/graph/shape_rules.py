@@ -25,6 +25,11 @@ def reshape(g: Walk, node: Node) -> Any:
     if 0 in xs or 0 in ys:
         return NotImplemented
     where, op = g.where(node), g.op(node)
+    if _one_head(node, xs, ys):
+        reason = (f"{where}: {op} splits a dim of {xs[-1]} into (1, {xs[-1]}), a single attention head whose "
+                  f"size is fixed in code")
+        g.sp.block(xl[-1], reason)
+        return list(xl[:-1]) + [None, g.fresh(ys[-1], reason)]
     a = [i for i, s in enumerate(xs) if s != 1]
     b = [j for j, s in enumerate(ys) if s != 1]
     out: Labels = [None] * len(ys)
@@ -44,6 +49,19 @@ def reshape(g: Walk, node: Node) -> Any:
     if i != len(a) or j != len(b):
         return NotImplemented
     return out
+
+
+def _one_head(node: Node, xs: tuple[int, ...], ys: tuple[int, ...]) -> bool:
+    """Is this `(..., D) -> (..., 1, D)` by view/reshape/unflatten: a split into one head of D?
+
+    With several heads, `(H*D) -> (H, D)` keeps D (written in code as `self.head_dim`) and heads
+    are pruned as units. With one head the split looks like a no-op, but D is still fixed in code
+    (`view(..., -1, self.head_dim)`, and the scaling `head_dim ** -0.5`): its channels cannot be
+    removed. `unsqueeze` adds a dim without fixing any size, so it is not one.
+    """
+    name = node.target._schema.name.partition("::")[2] if hasattr(node.target, "_schema") else ""
+    return (name in ("view", "_unsafe_view", "reshape", "view_copy", "_reshape_alias", "unflatten")
+            and len(ys) == len(xs) + 1 >= 4 and ys[:-2] == xs[:-1] and ys[-2:] == (1, xs[-1]) and xs[-1] > 1)
 
 
 def _regroup(g: Walk, labels: Labels, sizes: list[int], gj: list[int], ys: tuple[int, ...], out: Labels,

@@ -1,7 +1,8 @@
 """Trace a model once with `torch.export` (non-strict) and map the graph back to modules.
 
-The model is never modified: it is traced in eval mode under `no_grad`, and every module's
-training flag is restored afterwards.
+The model is never modified: it is traced in eval mode under `no_grad` with key/value caches off
+(`tracing_mode`), and every module's training flag and every config's `use_cache` are restored
+afterwards, even when export fails.
 
 >>> import torch, torch.nn as nn
 >>> tr = trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.randn(2, 4))
@@ -10,6 +11,7 @@ training flag is restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ from torch.fx import Node
 
 from ..core.errors import UnsupportedOpError
 
-__all__ = ["Trace", "trace", "module_of", "op_name", "split_inputs"]
+__all__ = ["Trace", "trace", "module_of", "op_name", "split_inputs", "tracing_mode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +75,10 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
                                  f"that match forward") from None
     except ValueError:  # no signature: let export check
         pass
-    modes = [(m, m.training) for m in model.modules()]
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False  # a cache is an output export cannot flatten, and the graph has no use for it
     try:
-        model.eval()
-        with torch.no_grad():
+        with tracing_mode(model), torch.no_grad():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # noqa: BLE001  any failure inside export is reported the same way
         text = str(e).strip()
@@ -84,9 +86,6 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
         raise UnsupportedOpError(f"{cls}: torch.export cannot trace the model ({type(e).__name__}: {first}); "
                                  f"pass example inputs that match forward, and keep data-dependent Python "
                                  f"control flow out of forward") from None
-    finally:
-        for m, mode in modes:
-            m.training = mode
     # a tied tensor has several names: use the first one in model order, as named_parameters() does
     first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
     state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
@@ -98,6 +97,52 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
         elif spec.kind == InputKind.USER_INPUT:
             inputs.append(spec.arg.name)
     return Trace(program, cls, params, tuple(inputs), dict(model.named_modules()))
+
+
+@contextlib.contextmanager
+def tracing_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with key/value caches off, restored on exit (also on error).
+
+    Transformers decoders build a `DynamicCache` when their config says `use_cache=True` (the
+    default) and return it; export cannot flatten that output, and the graph has no use for it.
+    Every config reachable from a module's `config` attribute (sub-configs such as `text_config`
+    included) that has a boolean `use_cache` is switched off for the duration.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    >>> with tracing_mode(net):
+    ...     net.training
+    False
+    >>> net.training
+    True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    caches = [(c, c.use_cache) for c in _cache_configs(model)]
+    try:
+        model.eval()
+        for config, _ in caches:
+            config.use_cache = False
+        yield model
+    finally:
+        for config, value in caches:
+            config.use_cache = value
+        for m, mode in modes:
+            m.training = mode
+
+
+def _cache_configs(model: nn.Module) -> list[Any]:
+    """The distinct configs (and their sub-configs) of `model`'s modules whose `use_cache` is True."""
+    seen: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        config = todo.pop()
+        if config is None or id(config) in seen or isinstance(config, (nn.Module, torch.Tensor)):
+            continue
+        seen[id(config)] = config
+        for value in vars(config).values() if hasattr(config, "__dict__") else ():
+            if type(value).__name__.endswith("Config"):  # sub-configs: text_config, decoder, ...
+                todo.append(value)
+    return [c for c in seen.values() if getattr(c, "use_cache", None) is True]
 
 
 def module_of(node: Node) -> tuple[str, str]:

@@ -284,13 +284,26 @@ def _sync_hf_configs(model: nn.Module, before: dict[str, int]) -> dict[str, dict
             value = getattr(config, field, None)
             if not isinstance(value, int) or isinstance(value, bool):
                 continue
-            patterns = {_pattern(n) for n, w in under.items() if w == value}
-            layers = [n for n in under if _pattern(n) in patterns]
+            side = field.partition("_")[0] if field.startswith(("encoder_", "decoder_")) else None
+            # encoder_ffn_dim describes the encoder's layers only, even where both widths are equal
+            pool = {n: w for n, w in under.items() if side is None or _side(model, n) == side}
+            patterns = {_pattern(n) for n, w in pool.items() if w == value}
+            layers = [n for n in pool if _pattern(n) in patterns]
             now = {model.get_submodule(n).out_features for n in layers}
             if layers and len(now) == 1 and (width := now.pop()) != value:
                 setattr(config, field, width)
                 out.setdefault(prefix, {})[field] = width
     return out
+
+
+def _side(model: nn.Module, name: str) -> str | None:
+    """Which side of an encoder-decoder `name` is on: the innermost enclosing class naming one side, else None."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        cls = type(model.get_submodule(".".join(parts[:i]))).__name__.lower()
+        if ("encoder" in cls) != ("decoder" in cls):
+            return "encoder" if "encoder" in cls else "decoder"
+    return None
 
 
 # --- attention heads --------------------------------------------------------------------------
