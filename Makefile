@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
-	bench-pipelines bench-distill bench-lowrank bench-deep-compression clean
+	bench-pipelines bench-distill bench-lowrank bench-deep-compression bench-composition clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines
+bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -61,6 +61,10 @@ bench-lowrank: $(VENV)/.bench
 
 bench-deep-compression: $(VENV)/.bench
 	$(BIN)/python benchmarks/deep_compression.py --out BENCHMARKS.md
+
+# issue 10: every ordered pair of transforms on a tiny MLP, CNN and BERT (compose or typed refusal)
+bench-composition: $(VENV)/.bench
+	$(BIN)/python benchmarks/composition.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

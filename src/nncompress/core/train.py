@@ -40,8 +40,11 @@ class TrainConfig(Config):
         check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, what: str = "training") -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    if not params:
+        raise TrainingError(f"{what}: nothing to train: the targeted modules hold no trainable parameter (int8 layers "
+                            "and removed blocks hold none); target other modules, or drop the stage")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -66,7 +69,7 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *
     total = cfg.epochs * n_batches if n_batches else None
     if cfg.max_steps:
         total = min(total, cfg.max_steps) if total else cfg.max_steps
-    opt = optimizer or make_optimizer(model.parameters(), cfg)
+    opt = optimizer or make_optimizer(model.parameters(), cfg, desc)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
              if cfg.schedule == "cosine" and total else None)
     was_training = model.training

@@ -122,7 +122,7 @@ def _finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Modu
     # Only the targeted modules train (with the default targets, the whole model), plus the adapters.
     params = {id(p): p for _, m in ctx.targets.select(model) for p in m.parameters()}
     params.update({id(p): p for p in adapters.parameters()})
-    optimizer = make_optimizer(params.values(), train_cfg)
+    optimizer = make_optimizer(params.values(), train_cfg, "finetune")
     adapters.train()
     # weights pruned by an earlier stage stay pruned: recovery must not regrow them
     losses = fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer, after_step=zero_keeper(model),

@@ -133,7 +133,7 @@ def _fit_block(model: nn.Module, teacher: nn.Module, block: nn.Module, s: str, t
 
     cfg = _train_cfg(config, config.epochs)
     with training_only(model, [block]) as params:
-        opt = make_optimizer(list(params) + list(adapter.parameters()), cfg)
+        opt = make_optimizer(list(params) + list(adapter.parameters()), cfg, f"progressive_distill: stage {s}")
         losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=opt, after_step=zero_keeper(model),
                      progress=ctx.progress, desc=f"progressive {s}")
     return [round(x, 6) for x in losses]
@@ -156,6 +156,6 @@ def _fit_head(model: nn.Module, head: Objective, blocks: list[nn.Module], config
 
     cfg = _train_cfg(config, config.head_epochs)
     with training_only(model, rest) as params:
-        losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=make_optimizer(params, cfg),
+        losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=make_optimizer(params, cfg, "progressive_distill: head"),
                      after_step=zero_keeper(model), progress=ctx.progress, desc="progressive head")
     return [round(x, 6) for x in losses]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import Config, ConfigError, Context, check, lookup, register
+from ..core import Config, ConfigError, Context, check, lookup, plain_view, register
 from ..core.calibration import collect_block_io, feed, first_tensor, intercepting
 from ..core.errors import DataError
 
@@ -180,7 +180,8 @@ def _calib_batches(ctx: Context, n: int) -> list:
 def find_blocks(model: nn.Module, ctx: Context, batch: Any) -> list[str]:
     """Names of the removable residual blocks among `ctx.targets`, checked on one forward of `batch`:
     a block qualifies only if it runs and its output has its input's shape."""
-    names = _structural_candidates(model, ctx)
+    with plain_view(model):  # quantized / clustered layers inside a block: its data flow is the plain one's
+        names = _structural_candidates(model, ctx)
     io = collect_block_io(model, names, batch)
     return [n for n in names if n in io and io[n][0].shape == io[n][1].shape]
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Config, ConfigError, Context, Site, check, layer_transform, lookup
+from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform, lookup
 from ..core.calibration import calibrate, patch_rows
 from ..core.errors import DataError
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
@@ -219,7 +219,7 @@ def _gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context, sites: l
     sites = quant_sites(sites, ctx.targets, "gptq")
     layers = {s.name: float_layer(s.layer) for s in sites}
     for s in sites:  # the float layers go in first: the Hessians are those of the float model's inputs
-        if layers[s.name] is not s.layer:
+        if layers[s.name] is not get_module(model, s.name):
             s.replace(layers[s.name])
     model = sites[0].model
     capable = {n: m for n, m in layers.items() if _gptq_capable(m)}

@@ -179,6 +179,10 @@ class Int8DynamicLinear(Wrapper):
         return out.to(base.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the int8 kernels have no backward: layers before this one train through the dequantized
+            # weight (activation rounding passes straight through), never through a silent zero gradient
+            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         if self.kernel == "int_mm":
             return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
         key = self._buffers_version()

@@ -229,7 +229,7 @@ def _qat(model: nn.Module, config: QATConfig, ctx: Context, sites: list[Site]) -
     for i, spec in enumerate(specs):
         if i:
             _set_weight_spec(wrappers, spec)
-        optimizer = make_optimizer(model.parameters(), train_cfg)
+        optimizer = make_optimizer(model.parameters(), train_cfg, "qat")
         losses.append(fit(model, ctx.data.train, loss_fn, train_cfg, optimizer=optimizer,
                           after_step=after_step, progress=ctx.progress,
                           desc=f"qat{'' if widths[i] is None else f' {widths[i]}-bit'}"))
