@@ -153,7 +153,7 @@ def main() -> None:
                 "compact": file_bytes(saved(reference, tmp / "compact")), "n": sum(len(y) for _, y in data.test)}
         print(base, flush=True)
         torch.manual_seed(1)
-        cfg = SparsityConfig(sparsity=args.sparsity, scope="global", epochs=args.finetune_epochs, lr=1e-3)
+        cfg = SparsityConfig(ratio=args.sparsity, scope="global", epochs=args.finetune_epochs, lr=1e-3)
         pruned = nncompress.apply(copy.deepcopy(reference), cfg, context=Context(data=data)).eval()
         steps = [{"label": f"pruned {args.sparsity:.0%} + FT", "acc": accuracy(pruned, data.test),
                   "bytes": file_bytes(saved(pruned, tmp / "pruned"))}]

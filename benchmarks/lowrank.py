@@ -3,7 +3,7 @@
     python benchmarks/lowrank.py --out BENCHMARKS.md      (--quick: a smoke run in under 2 minutes)
 
 1. all-MiniLM-L6-v2: the FFN Linears (intermediate.dense and output.dense of every layer) by
-   truncated SVD keeping 75/50/25% of their weights (ranks allocated globally by `param_ratio`), and
+   truncated SVD keeping 75/50/25% of their weights (ranks allocated globally by `keep_params`), and
    the attention projections (query, key, value, attention.output.dense) at 50%. Embedding fidelity
    to the dense model on the test sentences (mean cosine, overlap of the 10 nearest neighbours)
    without fine-tune and after embedding distillation from the dense model (`finetune`), parameters,
@@ -68,7 +68,7 @@ def minilm_rows(args, tmp: Path):
     plan = [("FFN", FFN, r) for r in args.ratios] + ([] if args.quick else [("attention", ATTN, 0.5)])
     for (part, targets, ratio), whiten in [(p, w) for p in plan for w in (False, True)]:
         torch.manual_seed(0)
-        cfg = LowRankConfig(param_ratio=ratio, round_to=args.round_to, whiten=whiten)
+        cfg = LowRankConfig(keep_params=ratio, round_to=args.round_to, whiten=whiten)
         m = nncompress.apply(copy.deepcopy(dense), cfg, targets=targets, context=Context(data=data)).eval()
         rec = nncompress.history(m)[-1]["record"]
         ranks = sorted({v["ranks"][0] for v in rec["layers"].values()})
@@ -93,7 +93,7 @@ def cnn_rows(args, tmp: Path):
             "bytes": saved_bytes(reference, tmp / "cnn"), "n": sum(len(y) for _, y in data.test)}
     rows = []
     for method in ("tucker2", "svd"):
-        m = nncompress.apply(copy.deepcopy(reference), LowRankConfig(method=method, param_ratio=0.5),
+        m = nncompress.apply(copy.deepcopy(reference), LowRankConfig(method=method, keep_params=0.5),
                              targets=Targets(types=("Conv1d",))).eval()
         rec = nncompress.history(m)[-1]["record"]
         row = {"method": method, "kept": rec["weights_after"] / rec["weights_before"], "params": count_params(m),
@@ -125,7 +125,7 @@ def render(args, lm, cnn) -> str:
     parts = [f"## Low-rank factorization (`make bench-lowrank`)\n\n"
              f"CPU, {args.threads} thread(s), torch eager; latency is the median of {args.repeats} interleaved "
              f"rounds (`compare_latency`) and a speedup is dense median / factorized median in the same call. "
-             f"Ranks are allocated over all targeted layers by `LowRankConfig(param_ratio=...)` (greedy on "
+             f"Ranks are allocated over all targeted layers by `LowRankConfig(keep_params=...)` (greedy on "
              f"singular-value energy per weight, rounded to multiples of {args.round_to}); 'kept' is the "
              f"factorized targeted weights over the dense ones."
              f"{' QUICK RUN: not the reference figures.' if args.quick else ''}"]
@@ -163,7 +163,7 @@ def render(args, lm, cnn) -> str:
                          _x(r["speedup"], 128)])
         parts.append(
             f"### MNIST-1D reference CNN: convolutions at 50% of their weights\n\nThe reference CNN trained "
-            f"{args.train_epochs} epoch(s); every Conv1d factorized with `param_ratio=0.5` by Tucker-2 (1x1, "
+            f"{args.train_epochs} epoch(s); every Conv1d factorized with `keep_params=0.5` by Tucker-2 (1x1, "
             f"k core, 1x1; HOSVD) or channel SVD (k conv to r channels, then 1x1), accuracy on the "
             f"{base['n']:,} test samples before and after {args.cnn_ft_epochs} epoch(s) of fine-tune (lr 1e-3).\n\n"
             + table(["method", "kept", "accuracy", "after fine-tune", "params", "file bytes", "speedup b=1",

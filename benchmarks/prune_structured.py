@@ -109,7 +109,7 @@ def tp_prune(model, data, criterion: str, keep: float, example):
 def ours_prune(model, data, criterion: str, keep: float):
     m = copy.deepcopy(model).eval()
     batches = HESSIAN_BATCHES if criterion == "hessian" else CALIB_BATCHES
-    return nncompress.apply(m, PruneConfig(target_macs=keep, scope="global", importance=criterion,
+    return nncompress.apply(m, PruneConfig(keep_macs=keep, scope="global", importance=criterion,
                                            max_ratio=0.9, calib_batches=batches), context=Context(data=data))
 
 

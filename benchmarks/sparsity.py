@@ -38,6 +38,7 @@ from nncompress.eval.measure import count_nonzero_params, count_params, file_byt
 from nncompress.eval.metrics import accuracy, embed, embedding_fidelity  # noqa: E402
 from nncompress.export.checkpoint import write_checkpoint  # noqa: E402
 from nncompress.prune.lottery import LotteryConfig  # noqa: E402
+from nncompress.prune import NM  # noqa: E402
 from nncompress.prune.sparsity import SparsityConfig  # noqa: E402
 from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 
@@ -60,7 +61,7 @@ def weight_sparsity(model: nn.Module) -> float:
 
 def ours(reference, data, sparsity, epochs, lr):
     torch.manual_seed(1)  # the same data order for both tools' fine-tune
-    cfg = SparsityConfig(sparsity=sparsity, scope="global", importance="magnitude", epochs=epochs, lr=lr)
+    cfg = SparsityConfig(ratio=sparsity, scope="global", importance="magnitude", epochs=epochs, lr=lr)
     return nncompress.apply(copy.deepcopy(reference), cfg, context=Context(data=data)).eval()
 
 
@@ -100,7 +101,7 @@ def lottery_rows(data, args):
         for reinit in (False, True):
             torch.manual_seed(0)  # the same initialisation as the dense reference
             model, _ = build_model({"name": "mnist1d_cnn"})
-            cfg = LotteryConfig(sparsity=s, rounds=args.lottery_rounds, epochs=args.lottery_epochs, lr=3e-3,
+            cfg = LotteryConfig(ratio=s, rounds=args.lottery_rounds, epochs=args.lottery_epochs, lr=3e-3,
                                 final_epochs=args.lottery_final, reinit=reinit)
             start = time.perf_counter()
             model = nncompress.apply(model, cfg, context=Context(data=data))
@@ -115,7 +116,7 @@ def snip_rows(data, args):
     for s in args.lottery_sparsities:
         torch.manual_seed(0)
         model, _ = build_model({"name": "mnist1d_cnn"})
-        cfg = SparsityConfig(sparsity=s, scope="global", importance="snip", epochs=args.train_epochs, lr=3e-3)
+        cfg = SparsityConfig(ratio=s, scope="global", importance="snip", epochs=args.train_epochs, lr=3e-3)
         model = nncompress.apply(model, cfg, context=Context(data=data)).eval()
         rows.append({"sparsity": s, "acc": accuracy(model, data.test), "real": weight_sparsity(model)})
         print(rows[-1], flush=True)
@@ -133,7 +134,7 @@ def minilm_rows(args, tmp):
     for crit in ("magnitude", "wanda", "sparsegpt"):
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        m = nncompress.apply(m, SparsityConfig(granularity="nm", n=2, m=4, importance=crit), targets=targets,
+        m = nncompress.apply(m, SparsityConfig(granularity=NM(2, 4), importance=crit), targets=targets,
                              context=Context(data=data)).eval()
         seconds = time.perf_counter() - start
         fid = embedding_fidelity(ref, embed(m, data.test), k=10)

@@ -13,7 +13,7 @@ from nncompress.core import Config, MergeConfig
 from nncompress.distill import FinetuneConfig, ProgressiveConfig
 from nncompress.formats import IntFormat
 from nncompress.lowrank import LowRankConfig
-from nncompress.prune import DropLayersConfig, GroupConvConfig, LotteryConfig, PruneConfig, SparsityConfig
+from nncompress.prune import NM, DropLayersConfig, GroupConvConfig, LotteryConfig, PruneConfig, SparsityConfig
 from nncompress.quant import GPTQConfig, QATConfig, QuantizeConfig, QuantSpec, SmoothQuantConfig
 from nncompress.quant.native import Int8DynamicConfig
 from nncompress.zoo.hf import hf_from_config
@@ -82,13 +82,13 @@ def transforms(model: str) -> dict[str, Config]:
         "smoothquant": SmoothQuantConfig(calib_batches=1),
         "lowrank": LowRankConfig(rank=4),
         "cluster": ClusterConfig(bits=3, iters=10),
-        "sparsify_50": SparsityConfig(sparsity=0.5),
-        "sparsify_24": SparsityConfig(granularity="nm", n=2, m=4),
+        "sparsify_50": SparsityConfig(ratio=0.5),
+        "sparsify_24": SparsityConfig(granularity=NM(2, 4)),
         "prune": PruneConfig(ratio=0.25),
         "drop_layers": DropLayersConfig(count=1, calib_batches=1),
         "group_conv": GroupConvConfig(groups=2, restarts=0, iterations=2),
         "finetune": FinetuneConfig(epochs=1, max_steps=1),
-        "lottery": LotteryConfig(sparsity=0.5, rounds=1, epochs=1),
+        "lottery": LotteryConfig(ratio=0.5, rounds=1, epochs=1),
         "progressive_distill": ProgressiveConfig(stages=STAGES[model], epochs=1, max_steps=1, head_epochs=0),
         "merge": MergeConfig(),
     }

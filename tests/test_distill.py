@@ -303,7 +303,7 @@ def test_finetune_after_sparsify_keeps_the_pruned_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
     data = TinyData(torch.randn(64, 16), torch.randint(0, 3, (64,)))
-    model = nncompress.apply(model, SparsityConfig(sparsity=0.8))
+    model = nncompress.apply(model, SparsityConfig(ratio=0.8))
     zeros = [(m.weight == 0).clone() for m in (model[0], model[2])]
     before = model[0].weight.detach().clone()
     model = nncompress.apply(model, FinetuneConfig(epochs=3, lr=1e-2), context=nncompress.Context(data=data))

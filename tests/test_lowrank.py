@@ -190,7 +190,7 @@ def linear_names(model):
 @pytest.mark.parametrize("bad,field", [
     ({}, "rank"),
     ({"rank": 2, "energy": 0.9}, "energy"),
-    ({"param_ratio": 1.0}, "param_ratio"),
+    ({"keep_params": 1.0}, "keep_params"),
     ({"energy": 0.0}, "energy"),
     ({"rank": 0}, "rank"),
     ({"rank": 2, "hooi_iters": 2}, "hooi_iters"),
@@ -203,7 +203,7 @@ def test_config_rejects_mistakes_naming_the_field(bad, field):
 
 
 def test_config_round_trips_through_dict():
-    cfg = LowRankConfig(method="tucker2", mac_ratio=0.4, round_to=4, hooi_iters=2)
+    cfg = LowRankConfig(method="tucker2", keep_macs=0.4, round_to=4, hooi_iters=2)
     assert LowRankConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["kind"] == "lowrank"
 
 
@@ -246,7 +246,7 @@ def test_param_budget_is_met_and_nearly_spent(ratio):
     model = tiny_mlp()
     names = linear_names(model)
     dense = sum(model.get_submodule(n).weight.numel() for n in names)
-    model = nncompress.apply(model, LowRankConfig(param_ratio=ratio))
+    model = nncompress.apply(model, LowRankConfig(keep_params=ratio))
     rec = history(model)[-1]["record"]
     kept = sum(p.numel() for n in names for p in model.get_submodule(n).parameters() if p.dim() > 1)
     assert rec["weights_before"] == dense and rec["weights_after"] == kept
@@ -271,7 +271,7 @@ def test_mac_budget_on_convs_is_met_as_torch_counts_macs():
     for h in hooks:
         h.remove()
     dense = sum(m.weight.numel() * outs[m][0] * outs[m][2] for m in targeted)  # oracle: O*C*k per output
-    model = nncompress.apply(model, LowRankConfig(method="tucker2", mac_ratio=0.5), targets=convs)
+    model = nncompress.apply(model, LowRankConfig(method="tucker2", keep_macs=0.5), targets=convs)
     assert all(v["method"] == "tucker2" for v in history(model)[-1]["record"]["layers"].values())
     low = count_macs(model, x) - (before - dense)  # the untargeted layers are unchanged
     assert 0.3 * dense < low <= 0.5 * dense
@@ -293,8 +293,8 @@ def test_spatial_on_conv1d_names_the_layer():
 
 
 def test_budget_below_rank_one_raises():
-    with pytest.raises(ConfigError, match="raise param_ratio"):
-        nncompress.apply(tiny_mlp(), LowRankConfig(param_ratio=0.01))
+    with pytest.raises(ConfigError, match="raise keep_params"):
+        nncompress.apply(tiny_mlp(), LowRankConfig(keep_params=0.01))
 
 
 def test_grouped_conv_is_skipped_with_reason():
@@ -305,8 +305,8 @@ def test_grouped_conv_is_skipped_with_reason():
 
 
 @pytest.mark.parametrize("model_fn,cfg,targets", [
-    (tiny_mlp, LowRankConfig(param_ratio=0.5), None),
-    (tiny_cnn, LowRankConfig(method="tucker2", param_ratio=0.5, hooi_iters=1), Targets(types=("Conv1d",))),
+    (tiny_mlp, LowRankConfig(keep_params=0.5), None),
+    (tiny_cnn, LowRankConfig(method="tucker2", keep_params=0.5, hooi_iters=1), Targets(types=("Conv1d",))),
     (tiny_cnn, LowRankConfig(method="svd", energy=0.8), None),
 ])
 def test_save_load_reproduces_outputs_exactly(tmp_path, model_fn, cfg, targets):
@@ -367,7 +367,7 @@ def test_whiten_needs_data():
 def test_minilm_ffn_factorized_save_load_exact(tmp_path):
     model, tok = build_model({"name": "hf:minilm"})
     targets = Targets(include=("*layer.0.intermediate.dense", "*layer.0.output.dense"), types=("Linear",))
-    model = nncompress.apply(model.eval(), LowRankConfig(param_ratio=0.5, round_to=8), targets=targets)
+    model = nncompress.apply(model.eval(), LowRankConfig(keep_params=0.5, round_to=8), targets=targets)
     assert len(history(model)[-1]["record"]["layers"]) == 2
     enc = tok(["A short sentence.", "Another, longer sentence here."], padding=True, return_tensors="pt")
     batch = {k: enc[k] for k in ("input_ids", "attention_mask")}

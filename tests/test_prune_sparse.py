@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress
 from nncompress.core import ConfigError, Context, Targets, TrainConfig, apply, fit
-from nncompress.prune import epi, lottery, masks, sparsity
+from nncompress.prune import NM, Pattern, Vector, epi, lottery, masks, sparsity
 from nncompress.prune.epi import EarlyPruningIndicator, mask_distance
 from nncompress.prune.lottery import LotteryConfig
 from nncompress.prune.masks import (global_masks, kernel_patterns, magnitude_scores, nm_mask, pattern_mask,
@@ -127,7 +127,7 @@ def test_vector_and_pattern_masks():
 
 def test_sparsify_exact_per_layer_and_skips_layers_n_m_cannot_divide():
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
-    out = apply(model, SparsityConfig(granularity="nm", n=2, m=4))
+    out = apply(model, SparsityConfig(granularity=NM(2, 4)))
     rec = _record(out)
     assert rec["skipped"] == {"4": "6 inputs are not a multiple of m=4"}
     assert rec["layers"] == {"0": 0.5, "2": 0.5}
@@ -149,7 +149,7 @@ class _ConvNet(nn.Module):
 
 def test_pattern_and_conv_layers_through_the_transform():
     torch.manual_seed(0)
-    out = apply(_ConvNet(), SparsityConfig(granularity="pattern", sparsity=0.7))
+    out = apply(_ConvNet(), SparsityConfig(granularity=Pattern(), ratio=0.7))
     rec = _record(out)
     assert rec["skipped"] == {"fc": "pattern pruning needs 3x3 kernels, got a Linear"}
     pats = kernel_patterns().view(8, 9)
@@ -159,7 +159,7 @@ def test_pattern_and_conv_layers_through_the_transform():
         assert int((conv.weight == 0).sum()) >= round(0.7 * conv.weight.numel())
     x = torch.randn(16, 3, 6, 6)
     data = _bundle(x, torch.randint(0, 3, (16,)), batch_size=8)
-    gpt = apply(_ConvNet(), SparsityConfig(importance="sparsegpt", granularity="nm"), context=Context(data=data))
+    gpt = apply(_ConvNet(), SparsityConfig(importance="sparsegpt", granularity=NM()), context=Context(data=data))
     rec = _record(gpt)
     assert rec["skipped"] == {"conv1": "3 inputs are not a multiple of m=4"}
     assert rec["notes"] == ["conv2: sparsegpt handles Linear layers; pruned by wanda scores"]
@@ -168,9 +168,9 @@ def test_pattern_and_conv_layers_through_the_transform():
 
 
 @pytest.mark.parametrize("cfg", [
-    SparsityConfig(sparsity=0.6, epochs=2),
-    SparsityConfig(granularity="nm", n=1, m=4, epochs=1, l1=1e-4),
-    SparsityConfig(sparsity=0.5, granularity="vector", epochs=1),
+    SparsityConfig(ratio=0.6, epochs=2),
+    SparsityConfig(granularity=NM(1, 4), epochs=1, l1=1e-4),
+    SparsityConfig(ratio=0.5, granularity=Vector(), epochs=1),
 ], ids=["element", "nm+l1", "vector"])
 def test_pruned_weights_stay_exactly_zero_through_fine_tuning(cfg):
     x = _correlated()
@@ -198,7 +198,7 @@ def test_gradual_schedule_reaches_the_target_exactly():
     x = _correlated()
     data = _bundle(x, (x[:, 0] > 0).long())
     model = _mlp()
-    cfg = SparsityConfig(sparsity=0.8, schedule="gradual", initial_sparsity=0.1, epochs=2, frequency=3)
+    cfg = SparsityConfig(ratio=0.8, schedule="gradual", initial_ratio=0.1, epochs=2, frequency=3)
     out = apply(model, cfg, context=Context(data=data))
     rec = _record(out)
     assert rec["layers"] == {"0": pytest.approx(0.8, abs=1 / 1024), "2": pytest.approx(0.8, abs=1 / 128)}
@@ -216,7 +216,7 @@ def test_soft_masking_lets_a_pruned_weight_regrow():
         lin = nn.Linear(2, 2, bias=False)
         with torch.no_grad():
             lin.weight.copy_(torch.tensor([[0.5, -0.05], [0.5, 0.05]]))
-        cfg = SparsityConfig(sparsity=0.5, soft=soft, epochs=2, lr=0.05, frequency=4)
+        cfg = SparsityConfig(ratio=0.5, soft=soft, epochs=2, lr=0.05, frequency=4)
         return apply(lin, cfg, context=Context(data=data))
 
     hard, soft = run(False), run(True)
@@ -241,7 +241,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude(granularity):
     data = _bundle(x, batch_size=128)
     errors = {}
     for imp in ("magnitude", "wanda", "sparsegpt"):
-        cfg = SparsityConfig(importance=imp, granularity=granularity, sparsity=None if granularity == "nm" else 0.5)
+        cfg = SparsityConfig(importance=imp, granularity=granularity, ratio=None if granularity == "nm" else 0.5)
         out = apply(copy.deepcopy(model), cfg, context=Context(data=data))
         for layer in (out[0], out[2]):
             if granularity == "nm":
@@ -275,8 +275,8 @@ def test_wanda_weighs_weights_by_their_input_norms():
         lin.weight.copy_(torch.tensor([[1.0, 0.9, 0.2, -0.3], [-1.0, 0.8, 0.25, 0.1]]))
         ref = lin(x)
     data = _bundle(x)
-    mag = apply(copy.deepcopy(lin), SparsityConfig(sparsity=0.5))
-    wanda = apply(copy.deepcopy(lin), SparsityConfig(sparsity=0.5, importance="wanda"), context=Context(data=data))
+    mag = apply(copy.deepcopy(lin), SparsityConfig(ratio=0.5))
+    wanda = apply(copy.deepcopy(lin), SparsityConfig(ratio=0.5, importance="wanda"), context=Context(data=data))
     assert torch.equal(mag.weight != 0, torch.tensor([[True, True, False, False]] * 2))
     assert torch.equal(wanda.weight != 0, torch.tensor([[False, False, True, True]] * 2))
     assert _recon_error(wanda, ref, x) < 0.01 * _recon_error(mag, ref, x)
@@ -327,7 +327,7 @@ def test_snip_at_initialization_gives_the_exact_sparsity(schedule, rounds):
     data = _bundle(x, (x[:, 0] > 0).long())
     model = _mlp(seed=3)
     init = copy.deepcopy(model)
-    out = apply(model, SparsityConfig(sparsity=0.9, importance="snip", scope="global", schedule=schedule,
+    out = apply(model, SparsityConfig(ratio=0.9, importance="snip", scope="global", schedule=schedule,
                                       rounds=rounds), context=Context(data=data))
     zeros = sum(int((out[i].weight == 0).sum()) for i in (0, 2))
     assert zeros == round(0.9 * (32 * 32 + 32 * 4))
@@ -349,23 +349,31 @@ def test_lottery_ticket_rewinds_survivors_to_init_exactly_and_reinit_keeps_the_m
     data = lambda: _bundle(x, (x[:, 0] > 0).long())  # noqa: E731  (the same batches for every run)
     model = _mlp(seed=4)
     init = copy.deepcopy(model)
-    cfg = LotteryConfig(sparsity=0.75, rounds=2, epochs=1, final_epochs=0)
+    cfg = LotteryConfig(ratio=0.75, rounds=2, epochs=1, final_epochs=0)
     ticket = apply(copy.deepcopy(model), cfg, context=Context(data=data()))
     rec = _record(ticket)
-    assert rec["round_sparsity"] == [0.5, 0.75]
+    assert rec["round_ratio"] == [0.5, 0.75]
     total = 32 * 32 + 32 * 4
     assert sum(int((ticket[i].weight == 0).sum()) for i in (0, 2)) == round(0.75 * total)
     for name, p in ticket.named_parameters():
         q = init.get_parameter(name)
         kept = p != 0
         assert torch.equal(p[kept], q[kept])  # biases too: all rewound
-    control = apply(copy.deepcopy(model), LotteryConfig(sparsity=0.75, rounds=2, epochs=1, final_epochs=0, reinit=True),
+    control = apply(copy.deepcopy(model), LotteryConfig(ratio=0.75, rounds=2, epochs=1, final_epochs=0, reinit=True),
                     context=Context(data=data()))
     for i in (0, 2):
         assert torch.equal(control[i].weight == 0, ticket[i].weight == 0)
         kept = ticket[i].weight != 0
         assert not torch.equal(control[i].weight[kept], ticket[i].weight[kept])
-    trained = apply(copy.deepcopy(model), LotteryConfig(sparsity=0.75, rounds=1, epochs=1, rewind_steps=2),
+    same_seed = _mlp(seed=0)  # initialised with the seed the control uses: still a different draw
+    control = apply(copy.deepcopy(same_seed), LotteryConfig(ratio=0.75, rounds=1, epochs=1, final_epochs=0,
+                                                            reinit=True, seed=0), context=Context(data=data()))
+    ticket = apply(copy.deepcopy(same_seed), LotteryConfig(ratio=0.75, rounds=1, epochs=1, final_epochs=0, seed=0),
+                   context=Context(data=data()))
+    for i in (0, 2):
+        kept = ticket[i].weight != 0
+        assert not torch.equal(control[i].weight[kept], ticket[i].weight[kept])
+    trained = apply(copy.deepcopy(model), LotteryConfig(ratio=0.75, rounds=1, epochs=1, rewind_steps=2),
                     context=Context(data=data()))
     assert sum(int((trained[i].weight == 0).sum()) for i in (0, 2)) == round(0.75 * total)
 
@@ -418,18 +426,21 @@ def test_penalties_are_usable_as_extra_losses():
 
 
 def test_sparsify_stage_validates_through_a_recipe():
-    stage = {"kind": "sparsify", "sparsity": 0.5, "granularity": "nm", "n": 2, "m": 4}
-    recipe = parse_recipe({"stages": [stage, {"kind": "lottery", "sparsity": 0.9}]})
-    assert recipe.stages[0].config == SparsityConfig(sparsity=0.5, granularity="nm", n=2, m=4)
+    stage = {"kind": "sparsify", "ratio": 0.5, "granularity": {"kind": "nm", "n": 2, "m": 4}, "optimizer": "sgd"}
+    recipe = parse_recipe({"stages": [stage, {"kind": "lottery", "ratio": 0.9, "optimizer": "adam8bit"}]})
+    assert recipe.stages[0].config == SparsityConfig(ratio=0.5, granularity=NM(2, 4), optimizer="sgd")
+    assert recipe.stages[1].config.optimizer == "adam8bit"
     assert SparsityConfig.from_dict(recipe.stages[0].config.to_dict()) == recipe.stages[0].config
 
 
 @pytest.mark.parametrize("stage,message", [
-    ({"sparsity": 1.0}, "stages[0].sparsity: must be in [0, 1), got 1.0"),
-    ({"sparsity": "lots"}, "stages[0].sparsity: expected a number, got 'lots'"),
-    ({"granularity": "block"}, "stages[0].granularity: must be one of"),
-    ({"granularity": "nm", "n": 5, "m": 4}, "stages[0].n: must be in [1, m=4], got 5"),
-    ({"granularity": "nm", "sparsity": 0.7}, "stages[0].sparsity: 2:4 keeps 2 of every 4, i.e. sparsity 0.5"),
+    ({"ratio": 1.0}, "stages[0].ratio: must be in [0, 1), got 1.0"),
+    ({"ratio": "lots"}, "stages[0].ratio: expected a number, got 'lots'"),
+    ({"sparsity": 0.5}, "stages[0].sparsity: renamed: write ratio"),
+    ({"n": 2}, "stages[0].n: renamed: write granularity: {kind: nm, n: 2, m: 4}"),
+    ({"granularity": "block"}, "stages[0].granularity.kind: unknown sparsity granularity 'block'"),
+    ({"granularity": {"kind": "nm", "n": 5, "m": 4}}, "stages[0].granularity.n: must be in [1, m=4], got 5"),
+    ({"granularity": "nm", "ratio": 0.7}, "stages[0].ratio: 2:4 keeps 2 of every 4, i.e. ratio 0.5"),
     ({"importance": "magic"}, "stages[0].importance: unknown criterion 'magic'"),
     ({"schedule": "gradual"}, "stages[0].epochs: soft masks and the gradual schedule act while training"),
     ({"granularity": "nm", "scope": "global"}, "stages[0].scope: global applies to granularity element"),
@@ -443,7 +454,7 @@ def test_bad_sparsify_stages_name_the_field(stage, message):
 
 def test_save_and_load_of_a_sparse_model_keep_the_zeros(tmp_path):
     base, _ = build_model({"name": "mlp", "kwargs": {"in_features": 32, "hidden": [16], "num_classes": 4}})
-    model = apply(base, SparsityConfig(granularity="nm", n=1, m=4)).eval()
+    model = apply(base, SparsityConfig(granularity=NM(1, 4))).eval()
     nncompress.save(model, tmp_path / "m")
     same = nncompress.load(tmp_path / "m")
     x = torch.randn(5, 32)

@@ -44,8 +44,8 @@ def test_config_validation():
         PruneConfig(importance="magic")
     with pytest.raises(ConfigError, match="penalty_epochs"):
         PruneConfig(penalty="group_lasso")
-    with pytest.raises(ConfigError, match="target_macs: must be a fraction"):
-        PruneConfig(target_macs=2.0)
+    with pytest.raises(ConfigError, match="keep_macs: must be a fraction"):
+        PruneConfig(keep_macs=2.0)
 
 
 @pytest.mark.parametrize("importance", ["bn_scale", "taylor", "fisher", "activation"])
@@ -90,14 +90,22 @@ def test_mnist1d_cnn_shrinks_for_real_and_round_to_holds():
             assert m.out_channels % 8 == 0
 
 
-def test_target_macs_is_met_by_the_real_count():
+def test_keep_macs_is_met_by_the_real_count():
     model, _ = build_model({"name": "resnet20"})
     model.eval()
     x = torch.zeros(2, 3, 32, 32)
     base = count_macs(model, x)
-    pruned = apply(model, PruneConfig(target_macs=0.5, scope="global"))
+    pruned = apply(model, PruneConfig(keep_macs=0.5, scope="global"))
     macs = count_macs(pruned, x)
     assert 0.35 * base < macs <= 0.5 * base
+
+
+def test_an_unreachable_budget_is_an_error_not_a_larger_model():
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 16, "hidden": [8]}})
+    before = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"keep_params: 0.02 of the parameters is out of reach: removing 95%"):
+        apply(model.eval(), PruneConfig(keep_params=0.02))
+    assert {k: v.shape for k, v in model.state_dict().items()} == before  # nothing was cut
 
 
 def test_iterative_schedule_reaches_the_one_shot_width():

@@ -562,3 +562,24 @@ def test_recipe_stage_validates_and_round_trips():
 def test_recipe_bad_fields_name_their_path(stage, message):
     with pytest.raises(ConfigError, match=message):
         parse_recipe({"model": "mlp", "data": "digits", "stages": [stage]})
+
+
+def test_qat_in_the_users_own_loop_saves_and_loads_after_each_step(tmp_path, trained_mlp, digits):
+    import nncompress
+    spec = QuantSpec(format=IntFormat(bits=4), method="lsq")
+    prepared = apply(copy.deepcopy(trained_mlp), QATConfig(weight=spec, step="prepare"))
+    assert prepared.training and isinstance(prepared.net[0], QuantLinear)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.01)          # the user's loop, the user's optimizer
+    for x, y in list(digits.train)[:3]:
+        opt.zero_grad()
+        F.cross_entropy(prepared(x), y).backward()
+        opt.step()
+    x = digits.example_batch(16)
+    nncompress.save(prepared.eval(), tmp_path / "prepared")        # mid-training checkpoints load too
+    with torch.no_grad():
+        assert torch.equal(nncompress.load(tmp_path / "prepared")(x), prepared(x))
+    converted = apply(prepared, QATConfig(weight=spec, step="convert"))
+    assert [e["config"]["step"] for e in history(converted)] == ["prepare", "convert"]
+    nncompress.save(converted, tmp_path / "converted")
+    with torch.no_grad():
+        assert torch.equal(nncompress.load(tmp_path / "converted")(x), prepared(x))

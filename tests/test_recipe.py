@@ -75,8 +75,8 @@ def test_packaged_demo_recipe_is_valid():
 
 
 def progressive(**fields):
-    entry = {"kind": "progressive", "vary": "sparsity", "values": [0.5, 0.75, 0.9],
-             "stage": {"kind": "sparsify", "sparsity": 0.9}, "recover": [{"kind": "finetune", "epochs": 1}], **fields}
+    entry = {"kind": "progressive", "vary": "ratio", "values": [0.5, 0.75, 0.9],
+             "stage": {"kind": "sparsify", "ratio": 0.9}, "recover": [{"kind": "finetune", "epochs": 1}], **fields}
     return {**GOOD, "stages": [{"kind": "finetune", "epochs": 1}, entry]}
 
 
@@ -84,7 +84,7 @@ def test_progressive_expands_into_steps_with_recovery():
     recipe = parse_recipe(progressive())
     kinds = [s.config.kind for s in recipe.stages]
     assert kinds == ["finetune"] + ["sparsify", "finetune"] * 3
-    assert [s.config.sparsity for s in recipe.stages if s.config.kind == "sparsify"] == [0.5, 0.75, 0.9]
+    assert [s.config.ratio for s in recipe.stages if s.config.kind == "sparsify"] == [0.5, 0.75, 0.9]
     assert [s.index for s in recipe.stages] == list(range(7))
     assert parse_recipe(recipe.to_dict()) == recipe  # the resolved recipe is plain stages
 
@@ -100,8 +100,8 @@ def test_progressive_varies_a_nested_field():
     ({"vary": ""}, "stages[1].vary: must name the field"),
     ({"stage": "sparsify"}, "stages[1].stage: must be one stage mapping"),
     ({"steps": 3}, "stages[1].steps: unknown field; a progressive entry has"),
-    ({"values": [0.5, 1.5]}, "stages[1].values[1].sparsity: must be in"),
-    ({"vary": "sparsity.inner"}, "stages[1].stage.sparsity: vary names a nested field"),
+    ({"values": [0.5, 1.5]}, "stages[1].values[1].ratio: must be in"),
+    ({"vary": "ratio.inner"}, "stages[1].stage.ratio: vary names a nested field"),
     ({"recover": [{"kind": "finetune", "epochs": -1}]}, "stages[1].recover[0].epochs: must be >= 0"),
 ])
 def test_progressive_errors_name_the_yaml_path(fields, message):

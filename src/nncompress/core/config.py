@@ -33,6 +33,7 @@ class Config:
     """Base class for configs: frozen dataclasses with typed, path-aware (de)serialisation."""
 
     kind: ClassVar[str] = ""  # set by the registry at the definition site
+    renamed: ClassVar[dict[str, str]] = {}  # old field -> what to write instead (recipes get a one-line hint)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind} if self.kind else {}
@@ -50,6 +51,9 @@ class Config:
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - set(fields))
+        old = [u for u in unknown if u in cls.renamed]
+        if old:
+            raise ConfigError(_join(path, old[0]), f"renamed: write {cls.renamed[old[0]]} instead")
         if unknown:
             raise ConfigError(_join(path, unknown[0]), f"unknown field; {cls.__name__} takes {', '.join(sorted(fields)) or 'no fields'}")
         values = {name: _coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
@@ -61,6 +65,41 @@ class Config:
             return cls(**values)
         except ConfigError as e:
             raise e.under(path) if path else e
+
+
+def tagged(data: Any, path: str, kinds: dict[str, type], what: str) -> Any:
+    """A value of one of several Config classes from YAML: `{kind: nm, n: 2, m: 4}`, a bare kind name
+    (`element`), or an instance (returned as is). `what` names the family in messages.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class NM(Config):
+    ...     n: int = 2
+    >>> tagged({"kind": "nm", "n": 1}, "granularity", {"nm": NM}, "granularity")
+    NM(n=1)
+    """
+    if isinstance(data, tuple(kinds.values())):
+        return data
+    data = as_tagged(data, path, f"a {what} such as {{kind: {next(iter(kinds))}}}")
+    kind = data.get("kind")
+    if kind not in kinds:
+        raise ConfigError(_join(path, "kind"), f"unknown {what} {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind].from_dict({k: v for k, v in data.items() if k != "kind"}, path)
+
+
+def as_tagged(data: Any, path: str, example: str) -> dict[str, Any]:
+    """A YAML value as a `{kind: ..., **fields}` mapping: a bare string names the kind."""
+    if isinstance(data, str):
+        return {"kind": data}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected {example}, got {_show(data)}")
+    return data
+
+
+def tagged_dict(value: Any, kinds: dict[str, type]) -> dict[str, Any]:
+    """The YAML form `{kind: ..., **fields}` of a value made by `tagged`."""
+    kind = next(k for k, cls in kinds.items() if type(value) is cls)
+    return {"kind": kind, **value.to_dict()}
 
 
 def _join(path: str, name: str) -> str:

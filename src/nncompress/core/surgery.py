@@ -243,14 +243,20 @@ class Edits:
     def __init__(self) -> None:
         self._events: list[tuple[str, Any]] = []
         self._originals: dict[str, tuple[nn.Module, dict[str, Any] | None]] = {}
+        self._touched: set[str] = set()
 
     def swap(self, model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         """`set_module(model, name, new)`, recorded for replay. Returns the model (or `new` at the root)."""
-        self.touch(model, name)
+        self._note(model, name)
         return set_module(model, name, new)
 
     def touch(self, model: nn.Module, name: str) -> None:
-        """Announce an in-place structural change of the module at `name` (call it before the change)."""
+        """Announce an in-place structural change of the module at `name` (a bias added, a wrapper's
+        quantizer replaced): it is then described in full, never as the layer that was there."""
+        self._note(model, name)
+        self._touched.add(name)
+
+    def _note(self, model: nn.Module, name: str) -> None:
         if name not in self._originals:
             old = get_module(model, name)
             self._originals[name] = (old, _plain_spec(old))
@@ -274,7 +280,8 @@ class Edits:
                 continue
             now = get_module(model, name)
             old, old_spec = self._originals[name]
-            site = old if old_spec is None or _plain_spec(old) == old_spec else None
+            unchanged = name not in self._touched and (old_spec is None or _plain_spec(old) == old_spec)
+            site = old if unchanged else None
             if now is site:
                 continue  # swapped and put back unchanged
             out.append({"edit": "swap", "name": name, "module": describe_module(now, site)})

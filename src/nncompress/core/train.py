@@ -32,6 +32,12 @@ class TrainConfig(Config):
     max_grad_norm: float = 0.0  # 0 disables clipping
     max_steps: int = 0  # 0: no limit; a budget in optimizer steps across epochs
 
+    @classmethod
+    def of(cls, config: Config, **override: Any) -> "TrainConfig":
+        """The training-loop options of a stage config that extends TrainConfig, with `override`s
+        (e.g. the epochs of one phase)."""
+        return cls(**{**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}, **override})
+
     def __post_init__(self):
         check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -118,7 +118,7 @@ def _finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Modu
         adapters = build_adapters(model, loss_fn.teacher, pairs, probe_inputs(ctx.data, device), "features")
         loss_fn.feature_term = lambda sf, tf: feature_terms(sf, tf, pairs, adapters, config)
         ctx.record["adapters"] = {s: type(a).__name__ for (s, _), a in zip(pairs, adapters)}
-    train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    train_cfg = TrainConfig.of(config)
     # Only the targeted modules train (with the default targets, the whole model), plus the adapters.
     params = {id(p): p for _, m in ctx.targets.select(model) for p in m.parameters()}
     params.update({id(p): p for p in adapters.parameters()})

@@ -86,11 +86,6 @@ def _freeze_modes(model: nn.Module, trained: list[nn.Module]) -> None:
             m.training = False
 
 
-def _train_cfg(config: ProgressiveConfig, epochs: int) -> TrainConfig:
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**values, "epochs": epochs})
-
-
 @register("progressive_distill", config=ProgressiveConfig)
 def _progressive_distill(model: nn.Module, config: ProgressiveConfig, ctx: Context) -> nn.Module:
     """Distill block by block from the teacher with finished blocks frozen, then the head with logits KD."""
@@ -131,7 +126,7 @@ def _fit_block(model: nn.Module, teacher: nn.Module, block: nn.Module, s: str, t
             target = output_of(teacher, t, x, feed)
         return feature_kd_loss(adapter(output_of(m, s, x, feed)), target, config.feature_normalize)
 
-    cfg = _train_cfg(config, config.epochs)
+    cfg = TrainConfig.of(config)
     with training_only(model, [block]) as params:
         opt = make_optimizer(list(params) + list(adapter.parameters()), cfg, f"progressive_distill: stage {s}")
         losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=opt, after_step=zero_keeper(model),
@@ -154,7 +149,7 @@ def _fit_head(model: nn.Module, head: Objective, blocks: list[nn.Module], config
         _freeze_modes(m, rest)
         return head(m, batch)
 
-    cfg = _train_cfg(config, config.head_epochs)
+    cfg = TrainConfig.of(config, epochs=config.head_epochs)
     with training_only(model, rest) as params:
         losses = fit(model, ctx.data.train, loss_fn, cfg, optimizer=make_optimizer(params, cfg, "progressive_distill: head"),
                      after_step=zero_keeper(model), progress=ctx.progress, desc="progressive head")

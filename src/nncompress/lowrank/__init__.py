@@ -3,7 +3,7 @@ convolutions by channel SVD, spatial SVD (kh x 1 then 1 x kw) or Tucker-2 (1x1, 
 
     import nncompress
     from nncompress.lowrank import LowRankConfig
-    model = nncompress.apply(model, LowRankConfig(param_ratio=0.5), targets=nncompress.Targets(types=("Linear",)))
+    model = nncompress.apply(model, LowRankConfig(keep_params=0.5), targets=nncompress.Targets(types=("Linear",)))
 
 Pure maths in `svd`, rank selection in `rank`, the layers in `layers`, the transform in `factorize`.
 """

@@ -2,14 +2,14 @@
 or Tucker-2, with ranks from a fixed rank, an energy fraction or a parameter / MAC budget.
 
     from nncompress.lowrank import LowRankConfig
-    model = nncompress.apply(model, LowRankConfig(param_ratio=0.5),
+    model = nncompress.apply(model, LowRankConfig(keep_params=0.5),
                              targets=Targets(include=("*intermediate.dense", "*output.dense")))
 
 As a recipe stage (fine-tune after it with a `finetune` stage, which distills on embedding data):
 
     - kind: lowrank
       method: tucker2        # convolutions only; Linear layers always use truncated SVD
-      param_ratio: 0.5       # keep half of the targeted layers' weights, allocated globally
+      keep_params: 0.5       # keep half of the targeted layers' weights, allocated globally
 
 `ctx.record["layers"]` holds `{name: {"method", "ranks", "energy_lost"}}` for every factorized layer;
 the low-rank layers are recorded as layer swaps, and the factors load from the checkpoint. A
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -49,8 +49,8 @@ class LowRankConfig(Config):
                  use truncated SVD (the one factorization of a matrix).
     rank:        the same rank for every layer (tucker2: both channel ranks), capped at full rank
     energy:      per layer, the smallest rank keeping this fraction of sum(sigma^2)
-    param_ratio: keep this fraction of the targeted layers' weights, ranks allocated over all of them
-    mac_ratio:   the same with multiply-accumulates (needs an example input: data or model.input_shape)
+    keep_params: keep this fraction of the targeted layers' weights, ranks allocated over all of them
+    keep_macs:   the same with multiply-accumulates (needs an example input: data or model.input_shape)
     round_to:    ranks are rounded up to a multiple of this (GEMM kernels like multiples of 8)
     hooi_iters:  tucker2 only: alternating refinement sweeps after the HOSVD start
     whiten:      Linear layers only: minimise the error of the layer's outputs on calibration data
@@ -62,21 +62,24 @@ class LowRankConfig(Config):
     method: Literal["svd", "spatial", "tucker2"] = "svd"
     rank: int | None = None
     energy: float | None = None
-    param_ratio: float | None = None
-    mac_ratio: float | None = None
+    keep_params: float | None = None
+    keep_macs: float | None = None
     round_to: int = 1
     hooi_iters: int = 0
     whiten: bool = False
     calib_batches: int = 8
 
+    renamed: ClassVar[dict[str, str]] = {"param_ratio": "keep_params (the fraction kept, as in prune)",
+                                         "mac_ratio": "keep_macs (the fraction kept, as in prune)"}
+
     def __post_init__(self):
-        rules = [n for n in ("rank", "energy", "param_ratio", "mac_ratio") if getattr(self, n) is not None]
+        rules = [n for n in ("rank", "energy", "keep_params", "keep_macs") if getattr(self, n) is not None]
         check(len(rules) == 1, rules[1] if len(rules) > 1 else "rank",
-              "give exactly one rank rule: rank, energy, param_ratio or mac_ratio; got "
+              "give exactly one rank rule: rank, energy, keep_params or keep_macs; got "
               + (" and ".join(rules) if rules else "none"))
         check(self.rank is None or self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
         check(self.energy is None or 0.0 < self.energy <= 1.0, "energy", f"must be in (0, 1], got {self.energy}")
-        for name in ("param_ratio", "mac_ratio"):
+        for name in ("keep_params", "keep_macs"):
             v = getattr(self, name)
             check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
@@ -195,12 +198,12 @@ def _choose(model: nn.Module, sites: list, config: LowRankConfig, ctx: Context,
             else:
                 chosen[name] = ranks
         return chosen
-    field = "param_ratio" if config.param_ratio is not None else "mac_ratio"
-    ratio = config.param_ratio if config.param_ratio is not None else config.mac_ratio
-    shapes = _io_shapes(model, [name for name, _, _, _ in sites], ctx) if field == "mac_ratio" else {}
+    field = "keep_params" if config.keep_params is not None else "keep_macs"
+    ratio = config.keep_params if config.keep_params is not None else config.keep_macs
+    shapes = _io_shapes(model, [name for name, _, _, _ in sites], ctx) if field == "keep_macs" else {}
     ladders = []
     for name, m, method, spectra in sites:
-        if field == "param_ratio":
+        if field == "keep_params":
             cost = (lambda r, m=m, method=method: _weights(m, method, r))
             dense = m.weight.numel()
         else:
@@ -237,13 +240,13 @@ def _io_shapes(model: nn.Module, names: list[str], ctx: Context) -> dict[str, tu
     elif getattr(model, "input_shape", None) is not None:
         inputs = torch.zeros((1, *model.input_shape))
     else:
-        raise ConfigError("mac_ratio", "counting MACs needs an example input; pass Context(data=...) or set "
-                          "model.input_shape to one sample's shape, or use param_ratio")
+        raise ConfigError("keep_macs", "counting MACs needs an example input; pass Context(data=...) or set "
+                          "model.input_shape to one sample's shape, or use keep_params")
     shapes = io_shapes(model, names, inputs)
     missing = [n for n in names if n not in shapes]
     if missing:
-        raise ConfigError("mac_ratio", f"{len(missing)} targeted layer(s) did not run on the example input "
-                          f"(e.g. {missing[0]!r}); exclude them from targets or use param_ratio")
+        raise ConfigError("keep_macs", f"{len(missing)} targeted layer(s) did not run on the example input "
+                          f"(e.g. {missing[0]!r}); exclude them from targets or use keep_params")
     return shapes
 
 

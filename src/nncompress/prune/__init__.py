@@ -6,6 +6,7 @@ residual blocks) and `group_conv` (kernel-level pruning into grouped convolution
 """
 from . import importance  # noqa: F401  (registers the structured criteria)
 from .epi import EarlyPruningIndicator
+from .granularity import NM, Element, Pattern, Vector
 from .kernels import GroupConvConfig, GroupedConv, group_partition, kernel_group_mask
 from .layers import DropLayersConfig, find_blocks, remove_blocks
 from .lottery import LotteryConfig
@@ -14,7 +15,7 @@ from .sparsity import SparsityConfig, cubic_sparsity, group_lasso, l1_penalty
 from .structural import apply_record, remove_channels, remove_groups
 from .structured import PruneConfig, group_lasso_penalty
 
-__all__ = ["EarlyPruningIndicator", "GroupConvConfig", "GroupedConv", "group_partition",
+__all__ = ["EarlyPruningIndicator", "NM", "Element", "Pattern", "Vector", "GroupConvConfig", "GroupedConv", "group_partition",
            "kernel_group_mask", "DropLayersConfig", "find_blocks", "remove_blocks",
            "LotteryConfig", "global_masks", "nm_mask", "pattern_mask",
            "unstructured_mask", "vector_mask", "SparsityConfig", "cubic_sparsity", "group_lasso", "l1_penalty",

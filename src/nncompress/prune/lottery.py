@@ -1,9 +1,9 @@
 """Lottery tickets (Frankle & Carbin) by iterative magnitude pruning with rewinding: the `lottery` stage.
 
-    ticket = nncompress.apply(model, LotteryConfig(sparsity=0.8, rounds=3, epochs=2), context=ctx)
+    ticket = nncompress.apply(model, LotteryConfig(ratio=0.8, rounds=3, epochs=2), context=ctx)
 
 Each round trains `epochs` with the current mask enforced, prunes the lowest-magnitude fraction of the
-surviving weights (globally by default) so that after `rounds` rounds `sparsity` is reached, and
+surviving weights (globally by default) so that after `rounds` rounds `ratio` is reached, and
 rewinds the survivors to their initial values (or to their values after `rewind_steps` optimizer
 steps, "late rewinding"). The ticket is then trained `final_epochs`. `reinit: true` is the control
 of the hypothesis: the same masks on a fresh random initialisation.
@@ -13,34 +13,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
-from ..core import Config, ConfigError, Context, Site, TrainConfig, check, fit, layer_transform
+from ..core import ConfigError, Context, Site, TrainConfig, check, fit, layer_transform
 from ..core.objectives import objective, require_data
 from .masks import global_masks, magnitude_scores, unstructured_mask
 from .sparsity import SPARSE_LAYERS, Masks, SparsityConfig, plain_sites, sparse_layers
 
 
 @dataclasses.dataclass(frozen=True)
-class LotteryConfig(Config):
-    """Iterative magnitude pruning with rewinding.
+class LotteryConfig(TrainConfig):
+    """Iterative magnitude pruning with rewinding; the training loop's options (optimizer, lr, ...)
+    apply to every round.
 
-    sparsity:     final fraction of zeros in the targeted Linear / Conv weights
-    rounds:       prune-train rounds; each removes 1 - (1 - sparsity)^(1/rounds) of the survivors
-    epochs, lr:   training per round
+    ratio:        final fraction of zeros in the targeted Linear / Conv weights
+    rounds:       prune-train rounds; each removes 1 - (1 - ratio)^(1/rounds) of the survivors
+    epochs:       training per round
     rewind_steps: 0 rewinds to the initial weights; k > 0 to the weights after k optimizer steps
     final_epochs: training of the ticket after the last rewind (default: epochs)
     reinit:       control: re-initialise the survivors at random (seeded by `seed`) instead of rewinding
     scope:        global (one magnitude threshold over all layers) | layer
     """
 
-    sparsity: float = 0.8
+    renamed: ClassVar[dict[str, str]] = {"sparsity": "ratio (the fraction removed, as in prune and sparsify)"}
+
+    ratio: float = 0.8
     rounds: int = 3
-    epochs: int = 1
-    lr: float = 1e-3
     rewind_steps: int = 0
     final_epochs: int | None = None
     reinit: bool = False
@@ -48,10 +49,10 @@ class LotteryConfig(Config):
     seed: int = 0
 
     def __post_init__(self):
-        check(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+        super().__post_init__()
+        check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(self.epochs >= 1, "epochs", f"the masks come from trained weights; must be >= 1, got {self.epochs}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.rewind_steps >= 0, "rewind_steps", f"must be >= 0, got {self.rewind_steps}")
         check(self.final_epochs is None or self.final_epochs >= 0, "final_epochs",
               f"must be >= 0, got {self.final_epochs}")
@@ -69,7 +70,7 @@ def _lottery(model: nn.Module, config: LotteryConfig, ctx: Context, sites: list[
             raise ConfigError("targets", "no Linear or Conv layer to prune; widen targets")
         masks, levels = _find_ticket(model, layers, config, ctx)
     zeros = sum(int((~m).sum()) for m in masks.values())
-    ctx.record.update(sparsity=round(zeros / sum(m.numel() for m in masks.values()), 6), round_sparsity=levels,
+    ctx.record.update(ratio=round(zeros / sum(m.numel() for m in masks.values()), 6), round_ratio=levels,
                       layers={n: round(float((~m).float().mean()), 6) for n, m in masks.items()})
     if skipped:
         ctx.record["skipped"] = skipped
@@ -91,12 +92,12 @@ def _find_ticket(model: nn.Module, layers: dict[str, nn.Module], config: Lottery
             rewind = _snapshot(model)
 
     for r in range(1, config.rounds + 1):
-        fit(model, ctx.data.train, loss_fn, TrainConfig(epochs=config.epochs, lr=config.lr),
-            after_step=after_step, progress=ctx.progress, desc=f"lottery round {r}")
+        fit(model, ctx.data.train, loss_fn, TrainConfig.of(config), after_step=after_step, progress=ctx.progress,
+            desc=f"lottery round {r}")
         if rewind is None:
             raise ConfigError("rewind_steps", f"{config.rewind_steps} is more than the {steps} steps of the "
                               f"first round; lower rewind_steps or raise epochs")
-        level = 1 - (1 - config.sparsity) ** (r / config.rounds)
+        level = 1 - (1 - config.ratio) ** (r / config.rounds)
         masks = prune_survivors(layers, masks, level, config.scope)
         levels.append(round(level, 6))
         model.load_state_dict(rewind)
@@ -106,7 +107,7 @@ def _find_ticket(model: nn.Module, layers: dict[str, nn.Module], config: Lottery
         enforce(layers, masks)
     final = config.epochs if config.final_epochs is None else config.final_epochs
     if final:
-        fit(model, ctx.data.train, loss_fn, TrainConfig(epochs=final, lr=config.lr),
+        fit(model, ctx.data.train, loss_fn, TrainConfig.of(config, epochs=final),
             after_step=lambda m: enforce(layers, masks), progress=ctx.progress, desc="lottery ticket")
     return masks, levels
 

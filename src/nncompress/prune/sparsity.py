@@ -1,6 +1,6 @@
 """Fine-grained, N:M, vector and kernel-pattern sparsity whose masks stay enforced: `sparsify`.
 
-    model = nncompress.apply(model, SparsityConfig(granularity="nm", n=2, m=4, importance="wanda"),
+    model = nncompress.apply(model, SparsityConfig(granularity=NM(2, 4), importance="wanda"),
                              context=Context(data=data))
 
 Pruned weights are exact zeros in plain modules, so the masks are implied by the checkpoint and
@@ -19,7 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ from ..core import Config, ConfigError, Context, Site, Targets, TrainConfig, che
 from ..core import names, register
 from ..core.calibration import LayerStats, calibrate, gradient_sums
 from ..core.objectives import objective
+from .granularity import NM, Element, Pattern, Vector, granularity_from_dict, granularity_to_dict
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
                     wanda_scores)
@@ -41,35 +42,37 @@ _SOLVERS = ("sparsegpt",)  # criteria that also rewrite the kept weights, beside
 
 
 @dataclasses.dataclass(frozen=True)
-class SparsityConfig(Config):
-    """Fine-grained sparsity of Linear and Conv weights.
+class SparsityConfig(TrainConfig):
+    """Fine-grained sparsity of Linear and Conv weights; the training loop's options (optimizer, lr,
+    ...) apply to the fine-tune with masks enforced (`epochs` per round for iterative; 0: none).
 
-    sparsity:     fraction of zeros (default 0.5; for nm it is 1 - n/m and may be left out)
-    granularity:  element | nm (n kept of every m along the input dim) | vector (whole vectors along
-                  vector_dim) | pattern (3x3 kernel patterns, plus whole kernels beyond 5/9)
-    scope:        layer (each layer at `sparsity`) | global (one threshold, element only)
+    ratio:        fraction of weights zeroed (default 0.5; N:M implies 1 - n/m and may leave it out)
+    granularity:  Element() | NM(n, m) (n kept of every m along the input dim) | Vector(dim) (whole
+                  vectors) | Pattern() (3x3 kernel patterns, plus whole kernels beyond 5/9); in YAML
+                  `element`, `{kind: nm, n: 2, m: 4}`, `{kind: vector, dim: -1}`, `pattern`
+    scope:        layer (each layer at `ratio`) | global (one threshold, element only)
     importance:   magnitude | random | taylor | snip | wanda | sparsegpt
     soft:         straight-through soft masks recomputed every `frequency` steps (needs epochs)
     schedule:     one_shot | iterative (`rounds`; with snip: FORCE-like rounds before training) |
-                  gradual (cubic from initial_sparsity, reaching `sparsity` after `ramp` of the steps)
-    epochs, lr:   fine-tuning with masks enforced (per round for iterative)
+                  gradual (cubic from initial_ratio, reaching `ratio` after `ramp` of the steps)
     l1:           strength of an L1 penalty on the targeted weights while fine-tuning
     sequential, dampening, block_size: wanda / sparsegpt layer-wise options
     """
 
-    sparsity: float | None = None
-    granularity: Literal["element", "nm", "vector", "pattern"] = "element"
-    n: int = 2
-    m: int = 4
-    vector_dim: int = -1
+    renamed: ClassVar[dict[str, str]] = {
+        "sparsity": "ratio (the fraction removed, as in prune and drop_layers)", "initial_sparsity": "initial_ratio",
+        "n": "granularity: {kind: nm, n: 2, m: 4}", "m": "granularity: {kind: nm, n: 2, m: 4}",
+        "vector_dim": "granularity: {kind: vector, dim: -1}"}
+
+    ratio: float | None = None
+    granularity: Any = Element()
     scope: Literal["layer", "global"] = "layer"
     importance: str = "magnitude"
     soft: bool = False
     schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot"
-    initial_sparsity: float = 0.0
+    initial_ratio: float = 0.0
     rounds: int = 3
     epochs: int = 0
-    lr: float = 1e-3
     frequency: int = 10
     ramp: float = 0.75
     l1: float = 0.0
@@ -80,22 +83,23 @@ class SparsityConfig(Config):
     seed: int = 0
 
     def __post_init__(self):
-        s = self.sparsity
-        check(s is None or 0.0 <= s < 1.0, "sparsity", f"must be in [0, 1), got {s}")
-        check(1 <= self.n <= self.m, "n", f"must be in [1, m={self.m}], got {self.n}")
-        if self.granularity == "nm" and s is not None:
-            check(abs(s - (1 - self.n / self.m)) < 1e-9, "sparsity", f"{self.n}:{self.m} keeps {self.n} of every "
-                  f"{self.m}, i.e. sparsity {1 - self.n / self.m:g}; leave sparsity out or set it to that")
-        check(self.scope == "layer" or self.granularity == "element", "scope",
-              f"global applies to granularity element, not {self.granularity}; use scope: layer")
-        check(self.schedule == "one_shot" or self.granularity in ("element", "vector"), "schedule",
-              f"{self.granularity} masks have a fixed sparsity; use schedule: one_shot")
-        check(0.0 <= self.initial_sparsity <= self.target, "initial_sparsity",
-              f"must be in [0, sparsity={self.target:g}], got {self.initial_sparsity}")
+        super().__post_init__()
+        g = granularity_from_dict(self.granularity)
+        object.__setattr__(self, "granularity", g)
+        r = self.ratio
+        check(r is None or 0.0 <= r < 1.0, "ratio", f"must be in [0, 1), got {r}")
+        if isinstance(g, NM) and r is not None:
+            check(abs(r - g.sparsity) < 1e-9, "ratio", f"{g.n}:{g.m} keeps {g.n} of every {g.m}, i.e. ratio "
+                  f"{g.sparsity:g}; leave ratio out or set it to that")
+        kind = granularity_to_dict(g)["kind"]
+        check(self.scope == "layer" or isinstance(g, Element), "scope",
+              f"global applies to granularity element, not {kind}; use scope: layer")
+        check(self.schedule == "one_shot" or isinstance(g, (Element, Vector)), "schedule",
+              f"{kind} masks have a fixed sparsity; use schedule: one_shot")
+        check(0.0 <= self.initial_ratio <= self.target, "initial_ratio",
+              f"must be in [0, ratio={self.target:g}], got {self.initial_ratio}")
         for name in ("rounds", "frequency", "calib_batches", "block_size"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0.0 < self.ramp <= 1.0, "ramp", f"must be in (0, 1], got {self.ramp}")
         check(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
         check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")
@@ -103,21 +107,27 @@ class SparsityConfig(Config):
         check(self.importance in known, "importance", f"unknown criterion {self.importance!r}; known: "
               f"{', '.join(sorted(known))}")
         if self.importance == "sparsegpt":
-            check(self.granularity in ("element", "nm") and self.scope == "layer", "importance",
+            check(isinstance(g, (Element, NM)) and self.scope == "layer", "importance",
                   "sparsegpt prunes each layer on its own, element or nm; use scope: layer")
             check(self.schedule == "one_shot" and not self.soft, "schedule",
                   "sparsegpt is one-shot; use schedule: one_shot without soft")
         check(not (self.soft or self.schedule == "gradual") or self.epochs > 0, "epochs",
               "soft masks and the gradual schedule act while training; set epochs > 0")
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["granularity"] = granularity_to_dict(self.granularity)
+        return out
+
     @property
     def target(self) -> float:
         """The final fraction of zeros the schedule reaches."""
-        if self.granularity == "nm":
-            return 1 - self.n / self.m
-        if self.sparsity is None:
-            return 0.0 if self.granularity == "pattern" else 0.5
-        return self.sparsity
+        g = self.granularity
+        if isinstance(g, NM):
+            return g.sparsity
+        if self.ratio is None:
+            return 0.0 if isinstance(g, Pattern) else 0.5
+        return self.ratio
 
 
 # -------------------------------------------------------------------------------- criteria (saliency)
@@ -214,9 +224,9 @@ def _run(job: _Job) -> Masks:
     if config.importance == "snip" and config.schedule != "gradual":
         return _train(job, snip_prune(job), _constant(config.target) if config.soft else None)
     if config.schedule == "gradual":
-        start = _apply(job, compute_masks(job, config.initial_sparsity)) if config.initial_sparsity else None
+        start = _apply(job, compute_masks(job, config.initial_ratio)) if config.initial_ratio else None
         return _train(job, start, lambda step, total: cubic_sparsity(
-            step, max(1, round(config.ramp * total)), config.target, config.initial_sparsity))
+            step, max(1, round(config.ramp * total)), config.target, config.initial_ratio))
     rounds = config.rounds if config.schedule == "iterative" else 1
     masks = None
     for k in range(1, rounds + 1):
@@ -242,9 +252,10 @@ def sparse_layers(candidates: dict[str, nn.Module], config: SparsityConfig,
     layers = {}
     for name, mod in candidates.items():
         fan_in, kernel = mod.weight.shape[1], tuple(mod.weight.shape[2:])
-        if config.granularity == "nm" and fan_in % config.m:
-            skipped[name] = f"{fan_in} inputs are not a multiple of m={config.m}"
-        elif config.granularity == "pattern" and kernel != (3, 3):
+        g = config.granularity
+        if isinstance(g, NM) and fan_in % g.m:
+            skipped[name] = f"{fan_in} inputs are not a multiple of m={g.m}"
+        elif isinstance(g, Pattern) and kernel != (3, 3):
             skipped[name] = f"pattern pruning needs 3x3 kernels, got {kernel or 'a Linear'}"
         elif config.importance in ("wanda", "sparsegpt") and getattr(mod, "groups", 1) > 1:
             skipped[name] = f"{config.importance} needs one input norm per channel; grouped convolution"
@@ -286,15 +297,15 @@ def _apply(job: _Job, masks: Masks) -> Masks:
 def masks_from_scores(scores: dict[str, torch.Tensor], config: SparsityConfig, level: float) -> Masks:
     """The granularity switch: per-layer (or global) masks at `level` from element scores."""
     g = config.granularity
-    if g == "element" and config.scope == "global":
+    if isinstance(g, Element) and config.scope == "global":
         return global_masks(scores, level)
-    if g == "element":
+    if isinstance(g, Element):
         maker = row_mask if config.importance == "wanda" else unstructured_mask  # Wanda compares per output
         return {n: maker(s, level) for n, s in scores.items()}
-    if g == "nm":
-        return {n: nm_mask(s, config.n, config.m, dim=1) for n, s in scores.items()}
-    if g == "vector":
-        return {n: vector_mask(s, level, config.vector_dim) for n, s in scores.items()}
+    if isinstance(g, NM):
+        return {n: nm_mask(s, g.n, g.m, dim=1) for n, s in scores.items()}
+    if isinstance(g, Vector):
+        return {n: vector_mask(s, level, g.dim) for n, s in scores.items()}
     return {n: pattern_mask(s, sparsity=level) for n, s in scores.items()}
 
 
@@ -373,7 +384,7 @@ def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: LayerStats | None,
         job.notes.append(f"{name}: not reached by the calibration data; pruned by magnitude")
         mask = masks_from_scores({"": magnitude_scores(w)}, cfg, cfg.target)[""]
     elif hessian and isinstance(mod, nn.Linear):
-        nm = (cfg.n, cfg.m) if cfg.granularity == "nm" else None
+        nm = (cfg.granularity.n, cfg.granularity.m) if isinstance(cfg.granularity, NM) else None
         new, mask = sparsegpt_prune(w, stats.hessian(), cfg.target, nm, cfg.block_size, cfg.dampening)
         with torch.no_grad():
             w.copy_(new)
@@ -390,7 +401,7 @@ def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: LayerStats | None,
 def _record(ctx: Context, masks: Masks, skipped: dict[str, str], notes: list[str]) -> None:
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    ctx.record["sparsity"] = round(zeros / max(total, 1), 6)
+    ctx.record["ratio"] = round(zeros / max(total, 1), 6)
     ctx.record["layers"] = {n: round(float((~m).float().mean()), 6) for n, m in masks.items()}
     if skipped:
         ctx.record["skipped"] = dict(skipped)
@@ -465,7 +476,7 @@ def _train(job: _Job, masks: Masks | None, level_at: Callable[[int, int], float]
 
         def l1(model: nn.Module, batch) -> torch.Tensor:  # the targeted layers only
             return cfg.l1 * sum(mod.weight.abs().sum() for mod in job.layers.values())
-        losses = fit(job.model, ctx.data.train, job.loss, TrainConfig(epochs=cfg.epochs, lr=cfg.lr),
+        losses = fit(job.model, ctx.data.train, job.loss, TrainConfig.of(cfg),
                      extra_losses=(l1,) if cfg.l1 else (), after_step=after_step, progress=ctx.progress,
                      desc="sparsify")
         ctx.record.setdefault("epoch_losses", []).extend(round(x, 6) for x in losses)

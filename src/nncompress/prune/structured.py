@@ -3,9 +3,9 @@
     model = nncompress.apply(model, PruneConfig(ratio=0.5, importance="taylor"), context=ctx)
 
 Schedules: one-shot (`steps: 1`), iterative prune -> fine-tune -> prune (`steps: k` with
-`finetune_epochs`), and sparse training first (`penalty: group_lasso` for `penalty_epochs`, the
+`epochs`), and sparse training first (`penalty: group_lasso` for `penalty_epochs`, the
 r(theta) of seed 000 with its alpha mix of L1 and group lasso), then pruning by magnitude.
-Budgets: a channel `ratio`, or `target_macs` / `target_params` as fractions of the model's current
+Budgets: a channel `ratio`, or `keep_macs` / `keep_params` as fractions of the model's current
 MACs / parameters (found by bisection on the real pruned model's counts).
 """
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import Config, ConfigError, Context, TrainConfig, check, fit, lookup, plain_view, register
+from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_view, register
+from ..core.objectives import objective
 from ..core.errors import DataError
 from ..graph import build_graph
 from .importance import NEEDS, collect_stats
@@ -27,8 +28,9 @@ from .structural import apply_record, remove_groups
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneConfig(Config):
-    """Structured (channel / neuron) pruning of coupled groups.
+class PruneConfig(TrainConfig):
+    """Structured (channel / neuron) pruning of coupled groups. The training loop's options
+    (optimizer, lr, ...) apply to the fine-tune between iterative steps and to sparse training.
 
     ratio:        fraction of each group's channels to remove (scope local), or of all prunable
                   channels (scope global, groups ranked together on mean-normalised scores)
@@ -37,8 +39,9 @@ class PruneConfig(Config):
     min_channels: never keep fewer than this many channels in a group
     max_ratio:    cap on any one group's pruned fraction under global scope
     overrides:    per-group ratios by glob on the group's producing module, e.g. {"stem.*": 0.0}
-    target_macs / target_params: a budget instead of `ratio`: keep this fraction of MACs / params
-    steps, finetune_epochs, lr: the iterative schedule (finetune_epochs > 0 needs labelled data)
+    keep_macs / keep_params: a budget instead of `ratio`: keep this fraction of MACs / params (met on
+                  the real pruned model's counts; a budget no pruning can meet is an error)
+    steps, epochs: the iterative schedule: `steps` prune steps, each followed by `epochs` of fine-tune
     penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
     calib_batches: batches used by data-driven criteria
     """
@@ -50,30 +53,34 @@ class PruneConfig(Config):
     min_channels: int = 1
     max_ratio: float = 0.9
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
-    target_macs: float | None = None
-    target_params: float | None = None
+    keep_macs: float | None = None
+    keep_params: float | None = None
     steps: int = 1
-    finetune_epochs: int = 0
-    lr: float = 1e-3
+    epochs: int = 0
     penalty: Literal["none", "group_lasso", "l1_bn"] = "none"
     penalty_epochs: int = 0
     penalty_strength: float = 1e-4
     penalty_alpha: float = 0.0
     calib_batches: int = 8
 
+    renamed: ClassVar[dict[str, str]] = {
+        "target_macs": "keep_macs (the fraction kept, as in lowrank)", "target_params": "keep_params",
+        "finetune_epochs": "epochs (fine-tune epochs after each step)"}
+
     def __post_init__(self):
+        super().__post_init__()
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
         check(self.min_channels >= 1, "min_channels", f"must be >= 1, got {self.min_channels}")
         check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
         for k, v in self.overrides.items():
             check(0.0 <= v < 1.0, f"overrides.{k}", f"must be in [0, 1), got {v}")
-        for name in ("target_macs", "target_params"):
+        for name in ("keep_macs", "keep_params"):
             v = getattr(self, name)
             check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
-        check(not (self.target_macs and self.target_params), "target_params", "give target_macs or target_params, not both")
+        check(not (self.keep_macs and self.keep_params), "keep_params", "give keep_macs or keep_params, not both")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(self.finetune_epochs >= 0 and self.penalty_epochs >= 0, "finetune_epochs", "epochs must be >= 0")
+        check(self.penalty_epochs >= 0, "penalty_epochs", f"must be >= 0, got {self.penalty_epochs}")
         check(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", f"must be in [0, 1], got {self.penalty_alpha}")
         check(self.penalty == "none" or self.penalty_epochs > 0, "penalty_epochs",
               f"penalty {self.penalty!r} trains before pruning: set penalty_epochs > 0")
@@ -90,7 +97,7 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     inputs = example_inputs(model, ctx)
     if config.penalty != "none":
         sparse_train(model, config, ctx, inputs)
-    budget = config.target_macs or config.target_params
+    budget = config.keep_macs or config.keep_params
     original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
     removed = 0
     for step in range(1, config.steps + 1):
@@ -105,7 +112,7 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
                 plan = plan_from_scores(score_groups(model, config, ctx, inputs), config,
                                         1 - (1 - goal) / (1 - done))
             removed += _remove(model, plan, ctx, view)
-        if config.finetune_epochs:
+        if config.epochs:
             _finetune(model, config, ctx)
     ctx.record["channels_removed"] = removed
     return model.eval()
@@ -265,16 +272,27 @@ def _plan_for_budget(model: nn.Module, config: PruneConfig, ctx: Context, inputs
     its real MACs (or parameters).
     """
     def measure(m):
-        return count_macs(m, inputs) if config.target_macs else sum(p.numel() for p in m.parameters())
+        return count_macs(m, inputs) if config.keep_macs else sum(p.numel() for p in m.parameters())
 
     base = measure(model)
     scored = score_groups(model, config, ctx, inputs)
+
+    def kept(ratio: float) -> float:
+        trial = copy.deepcopy(model)
+        remove_groups(trial, plan_from_scores(scored, config, ratio))
+        return measure(trial) / base
+
     lo, hi = 0.0, 0.95
+    floor = kept(hi)
+    if floor > keep:  # even the most pruning the groups allow keeps more: never a silently larger model
+        field = "keep_macs" if config.keep_macs else "keep_params"
+        raise ConfigError(field, f"{keep:.3g} of the {'MACs' if config.keep_macs else 'parameters'} is out of "
+                          f"reach: removing {hi:.0%} of every prunable group keeps {floor:.3g} (layers outside "
+                          "the prunable groups, max_ratio, min_channels and round_to hold the rest); raise it, "
+                          "or widen targets")
     for _ in range(12):
         mid = (lo + hi) / 2
-        trial = copy.deepcopy(model)
-        remove_groups(trial, plan_from_scores(scored, config, mid))
-        if measure(trial) / base > keep:
+        if kept(mid) > keep:
             lo = mid
         else:
             hi = mid
@@ -282,9 +300,7 @@ def _plan_for_budget(model: nn.Module, config: PruneConfig, ctx: Context, inputs
 
 
 def _finetune(model: nn.Module, config: PruneConfig, ctx: Context) -> None:
-    if ctx.data is None or ctx.data.task != "classification":
-        raise ConfigError("finetune_epochs", "fine-tuning between pruning steps needs labelled data")
-    fit(model, ctx.data.train, _loss, TrainConfig(epochs=config.finetune_epochs, lr=config.lr),
+    fit(model, ctx.data.train, objective(ctx, "epochs"), TrainConfig.of(config),
         progress=ctx.progress, desc="prune-finetune")
 
 
@@ -312,8 +328,7 @@ def group_lasso_penalty(model: nn.Module, groups: list, alpha: float) -> torch.T
 
 def sparse_train(model: nn.Module, config: PruneConfig, ctx: Context, inputs) -> None:
     """Train with the sparsity penalty so that unimportant groups shrink before they are cut."""
-    if ctx.data is None or ctx.data.task != "classification":
-        raise ConfigError("penalty", "sparse training needs labelled data")
+    loss = objective(ctx, "penalty", model)
     groups = [g for g in build_graph(model, inputs).groups(ctx.targets) if g.prunable]
     bns = [m for _, m in ctx.targets.select(model) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -322,5 +337,5 @@ def sparse_train(model: nn.Module, config: PruneConfig, ctx: Context, inputs) ->
             return config.penalty_strength * sum(bn.weight.abs().sum() for bn in bns)
         return config.penalty_strength * group_lasso_penalty(m, groups, config.penalty_alpha)
 
-    fit(model, ctx.data.train, _loss, TrainConfig(epochs=config.penalty_epochs, lr=config.lr),
+    fit(model, ctx.data.train, loss, TrainConfig.of(config, epochs=config.penalty_epochs),
         extra_losses=(penalty,), progress=ctx.progress, desc=f"sparse-train ({config.penalty})")

@@ -174,10 +174,7 @@ def _quantize(model: nn.Module, config: QuantizeConfig, ctx: Context, sites: lis
         biased = {n: w for n, w in wrappers.items() if type(w.base) is not nn.Embedding}   # no bias to correct
         means = calibrate(model, ctx.data.calib, config.calib_batches, ctx.device,
                           input_means=biased if config.bias_correction else None)
-        if config.bias_correction:
-            for name, w in biased.items():
-                if w.base.bias is None:
-                    ctx.edits.touch(model, f"{name}.base")  # a bias appears: part of the structure
+        if config.bias_correction:  # a bias that appears is structure: the swap's description sees it
             ctx.record["bias_correction"] = {n: round(float(bias_correct(wrappers[n], means[n]).abs().max()), 6)
                                              for n in biased}
     for name, w in wrappers.items():

@@ -168,11 +168,12 @@ def _convert(model: nn.Module, sites: list[tuple[str, QuantWrapper]], edits: Edi
     model.eval()
     for name, w in sites:
         frozen = frozen_weight_quant(w.weight_quant) if w.weight_quant is not None else None
-        if frozen is not None:
-            w.weight_quant = frozen
-        elif w.input_quant is None:
+        if w.input_quant is None and frozen is None:
             model = edits.swap(model, name, w.merge())
             continue
+        edits.touch(model, name)  # its quantizers change in place: recorded as they end up
+        if frozen is not None:
+            w.weight_quant = frozen
         else:
             with torch.no_grad():
                 baked = w.quantized_weight().detach().clone()
@@ -218,7 +219,7 @@ def _qat(model: nn.Module, config: QATConfig, ctx: Context, sites: list[Site]) -
         return model.train()
     loss_fn = objective(ctx, "qat.kd_alpha", kd_alpha=config.kd_alpha, temperature=config.temperature)
     wrappers = [get_module(model, s.name) for s in sites]
-    train_cfg = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    train_cfg = TrainConfig.of(config)
     keep_zeros = zero_keeper(model)  # weights pruned by an earlier stage stay pruned
 
     def after_step(m: nn.Module) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 
 from ..core import Config, ConfigError, check, lookup
+from ..core.config import as_tagged
 from ..core.errors import RegistryError
 from ..formats import (MXFP4, MXFP6, MXFP6_E3M2, MXFP8, MXFP8_E5M2, MXINT8, BinaryFormat, BlockFloat, BlockLog,
                        BlockMinifloat, FixedPoint, FloatFormat, IntFormat, LogFormat, PerChannel, PerGroup,
@@ -45,7 +46,7 @@ def format_from_dict(data: Any, path: str = "format") -> Any:
     """
     if isinstance(data, tuple(FORMAT_KINDS.values())):
         return data
-    data = _tagged(data, path, "a format mapping like {kind: int, bits: 8}")
+    data = as_tagged(data, path, "a format mapping like {kind: int, bits: 8}")
     kind = data.get("kind")
     if kind in FORMAT_PRESETS:
         extra = sorted(set(data) - {"kind"})
@@ -59,15 +60,6 @@ def format_from_dict(data: Any, path: str = "format") -> Any:
     if "granularity" in fields:  # parse with its own kind, not by which fields happen to fit
         fields["granularity"] = granularity_from_dict(fields["granularity"], f"{path}.granularity")
     return FORMAT_KINDS[kind].from_dict(fields, path)
-
-
-def _tagged(data: Any, path: str, example: str) -> dict[str, Any]:
-    """A YAML value as a `{kind: ..., **fields}` mapping: a bare string names the kind."""
-    if isinstance(data, str):
-        return {"kind": data}
-    if not isinstance(data, dict):
-        raise ConfigError(path, f"expected {example}, got {data!r}")
-    return data
 
 
 def format_to_dict(fmt: Any) -> dict[str, Any]:
@@ -87,7 +79,7 @@ def granularity_from_dict(data: Any, path: str = "granularity") -> Any:
     """
     if isinstance(data, (PerTensor, PerChannel, PerGroup)):
         return data
-    data = _tagged(data, path, "{kind: per_tensor | per_channel | per_group, ...}")
+    data = as_tagged(data, path, "{kind: per_tensor | per_channel | per_group, ...}")
     kind = data.get("kind")
     fields = {k: v for k, v in data.items() if k != "kind"}
     if kind is None:  # untagged (as formats' own to_dict writes it): the fields decide

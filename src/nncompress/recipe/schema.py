@@ -8,10 +8,10 @@ stages after each (seed 002: smaller drops between stages end better). It is exp
 plain stages, so the report measures every step and the manifest replays them:
 
     - kind: progressive
-      vary: sparsity                 # a field of `stage` (dotted for nested: weight.format.bits)
-      values: [0.5, 0.75, 0.9]       # as the stage reads them: sparsify's sparsity is of all weights,
-                                     # prune's target_macs is of the model as it is at that step
-      stage: {kind: sparsify, sparsity: 0.9}
+      vary: ratio                    # a field of `stage` (dotted for nested: weight.format.bits)
+      values: [0.5, 0.75, 0.9]       # as the stage reads them: sparsify's ratio is of all weights,
+                                     # prune's keep_macs is of the model as it is at that step
+      stage: {kind: sparsify, ratio: 0.9}
       recover: [{kind: finetune, epochs: 1}]
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def expand_progressive(raw: Any, path: str) -> list[tuple[Any, str]]:
         raise ConfigError(f"{path}.{unknown[0]}", f"unknown field; a progressive entry has {', '.join(sorted(_PROGRESSIVE))}")
     stage, vary, values = raw.get("stage"), raw.get("vary"), raw.get("values")
     if not isinstance(stage, dict) or stage.get("kind") in (None, "progressive"):
-        raise ConfigError(f"{path}.stage", "must be one stage mapping like {kind: sparsify, sparsity: 0.9}")
+        raise ConfigError(f"{path}.stage", "must be one stage mapping like {kind: sparsify, ratio: 0.9}")
     if not isinstance(vary, str) or not vary:
         raise ConfigError(f"{path}.vary", "must name the field of `stage` that grows, e.g. sparsity")
     if not isinstance(values, list) or len(values) < 2:
