@@ -1,14 +1,18 @@
 """The CLI: help, exit codes, one-line errors, and no half-written run directory."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import nncompress
 from nncompress.cli import main
+
+SRC = Path(nncompress.__file__).parents[1]
 
 TINY = textwrap.dedent("""\
     name: tiny
@@ -39,10 +43,16 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
-def test_list_shows_registered_kinds_models_and_data(capsys):
-    assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "finetune" in out and "mnist1d_cnn" in out and "digits" in out
+def test_list_shows_registered_kinds_models_and_data():
+    # A fresh process: in this one, other tests have already imported the zoo that registers them.
+    proc = subprocess.run([sys.executable, "-m", "nncompress.cli", "list"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "  finetune" in proc.stdout
+    models = next(line for line in lines if line.startswith("built-in models: ")).split(": ")[1].split(", ")
+    data = next(line for line in lines if line.startswith("built-in data: ")).split(": ")[1].split(", ")
+    assert {"mlp", "mnist1d_cnn", "resnet20"} <= set(models) and {"digits", "mnist1d", "sentences"} <= set(data)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -136,3 +146,101 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nncompress.cli", "--debug", "run", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("nncompress: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_recipe_that_is_not_utf8_exits_2(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\n# fine-tune caf\u00e9\nstages: []\n".encode("latin-1"))
+    assert main(["run", str(path), "--check"]) == 2
+    assert f"{path}: line 2: not UTF-8 text (byte 0xe9); save the recipe as UTF-8" in one_error_line(capsys)
+
+
+def test_duplicate_yaml_key_exits_2_naming_key_and_lines(tmp_path, capsys):
+    text = "name: x\nstages:\n  - kind: finetune\n    epochs: 1\n    lr: 0.01\n    epochs: 3\n"
+    assert main(["run", str(write(tmp_path, text)), "--check"]) == 2
+    assert "line 6, column 5: key 'epochs' given twice in one mapping (first on line 4)" in one_error_line(capsys)
+    # A YAML merge (`<<`) overridden by an explicit key is not a duplicate.
+    merged = "name: x\nmodel: {name: mlp, kwargs: {in_features: 64}}\ndata: digits\nstages:\n" \
+             "  - &ft {kind: finetune, epochs: 1}\n  - {<<: *ft, epochs: 2}\n"
+    assert main(["run", str(write(tmp_path, merged, "m.yaml")), "--check"]) == 0
+
+
+LAZY = textwrap.dedent("""\
+    import pathlib
+    import torch.nn as nn
+    def make(width=4):
+        pathlib.Path("built").write_text("the factory ran")
+        return nn.Linear(64, 10)
+    """)
+
+
+@pytest.mark.parametrize("model, data, message", [
+    ("mlpp", "digits", "model 'mlpp': unknown built-in; known: "),
+    ("no_such_pkg.nets:make", "digits", "model 'no_such_pkg.nets:make': cannot import module 'no_such_pkg.nets'"),
+    ("lazy_nets:make_net", "digits", "module 'lazy_nets' has no attribute 'make_net'"),
+    ("{name: lazy_nets:make, kwargs: {depth: 2}}", "digits", "model 'lazy_nets:make': bad kwargs"),
+    ("hf:/no/such/folder", "digits", "model 'hf:/no/such/folder': folder /no/such/folder does not exist"),
+    ("mlp", "digitz", "data 'digitz': unknown built-in; known: "),
+    ("mlp", "{name: digits, kwargs: {batch: 8}}", "data 'digits': bad kwargs"),
+])
+def test_check_validates_model_and_data_names(tmp_path, capsys, monkeypatch, model, data, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lazy_nets.py").write_text(LAZY)
+    path = write(tmp_path, f"name: x\nmodel: {model}\ndata: {data}\n")
+    assert main(["run", str(path), "--check"]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_check_imports_a_factory_without_building_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lazy_nets.py").write_text(LAZY)
+    path = write(tmp_path, "name: x\nmodel: {name: lazy_nets:make, kwargs: {width: 8}}\ndata: digits\n")
+    assert main(["run", str(path), "--check"]) == 0
+    assert "valid (0 stages" in capsys.readouterr().out
+    assert not (tmp_path / "built").exists()
+
+
+def test_out_whose_parent_is_a_file_exits_2_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub" / "run"
+    for check in (["--check"], []):
+        assert main(["run", str(write(tmp_path, TINY)), "--out", str(out), "--quiet",
+                     "--cache", str(tmp_path / "cache")] + check) == 2
+        assert f"{out}: {tmp_path / 'afile'} is a file, not a folder; choose another --out" in one_error_line(capsys)
+    assert not (tmp_path / "cache").exists()  # nothing was built, trained or cached
+
+
+def test_out_in_a_read_only_folder_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: show the check what any other user would see
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    try:
+        assert main(["run", str(write(tmp_path, TINY)), "--out", str(locked / "run"), "--quiet",
+                     "--cache", str(tmp_path / "cache")]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert f"{locked / 'run'}: cannot create it, {locked} is not writable" in one_error_line(capsys)
+    assert not (tmp_path / "cache").exists() and not list(locked.iterdir())
+
+
+def test_measure_device_missing_on_this_machine_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write(tmp_path, "name: x\nmodel: {name: mlp, kwargs: {in_features: 64}}\ndata: digits\n"
+                           "measure: {device: cuda}\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "measure.device: cuda is not available on this machine" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_without_a_recipe_or_resume_exits_2(capsys):
+    assert main(["run"]) == 2
+    assert "give a recipe file, or --resume OUT" in one_error_line(capsys)

@@ -2,6 +2,7 @@
 import textwrap
 
 import pytest
+import torch
 
 from nncompress.core import ConfigError, NNCompressError
 from nncompress.recipe import demo_recipe_path, load_recipe, parse_recipe
@@ -34,6 +35,8 @@ def with_stage(**fields):
     ({**GOOD, "model": {"nam": "mlp"}}, "model.nam: unknown field"),
     ({**GOOD, "evaluate": {}}, "evaluate: unknown recipe section"),
     ({**GOOD, "seed": "x"}, "seed: expected an integer"),
+    ({**GOOD, "seed": -1}, "seed: must be in [0, 2**32), got -1"),
+    ({**GOOD, "measure": {"device": "tpu"}}, "measure.device: must be one of 'cpu', 'cuda'"),
     ([1, 2], "a recipe is a mapping"),
 ])
 def test_invalid_recipes_name_the_yaml_path(raw, message):
@@ -108,3 +111,20 @@ def test_progressive_errors_name_the_yaml_path(fields, message):
     with pytest.raises(ConfigError) as e:
         parse_recipe(progressive(**fields))
     assert message in str(e.value)
+
+
+def test_cuda_without_a_gpu_fails_validation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^measure.device: cuda is not available on this machine .*; use device: cpu$"):
+        parse_recipe({**GOOD, "measure": {"device": "cuda"}})
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nseed: 1\nname: b\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 3, column 1: key 'name' given twice in one mapping "
+                                          r"\(first on line 1\); YAML would keep only the last, so remove one"):
+        load_recipe(path)
+    path.write_text("name: a\nstages: [{kind: finetune, epochs: 1, epochs: 2}]\n")  # same line, flow style
+    with pytest.raises(ConfigError, match="key 'epochs' given twice"):
+        load_recipe(path)

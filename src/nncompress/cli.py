@@ -1,18 +1,25 @@
 """The `nncompress` command: parses arguments, prints, sets exit codes; nothing else.
 
 Exit codes: 0 success; 2 a user error (bad recipe, file, data, model spec), printed as one line
-(`--debug` shows the traceback); 1 an internal error (a bug: please report it with --debug output).
+(`--debug` shows the traceback); 1 an internal error (a bug: please report it with --debug output);
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (128 + the signal's number, as shells report it).
+Both signals stop a run the same clean way: one line on stderr, no half-written file, the completed
+stages kept for `nncompress run --resume OUT`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 EPILOG = """examples:
   nncompress demo                      train the MNIST-1D reference CNN, compress it, print the report
   nncompress run examples/finetune.yaml --out runs/ft
+  nncompress run --resume runs/ft      continue a run stopped by Ctrl-C or SIGTERM
   nncompress report runs/ft            print a finished run's report again
   nncompress sensitivity examples/finetune.yaml --unit channel --out sens --target 0.5 --threshold 0.01
   nncompress list                      the registered stage kinds, models and data sets
@@ -35,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe file", description="Validate the whole recipe, then "
                          "run its stages, measuring after each; writes a run directory.")
-    run.add_argument("recipe", type=Path, help="recipe YAML file")
+    run.add_argument("recipe", type=Path, nargs="?", help="recipe YAML file (optional with --resume: "
+                     "the interrupted run's own recipe is used)")
     _run_options(run)
-    run.add_argument("--check", action="store_true", help="only validate the recipe, run nothing")
+    run.add_argument("--resume", type=Path, default=None, metavar="OUT",
+                     help="continue the interrupted run that was to finish as OUT, from its last completed stage")
+    run.add_argument("--check", action="store_true", help="only validate the recipe, its model and data names "
+                     "and --out; build and run nothing")
 
     rep = sub.add_parser("report", help="print the report of a finished run",
                          description="Print a run directory's report table (from report.json).")
@@ -74,21 +85,57 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _signals_interrupt() as received:
+        try:
+            return _dispatch(args)
+        except KeyboardInterrupt as e:
+            if args.debug:
+                traceback.print_exc()
+            signum = received[0] if received else signal.SIGINT
+            detail = f": {e}" if str(e) else ""  # a stopped run says what it kept and how to resume
+            print(f"nncompress: interrupted by {signal.Signals(signum).name}{detail}", file=sys.stderr)
+            return 128 + signum
+        except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
+            from .core.errors import NNCompressError
+            if args.debug:
+                traceback.print_exc()
+            if isinstance(e, NNCompressError):
+                print(f"nncompress: error: {e}", file=sys.stderr)
+                return 2
+            print(f"nncompress: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
+                  file=sys.stderr)
+            return 1
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[list[int]]:
+    """Make SIGTERM (and SIGINT) raise KeyboardInterrupt in the main thread, so a run stopped by a
+    job scheduler cleans up exactly as one stopped by Ctrl-C; yields the signals received.
+
+    Repeats of the signal while that clean-up runs are ignored, so it completes; a handler someone
+    else set (SIG_IGN under nohup, an embedding application's) is left alone; the previous handlers
+    are restored on exit.
+    """
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {}
     try:
-        return _dispatch(args)
-    except KeyboardInterrupt:
-        print("nncompress: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
-        from .core.errors import NNCompressError
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(e, NNCompressError):
-            print(f"nncompress: error: {e}", file=sys.stderr)
-            return 2
-        print(f"nncompress: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
-              file=sys.stderr)
-        return 1
+        for signum, default in ours.items():
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -105,20 +152,43 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "sensitivity":
         return _sensitivity(args)
-    from .recipe import demo_recipe_path, load_recipe, run_recipe
-    path = demo_recipe_path() if args.command == "demo" else args.recipe
+    from .recipe import demo_recipe_path, run_recipe
     if args.command == "demo" and args.show_recipe:
-        print(path.read_text())
+        print(demo_recipe_path().read_text())
         return 0
-    recipe = load_recipe(path)
+    resume = args.resume if args.command == "run" else None
+    path, recipe = _recipe_of(args, resume)
+    out = resume or args.out
     if args.command == "run" and args.check:
+        from .recipe import check_sources
+        from .recipe.runner import check_out_dir
+        check_sources(recipe)
+        if out is not None:
+            check_out_dir(out)
         print(f"{path}: valid ({len(recipe.stages)} stages: {', '.join(s.config.kind for s in recipe.stages) or 'none'})")
         return 0
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
-    result = run_recipe(recipe, args.out, cache_dir=args.cache, progress=not args.quiet, log=log)
+    result = run_recipe(recipe, out, cache_dir=args.cache, progress=not args.quiet, log=log,
+                        resume=resume is not None)
     print(result.report.to_markdown())
     print(f"\nrun directory: {result.path}  (model: {result.path / 'model'}, plot: {result.path / 'pareto.png'})")
     return 0
+
+
+def _recipe_of(args: argparse.Namespace, resume: Path | None):
+    """`(path, recipe)` to run: the demo's, the file given, or (`--resume` alone) the interrupted run's."""
+    from .core.errors import ConfigError
+    from .recipe import demo_recipe_path, load_recipe
+    from .recipe.runner import interrupted_recipe, partial_dir
+    if args.command == "demo":
+        return demo_recipe_path(), load_recipe(demo_recipe_path())
+    if resume is not None and args.out is not None:
+        raise ConfigError("--out", "give either --out (a new run) or --resume (continue one), not both")
+    if args.recipe is not None:
+        return args.recipe, load_recipe(args.recipe)
+    if resume is None:
+        raise ConfigError("run", "give a recipe file, or --resume OUT to continue an interrupted run")
+    return partial_dir(resume) / "recipe.yaml", interrupted_recipe(resume)
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
@@ -179,7 +249,11 @@ def _yaml_key(name: str) -> str:
 def _report(args: argparse.Namespace) -> int:
     from .core.errors import NNCompressError
     from .eval.report import Report
+    from .recipe.runner import interrupted_note
     path = args.run_dir / "report.json" if args.run_dir.is_dir() else args.run_dir
+    note = interrupted_note(args.run_dir)
+    if note is not None and not path.is_file():
+        raise NNCompressError(note)
     if not path.is_file():
         raise NNCompressError(f"{args.run_dir}: no report.json; point at a run directory written by `nncompress run`")
     text = path.read_text()
@@ -188,6 +262,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    from . import zoo  # noqa: F401  (importing it registers the built-in models and data)
     from .core import lookup, names
     print("stage kinds:")
     for n in names("transform"):

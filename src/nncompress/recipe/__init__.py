@@ -2,8 +2,9 @@
 from importlib import resources
 from pathlib import Path
 
-from .runner import RunResult, run_recipe
-from .schema import DataSpec, MeasureConfig, ModelSpec, Recipe, Stage, load_recipe, parse_recipe
+from .runner import RunInterrupted, RunResult, partial_dir, run_recipe
+from .schema import (DataSpec, MeasureConfig, ModelSpec, Recipe, Stage, check_sources, load_recipe,
+                     parse_recipe)
 
 
 def demo_recipe_path() -> Path:
@@ -11,5 +12,5 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files(__package__) / "demo.yaml"))
 
 
-__all__ = ["RunResult", "run_recipe", "DataSpec", "MeasureConfig", "ModelSpec", "Recipe", "Stage",
-           "load_recipe", "parse_recipe", "demo_recipe_path"]
+__all__ = ["RunInterrupted", "RunResult", "partial_dir", "run_recipe", "DataSpec", "MeasureConfig", "ModelSpec",
+           "Recipe", "Stage", "check_sources", "load_recipe", "parse_recipe", "demo_recipe_path"]

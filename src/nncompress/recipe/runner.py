@@ -1,11 +1,20 @@
 """Run a validated recipe: build, (pre)train, measure the baseline, apply stages in order measuring
-after each, then write the run directory atomically.
+after each, then publish the run directory in one rename.
 
 Run directory layout:
     recipe.yaml         the recipe as resolved (every default filled in)
     report.json/.md     per-stage figures;  pareto.png   quality vs latency and size
     stages/NN_kind/     checkpoint (model.safetensors + manifest.json) and model.onnx per stage
     model/              the final compressed model (load with nncompress.load)
+
+Until it finishes, a run lives in the hidden folder `.OUT.partial` beside OUT (`partial_dir`): the
+resolved recipe, each completed stage's folder, and `progress.json`, the one file that says which
+stages are complete (their report rows, in order). A stage folder is measured into a scratch
+temporary and renamed into place when whole, then `progress.json` is replaced: an interruption at
+any point leaves each stage complete or absent. A run stopped by Ctrl-C (or SIGTERM under the CLI)
+keeps that folder and raises `RunInterrupted`; `run_recipe(..., resume=True)` continues it from its
+last completed stage. Every stage starts from RNG states derived from the recipe seed and its index
+only, so a resumed run ends with the same model, tensor for tensor, as one never interrupted.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,15 +34,19 @@ import torch
 import torch.nn as nn
 import yaml
 
-from ..core import Context, TrainConfig, apply, fit
+from ..core import Context, TrainConfig, apply, fit, tag_source
 from ..core.errors import DataError, NNCompressError
 from ..eval.report import Report, pareto_png
-from ..export.atomic import atomic_dir
-from ..core import tag_source
-from ..saving import save
+from ..export.atomic import (atomic_dir, atomic_path, atomic_write_text, current_owner, owner_alive,
+                             remove_stale_temps, scratch_dir)
+from ..saving import load, save
 from ..zoo.loaders import build_data, build_model
 from .measure import Measurer, call_model
-from .schema import Recipe
+from .schema import Recipe, check_sources, load_recipe, recipe_difference
+
+PROGRESS = "progress.json"
+OWNER = "owner"
+_PROGRESS_FORMAT = "nncompress.partial-run/1"
 
 
 def default_cache_dir() -> Path:
@@ -46,41 +60,87 @@ class RunResult:
     model: nn.Module
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (or SIGTERM under the CLI). `partial` holds what it completed, or is
+    None when nothing was; `run_recipe(recipe, out, resume=True)` continues it."""
+
+    def __init__(self, message: str, out: Path, partial: Path | None):
+        super().__init__(message)
+        self.out, self.partial = out, partial
+
+
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, cache_dir: str | Path | None = None,
-               progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
-    """Run `recipe`; returns the run directory, the report and the final model."""
+               progress: bool = True, log: Callable[[str], None] = print, resume: bool = False) -> RunResult:
+    """Run `recipe`; returns the run directory, the report and the final model.
+
+    resume: continue the interrupted run that was to finish as `out`, from its last completed
+            stage; `recipe` must be the one it started with.
+    """
+    if resume and out is None:
+        raise NNCompressError("resume: give the run directory of the interrupted run (out=...)")
     final = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if final.exists():
-        raise NNCompressError(f"{final}: output folder already exists; choose another --out or remove it")
+    check_sources(recipe)
+    check_out_dir(final)
+    _remove_stale_temps(final.parent, log)
+    run = PartialRun.reopen(final, recipe, log) if resume else PartialRun.start(final, recipe)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    seed_everything(recipe.seed)
-    with atomic_dir(final) as tmp:
-        result = _run(recipe, tmp, cache, progress, log)
+    try:
+        result = _run(recipe, run, cache, progress, log)
+    except KeyboardInterrupt as e:
+        raise run.interrupted(final, len(recipe.stages)) from e
+    except BaseException:
+        # A fresh run that fails would fail the same way again: leave nothing. A resumed run keeps
+        # what the interrupted run had completed (the failure may be of this machine, e.g. disk full).
+        if resume:
+            run.release()
+        else:
+            run.discard()
+        raise
+    run.publish(final)
     result.path = final
     return result
 
 
-def _run(recipe: Recipe, out: Path, cache: Path, progress: bool, log) -> RunResult:
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    model, data = prepare(recipe, cache, progress, log)
-    teacher = copy.deepcopy(model).eval()
-    measurer = Measurer(recipe.measure, data, teacher, out)
-    log(f"measuring baseline ({recipe.model.name} on {recipe.data.name})")
-    report = Report()
-    report.add(measurer.measure(model, "baseline", "baseline", seconds=0.0))
+def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log) -> RunResult:
+    model, teacher, data = _starting_point(recipe, run, cache, progress, log)
+    measurer = Measurer(recipe.measure, data, teacher, run.path)
+    run.restore(measurer)
+    if not run.report.stages:
+        log(f"measuring baseline ({recipe.model.name} on {recipe.data.name})")
+        run.measure(measurer, model, "baseline", "baseline", 0.0)
     ctx = Context(data=data, teacher=teacher, device=torch.device(recipe.measure.device), progress=progress, log=log)
-    for stage in recipe.stages:
+    for stage in recipe.stages[run.stages_done:]:
         log(f"stage {stage.label}: {stage.config.kind}")
+        seed_stage(recipe.seed, stage.index, data)
         start = time.perf_counter()
         model = apply(model, stage.config, targets=stage.targets, context=ctx)
         model.eval()
-        report.add(measurer.measure(model, stage.label, stage.config.kind, time.perf_counter() - start))
-    save(model, out / "model", extra={"recipe": recipe.to_dict()})
+        run.measure(measurer, model, stage.label, stage.config.kind, time.perf_counter() - start)
+    report = run.report
     report.run = measurer.run_info(recipe)
-    (out / "report.json").write_text(report.to_json())
-    (out / "report.md").write_text(report.to_markdown() + "\n")
-    pareto_png(report, out / "pareto.png")
-    return RunResult(out, report, model)
+    save(model, run.path / "model", extra={"recipe": recipe.to_dict()})
+    report.save_json(run.path / "report.json")
+    atomic_write_text(run.path / "report.md", report.to_markdown() + "\n")
+    pareto_png(report, run.path / "pareto.png")
+    return RunResult(run.path, report, model)
+
+
+def _starting_point(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool,
+                    log) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, teacher, data): fresh from the recipe, or, for a resumed run, the teacher and the
+    model after the last completed stage rebuilt from their checkpoints."""
+    seed_everything(recipe.seed)
+    if not run.report.stages:
+        model, data = prepare(recipe, cache, progress, log)
+        return model, copy.deepcopy(model).eval(), data
+    last = run.report.stages[-1].stage
+    log(f"resuming {run.path} after {last}")
+    # Only hf models come with a tokenizer the data needs; other models are not built again.
+    tokenizer = build_model(recipe.model.to_dict())[1] if recipe.model.name.startswith("hf:") else None
+    data = build_recipe_data(recipe, cache, tokenizer)
+    teacher = load(run.checkpoint("baseline"))
+    model = load(run.checkpoint(last)) if last != "baseline" else copy.deepcopy(teacher)
+    return model, teacher, data
 
 
 def prepare(recipe: Recipe, cache: Path, progress: bool = False,
@@ -89,14 +149,18 @@ def prepare(recipe: Recipe, cache: Path, progress: bool = False,
     its data: what every stage of a run starts from. Shared by `run_recipe` and `nncompress sensitivity`."""
     model, tokenizer = build_model(recipe.model.to_dict())
     tag_source(model, recipe.model.to_dict())
-    data_kwargs = dict(recipe.data.kwargs)
-    if recipe.data.name == "mnist1d":
-        data_kwargs.setdefault("cache_dir", str(cache / "data"))
-    data = build_data({"name": recipe.data.name, "kwargs": data_kwargs}, tokenizer=tokenizer)
+    data = build_recipe_data(recipe, cache, tokenizer)
     check_compatible(model, data, recipe)
     if recipe.model.pretrain is not None:
         pretrain(model, data, recipe, cache, progress, log)
     return model.eval(), data
+
+
+def build_recipe_data(recipe: Recipe, cache: Path, tokenizer: Any = None):
+    data_kwargs = dict(recipe.data.kwargs)
+    if recipe.data.name == "mnist1d":
+        data_kwargs.setdefault("cache_dir", str(cache / "data"))
+    return build_data({"name": recipe.data.name, "kwargs": data_kwargs}, tokenizer=tokenizer)
 
 
 def check_compatible(model: nn.Module, data, recipe: Recipe) -> None:
@@ -119,8 +183,6 @@ def pretrain(model: nn.Module, data, recipe: Recipe, cache: Path, progress: bool
     """Train from scratch on the recipe's data, or load the cached result of the same training."""
     from safetensors.torch import load_model, save_model
 
-    from ..export.atomic import atomic_path
-
     key = hashlib.sha256(json.dumps({"model": recipe.model.to_dict(), "data": recipe.data.to_dict(),
                                      "seed": recipe.seed, "torch": torch.__version__},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -141,6 +203,7 @@ def pretrain(model: nn.Module, data, recipe: Recipe, cache: Path, progress: bool
 
     fit(model, data.train, loss_fn, cfg, progress=progress, desc="pretrain")
     model.eval()
+    _remove_stale_temps(path.parent, log)
     with atomic_path(path) as tmp:
         save_model(model, str(tmp))
 
@@ -151,3 +214,240 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_stage(seed: int, index: int, data: Any = None) -> None:
+    """Seed every RNG stage `index` can draw from (Python, NumPy, torch, the private shuffle
+    generators of `data`'s loaders) from the recipe seed and the index alone.
+
+    The stage then draws the same numbers whether the run started at stage 0 or was resumed here,
+    in a process that never ran (nor drew for) the stages before it.
+    """
+    # SeedSequence mixes (seed, index) into well-separated streams; seed + index would make
+    # stage 1 of seed 0 replay stage 0 of seed 1.
+    stage_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    seed_everything(stage_seed)
+    for gen in _loader_generators(data):
+        gen.manual_seed(stage_seed)
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The distinct torch generators `data`'s loaders shuffle with (a DataLoader's `generator=`)."""
+    found: dict[int, torch.Generator] = {}
+    for role in ("train", "test", "calib"):
+        loader = getattr(data, role, None)
+        sampler = getattr(loader, "sampler", None)
+        inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        for gen in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
+                    getattr(inner, "generator", None)):
+            if isinstance(gen, torch.Generator):
+                found[id(gen)] = gen
+    return list(found.values())
+
+
+# --------------------------------------------------------------------------------- checks before work
+
+def check_out_dir(out: str | Path) -> None:
+    """Fail before any work when the run directory `out` could not be created: a parent is a
+    file, or the nearest existing parent is not writable."""
+    out = Path(out)
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), out.parent)
+    if not parent.is_dir():
+        raise NNCompressError(f"{out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NNCompressError(f"{out}: cannot create it, {parent} is not writable; choose another --out")
+
+
+def _remove_stale_temps(folder: Path, log) -> None:
+    for path in remove_stale_temps(folder):
+        log(f"removed {path} (a temporary left by a run that was killed)")
+
+
+# --------------------------------------------------------------------------------------- partial runs
+
+def partial_dir(out: str | Path) -> Path:
+    """Where the run that will finish as `out` keeps what it completed until then.
+
+    >>> partial_dir("runs/digits").as_posix()
+    'runs/.digits.partial'
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def interrupted_note(path: str | Path) -> str | None:
+    """A one-line note when `path` is a run that was interrupted (or its partial folder), else None."""
+    path = Path(path)
+    if path.name.startswith(".") and path.name.endswith(".partial"):
+        path = path.parent / path.name[1:-len(".partial")]
+    if not (partial_dir(path) / PROGRESS).is_file():
+        return None
+    return (f"{path}: the run was interrupted and is not finished; continue it with "
+            f"`nncompress run --resume {path}`")
+
+
+def interrupted_recipe(out: str | Path) -> Recipe:
+    """The recipe of the interrupted run that was to finish as `out` (what `--resume` continues)."""
+    return load_recipe(_resumable(Path(out)) / "recipe.yaml")
+
+
+def _resumable(final: Path) -> Path:
+    if final.exists():
+        raise NNCompressError(f"{final}: the run is already complete; nothing to resume "
+                              f"(`nncompress report {final}` prints it)")
+    path = partial_dir(final)
+    if not (path / PROGRESS).is_file():
+        raise NNCompressError(f"{final}: no interrupted run to resume (no {path.name} beside it); "
+                              f"start one with `nncompress run RECIPE --out {final}`")
+    return path
+
+
+@dataclasses.dataclass
+class PartialRun:
+    """The folder of an unfinished run and what it has completed: the report rows (baseline first,
+    then one per stage in recipe order) and the measurer's state the later stages need."""
+
+    path: Path
+    report: Report = dataclasses.field(default_factory=Report)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    baseline_onnx: str | None = None  # file name in the baseline's folder: later ONNX timings compare with it
+
+    @property
+    def stages_done(self) -> int:
+        return max(len(self.report.stages) - 1, 0)
+
+    def checkpoint(self, label: str) -> Path:
+        return self.path / "stages" / _folder(label) / "checkpoint"
+
+    @classmethod
+    def start(cls, final: Path, recipe: Recipe) -> "PartialRun":
+        path = partial_dir(final)
+        if final.exists():
+            raise NNCompressError(f"{final}: output folder already exists; choose another --out or remove it")
+        if path.exists():
+            _check_not_running(final, path)
+            raise NNCompressError(f"{final}: an interrupted run of it is kept in {path}; continue it with "
+                                  f"`nncompress run --resume {final}` or remove that folder")
+        run = cls(path)
+        with atomic_dir(path) as tmp:  # whole or absent: never a partial folder without its recipe
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            run._write_progress(tmp)
+            atomic_write_text(tmp / OWNER, "%d %s\n" % current_owner())
+        return run
+
+    @classmethod
+    def reopen(cls, final: Path, recipe: Recipe, log) -> "PartialRun":
+        path = _resumable(final)
+        _check_not_running(final, path)
+        where = recipe_difference(interrupted_recipe(final), recipe)
+        if where is not None:
+            raise NNCompressError(f"{final}: the recipe differs from the interrupted run's at {where}; resume "
+                                  f"with the recipe it started with ({path / 'recipe.yaml'}) or start a new run")
+        run = cls._read(path, recipe)
+        run._drop_uncommitted(log)
+        atomic_write_text(path / OWNER, "%d %s\n" % current_owner())
+        return run
+
+    @classmethod
+    def _read(cls, path: Path, recipe: Recipe) -> "PartialRun":
+        state = _read_progress(path)
+        report = Report.from_json(json.dumps(state["report"]))
+        expected = ["baseline"] + [s.label for s in recipe.stages]
+        labels = [s.stage for s in report.stages]
+        if labels != expected[:len(labels)]:
+            raise NNCompressError(f"{path / PROGRESS}: completed stages {labels} do not match the recipe's "
+                                  f"{expected}; remove {path} and run again")
+        return cls(path, report, list(state.get("warnings", [])), state.get("baseline_onnx"))
+
+    def _write_progress(self, folder: Path | None = None) -> None:
+        """Replace `progress.json` in one rename: the moment a stage counts as complete."""
+        state = {"format": _PROGRESS_FORMAT, "report": json.loads(self.report.to_json()),
+                 "warnings": self.warnings, "baseline_onnx": self.baseline_onnx}
+        atomic_write_text((folder or self.path) / PROGRESS, json.dumps(state, indent=2))
+
+    def _drop_uncommitted(self, log) -> None:
+        """Remove what an interruption left that `progress.json` does not count: a stage folder
+        renamed into place just before the kill, the finished-run files, scratch temporaries."""
+        keep = {"recipe.yaml", PROGRESS, OWNER, "stages"}
+        done = {_folder(s.stage) for s in self.report.stages}
+        leftovers = [p for p in self.path.iterdir() if p.name not in keep]
+        if (self.path / "stages").is_dir():
+            leftovers += [p for p in (self.path / "stages").iterdir() if p.name not in done]
+        for p in leftovers:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            log(f"removed {p} (left unfinished by the interrupted run)")
+
+    def restore(self, measurer: Measurer) -> None:
+        """Give `measurer` what measuring the completed stages taught it."""
+        measurer.warnings[:] = self.warnings
+        if self.baseline_onnx:
+            measurer.baseline_onnx = self.path / "stages" / _folder("baseline") / self.baseline_onnx
+
+    def measure(self, measurer: Measurer, model: nn.Module, label: str, kind: str, seconds: float) -> None:
+        """Measure one stage into a scratch folder, rename its folder into place, then count it done."""
+        final = self.path / "stages" / _folder(label)
+        with scratch_dir(final) as scratch:
+            measurer.out = scratch  # the measurer writes OUT/stages/<folder>/
+            try:
+                row = measurer.measure(model, label, kind, seconds)
+            finally:
+                measurer.out = self.path
+            os.replace(scratch / "stages" / final.name, final)
+        if label == "baseline" and measurer.baseline_onnx is not None:
+            self.baseline_onnx = measurer.baseline_onnx.name
+            measurer.baseline_onnx = final / self.baseline_onnx
+        self.report.add(row)
+        self.warnings = list(measurer.warnings)
+        self._write_progress()
+
+    def interrupted(self, final: Path, total: int) -> RunInterrupted:
+        """What to raise when the run is interrupted: the partial folder is kept when it holds anything."""
+        self.release()
+        # progress.json, not memory: the interrupt may have landed between the two
+        done = [s["stage"] for s in _read_progress(self.path)["report"]["stages"]]
+        if not done:
+            self.discard()
+            return RunInterrupted("before the baseline was measured; nothing kept", final, None)
+        return RunInterrupted(f"after {done[-1]} ({len(done) - 1} of {total} stages done), kept in {self.path}; "
+                              f"resume with: nncompress run --resume {final}", final, self.path)
+
+    def release(self) -> None:
+        (self.path / OWNER).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def publish(self, final: Path) -> None:
+        """Rename the finished run to `final` (one rename: the run directory appears whole), then
+        drop the bookkeeping only an unfinished run needs."""
+        os.replace(self.path, final)
+        for name in (PROGRESS, OWNER):
+            (final / name).unlink(missing_ok=True)
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    file = path / PROGRESS
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise NNCompressError(f"{file}: unreadable ({e}); remove {path} and run again") from None
+    if not isinstance(state, dict) or state.get("format") != _PROGRESS_FORMAT or "report" not in state:
+        raise NNCompressError(f"{file}: not a progress file of this nncompress; remove {path} and run again")
+    return state
+
+
+def _folder(label: str) -> str:
+    """The folder under stages/ of a report row (as `Measurer.measure` names it)."""
+    return "00_baseline" if label == "baseline" else label
+
+
+def _check_not_running(final: Path, path: Path) -> None:
+    try:
+        pid, host = (path / OWNER).read_text().split()
+        owner = (int(pid), host)
+    except (OSError, ValueError):
+        return  # no owner: the run that wrote it has ended
+    if owner != current_owner() and owner_alive(*owner):
+        raise NNCompressError(f"{final}: process {owner[0]} is running it now ({path}); wait for it to "
+                              f"finish or stop it, or choose another --out")

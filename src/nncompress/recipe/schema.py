@@ -17,13 +17,17 @@ plain stages, so the report measures every step and the manifest replays them:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from ..core import Config, ConfigError, Targets, TrainConfig, check, lookup, names
-from ..core.errors import NNCompressError, RegistryError
+from ..core.errors import DataError, ModelLoadError, NNCompressError, RegistryError
+from ..zoo.hf import resolve_hf_path
+from ..zoo.loaders import import_factory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,10 @@ class MeasureConfig(Config):
     onnx: bool = True
 
     def __post_init__(self):
+        # checked here, while validating, rather than as a crash in the middle of the run
+        check(self.device != "cuda" or torch.cuda.is_available(), "device",
+              f"cuda is not available on this machine (torch {torch.__version__}, "
+              f"{torch.cuda.device_count()} GPUs visible); use device: cpu")
         check(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "batch_sizes",
               "must be a non-empty list of positive integers")
         check(self.threads > 0, "threads", f"must be > 0, got {self.threads}")
@@ -114,6 +122,8 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError("seed", f"expected an integer, got {seed!r}")
+    if not 0 <= seed < 2**32:  # what NumPy's seeding accepts
+        raise ConfigError("seed", f"must be in [0, 2**32), got {seed}")
     model = ModelSpec.from_dict(_shorthand(raw.get("model", "mnist1d_cnn")), "model")
     data = DataSpec.from_dict(_shorthand(raw.get("data", "mnist1d")), "data")
     measure = MeasureConfig.from_dict(raw.get("measure") or {}, "measure")
@@ -186,20 +196,123 @@ def parse_stage(raw: Any, index: int, path: str | None = None) -> Stage:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; YAML syntax errors name the line."""
+    """Read and validate a recipe file; YAML errors (syntax, a key given twice) name the line."""
     path = Path(path)
     if not path.is_file():
         raise NNCompressError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(_recipe_text(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError("", f"{path}:{where}: malformed YAML ({problem})") from None
+        what = problem if isinstance(e, _DuplicateKeyError) else f"malformed YAML ({problem})"
+        raise ConfigError("", f"{path}:{where}: {what}") from None
     return parse_recipe(raw, source=str(path))
+
+
+def _recipe_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise NNCompressError(f"{path}: cannot read the recipe ({e.strerror}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError("", f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          f"save the recipe as UTF-8") from None
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping key given twice (valid YAML syntax, but a value the user wrote would be lost)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error: PyYAML would
+    silently keep the last value, so a setting the user wrote would be ignored without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML report it as it does
+                continue
+            if first is not None:
+                raise _DuplicateKeyError(None, None, f"key {key!r} given twice in one mapping (first on line "
+                                         f"{first}); YAML would keep only the last, so remove one",
+                                         key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _shorthand(value: Any) -> Any:
     """`model: mnist1d_cnn` means `model: {name: mnist1d_cnn}`."""
     return {"name": value} if isinstance(value, str) else value
+
+
+def check_sources(recipe: Recipe) -> None:
+    """Resolve the recipe's model and data names without building, loading or training anything:
+    a built-in is registered, a `module:factory` imports and is callable, an `hf:` folder exists,
+    and the kwargs are ones the factory takes. Raises the error the run would raise later."""
+    model, data = recipe.model, recipe.data
+    if model.name.startswith("hf:"):
+        resolve_hf_path(model.name[3:])
+    else:
+        _check_factory(model.name, model.kwargs, "model", ModelLoadError)
+    _check_factory(data.name, data.kwargs, "data", DataError)
+
+
+def _check_factory(name: str, kwargs: dict[str, Any], what: str, error: type[NNCompressError]) -> None:
+    if ":" in name:
+        factory = import_factory(name, what, error)
+    else:
+        try:
+            factory = lookup(name, namespace=what)
+        except RegistryError:
+            other = " or 'hf:<folder>'" if what == "model" else ""
+            raise error(f"{what} {name!r}: unknown built-in; known: {', '.join(names(what))}; "
+                        f"or give 'module:factory'{other}") from None
+    try:
+        signature = inspect.signature(factory)
+    except ValueError:  # no signature (a builtin): the call itself will check
+        return
+    try:
+        signature.bind_partial(**kwargs)
+    except TypeError as e:
+        raise error(f"{what} {name!r}: bad kwargs ({e}); it takes "
+                    f"{', '.join(signature.parameters) or 'no arguments'}") from None
+
+
+def recipe_difference(old: Recipe, new: Recipe) -> str | None:
+    """Where `new` first differs from `old`, as `yaml.path (old then, new now)`; None when equal."""
+    return _first_difference(old.to_dict(), new.to_dict())
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first place two plain (YAML-like) values differ, as `path (old then, new now)`.
+
+    >>> _first_difference({"a": [1, {"b": 2}]}, {"a": [1, {"b": 3}]})
+    'a[1].b (2 then, 3 now)'
+    >>> _first_difference({"s": [{}, {}]}, {"s": [{}]})
+    's (2 entries then, 1 now)'
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            where = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if where is not None:
+                return where
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        if len(old) != len(new):
+            return f"{path} ({len(old)} entries then, {len(new)} now)"
+        for i, (a, b) in enumerate(zip(old, new)):
+            where = _first_difference(a, b, f"{path}[{i}]")
+            if where is not None:
+                return where
+        return None
+    return None if old == new else f"{path or 'the top'} ({old!r} then, {new!r} now)"
