@@ -138,8 +138,9 @@ def _starting_point(recipe: Recipe, run: "PartialRun", cache: Path, progress: bo
     # Only hf models come with a tokenizer the data needs; other models are not built again.
     tokenizer = build_model(recipe.model.to_dict())[1] if recipe.model.name.startswith("hf:") else None
     data = build_recipe_data(recipe, cache, tokenizer)
-    teacher = load(run.checkpoint("baseline"))
-    model = load(run.checkpoint(last)) if last != "baseline" else copy.deepcopy(teacher)
+    # the recipe being run names the model's source, so its `module:factory` is already trusted
+    teacher = load(run.checkpoint("baseline"), trust_code=True)
+    model = load(run.checkpoint(last), trust_code=True) if last != "baseline" else copy.deepcopy(teacher)
     return model, teacher, data
 
 
