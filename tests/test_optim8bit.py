@@ -171,6 +171,25 @@ def test_tracks_adamw_loss_curve(seed):
     assert float(q[-1]) < 0.02 * float(q[0])                               # and it does train
 
 
+def test_steps_stay_bounded_like_adamw_when_the_second_moment_rounds_to_zero():
+    # one block holds a few large gradients and many tiny ones: 8-bit v of the tiny ones rounds to 0
+    # while m does not, which used to give steps of ~m / eps (measured 5.3 at lr 1e-3)
+    torch.manual_seed(0)
+    w8, w32 = nn.Parameter(torch.zeros(4096)), nn.Parameter(torch.zeros(4096))
+    opts = {w8: Adam8bit([w8], lr=1e-3, min_8bit_size=0), w32: torch.optim.AdamW([w32], lr=1e-3, weight_decay=0)}
+    worst = {w8: 0.0, w32: 0.0}
+    for _ in range(20):
+        g = torch.randn(4096) * 1e-4
+        g[::512] = 10.0 * torch.sign(torch.randn(8))
+        for p, opt in opts.items():
+            before = p.detach().clone()
+            p.grad = g.clone()
+            opt.step()
+            worst[p] = max(worst[p], float((p.detach() - before).abs().max()))
+    assert worst[w32] <= 1.01e-3                           # AdamW's largest step: lr, to rounding
+    assert worst[w8] <= 1.001e-3                           # bounded by lr too (v_hat >= m_hat^2)
+
+
 def test_state_is_about_four_times_smaller_exact_bytes():
     w32, w8 = nn.Parameter(torch.randn(8192)), nn.Parameter(torch.randn(8192))
     small32, small8 = nn.Parameter(torch.randn(100)), nn.Parameter(torch.randn(100))

@@ -117,6 +117,12 @@ class Adam8bit(torch.optim.Optimizer):
         param.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if quantized:
+            # An 8-bit second moment can round to 0 where the first does not (tiny gradients in a block
+            # with large ones), and m / (sqrt(0) + eps) is a step of ~m / eps. Keep v_hat >= m_hat^2,
+            # which bounds every element's step by lr, as AdamW's are in practice.
+            floor = exp_avg.square() * ((1 - beta2 ** step) / (1 - beta1 ** step) ** 2)
+            torch.maximum(exp_avg_sq, floor, out=exp_avg_sq)
         step_size = lr / (1 - beta1 ** step)
         denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
