@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
+.PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-lowrank bench-deep-compression bench-composition clean
 
 $(BIN)/python:
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the slow tier: full example recipes (MiniLM end to end) and the whole composition matrix; CI runs it too
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition
 

@@ -229,7 +229,7 @@ def test_bad_arguments_name_the_field():
 
 def test_train_config_picks_adam8bit():
     model, x, y = regression()
-    cfg = TrainConfig(epochs=3, lr=3e-3, optimizer="adam8bit", schedule="constant")
+    cfg = TrainConfig(epochs=3, lr=3e-3, optimizer="adam8bit", lr_schedule="constant")
     assert isinstance(make_optimizer(model.parameters(), cfg), Adam8bit)
     assert TrainConfig.from_dict(cfg.to_dict()).optimizer == "adam8bit"
     hist = fit(model, [(x, y)] * 10, lambda m, b: F.mse_loss(m(b[0]), b[1]), cfg)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import nncompress
-from nncompress.core import ModelLoadError
+from nncompress.core import ConfigError, ModelLoadError
 from nncompress.zoo.loaders import build_model
 
 
@@ -99,3 +99,77 @@ def test_missing_folder_and_unknown_source(tmp_path):
         nncompress.load(tmp_path)
     with pytest.raises(ModelLoadError, match="architecture source is unknown"):
         nncompress.save(nn.Linear(2, 2), tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------- hostile folders
+
+
+def _edit_manifest(path, **changes):
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        target = manifest
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_cannot_run_code_without_trust(tmp_path):
+    path = _saved(tmp_path)
+    marker = tmp_path / "ran"
+    _edit_manifest(path, source={"name": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    with pytest.raises(ModelLoadError, match="'os:system', which imports and runs code; load it with trust_code=True"):
+        nncompress.load(path)
+    assert not marker.exists()  # refused before anything was imported or called
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_a_manifest_cannot_name_files_outside_its_folder(tmp_path, name):
+    path = _saved(tmp_path)
+    (tmp_path / "outside.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    _edit_manifest(path, **{"weights.file": name})
+    with pytest.raises(ModelLoadError, match="outside the checkpoint folder"):
+        nncompress.load(path)
+
+
+def test_a_link_out_of_the_folder_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    (path / "model.safetensors").rename(outside)
+    (path / "model.safetensors").symlink_to(outside)
+    with pytest.raises(ModelLoadError, match="outside the checkpoint folder"):
+        nncompress.load(path)
+
+
+def test_the_checksum_is_of_the_bytes_that_load(tmp_path):
+    # a second weights file with a matching checksum does not help: the named file is what loads
+    path = _saved(tmp_path)
+    other, _ = build_model({"name": "mlp"})
+    nncompress.save(other, tmp_path / "other", source={"name": "mlp"})
+    (path / "decoy.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    (path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match="checksum does not match"):
+        nncompress.load(path)
+
+
+def test_save_never_replaces_a_users_folder_silently(tmp_path):
+    model, _ = build_model({"name": "mlp"})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds files nncompress did not write \\('notes.txt'"):
+        nncompress.save(model, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "manifest.json").exists()
+    nncompress.save(model, tmp_path / "ck")
+    nncompress.save(model, tmp_path / "ck")                      # its own checkpoint: replaced
+    nncompress.save(model, mine, overwrite=True)                 # told to
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_save_to_a_path_under_a_file_is_a_clear_error(tmp_path):
+    model, _ = build_model({"name": "mlp"})
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="a_file is a file, not a folder"):
+        nncompress.save(model, tmp_path / "a_file" / "ck")

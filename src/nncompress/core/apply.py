@@ -1,7 +1,6 @@
 """`apply(model, config, targets=...)`: the one public verb, and `layer_transform`, the decorator
 that turns "given this layer and my config, return the replacement" into a registered transform.
 
->>> import torch.nn as nn
 >>> from nncompress.core.registry import names
 >>> "finetune" in names()
 True
@@ -12,6 +11,7 @@ import copy
 import functools
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn as nn
 
 from .config import Config
@@ -35,6 +35,7 @@ def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any]
     """
     _check_call(model, config, context)
     ctx = copy.copy(context) if context is not None else Context()
+    ctx.device = checked_device(ctx.device, "context.device")
     if targets is not None:
         ctx.targets = _targets(targets)
     ctx.record = {}
@@ -69,6 +70,23 @@ def _check_call(model: Any, config: Any, context: Any) -> None:
         raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
     if context is not None and not isinstance(context, Context):
         raise ConfigError("context", f"expected nncompress.Context(...), got {type(context).__name__}")
+
+
+def checked_device(device: Any, field: str) -> torch.device:
+    """`device` as a `torch.device` this machine has, or a `ConfigError(field)` saying what it has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(field, f"{device!r} is not a device; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            have = "no CUDA device" if n == 0 else f"{n} CUDA device(s)"
+            raise ConfigError(field, f"{dev} does not exist on this machine ({have}); use 'cpu'"
+                              + ("" if n == 0 else f" or cuda:0..{n - 1}"))
+    elif dev.type not in ("cpu", "meta", "mps"):
+        raise ConfigError(field, f"{dev} is not a device nncompress runs on; use 'cpu' or 'cuda'")
+    return dev
 
 
 def _targets(targets: Any) -> Targets:

@@ -35,6 +35,31 @@ class Config:
     kind: ClassVar[str] = ""  # set by the registry at the definition site
     renamed: ClassVar[dict[str, str]] = {}  # old field -> what to write instead (recipes get a one-line hint)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every config checks its fields' types before its own `__post_init__` runs, so a config built
+        in Python (`PruneConfig(ratio="half")`) fails as clearly as one read from YAML."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_types", False):
+            def __post_init__(self, _own=own):
+                self._check_types()
+                _own(self)
+            __post_init__._checks_types = True
+            cls.__post_init__ = __post_init__
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+    def _check_types(self) -> None:
+        """Each field against its type hint, as `from_dict` checks YAML (lists become tuples, a mapping
+        where a config goes becomes that config); a mismatch is a `ConfigError` naming the field."""
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            converted = _coerce(value, hints[f.name], f.name)
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind} if self.kind else {}
         for f in dataclasses.fields(self):
@@ -48,7 +73,7 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(path, f"expected a mapping of {cls.__name__} fields, got {_show(data)}")
         data = {k: v for k, v in data.items() if k != "kind"}
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - set(fields))
         old = [u for u in unknown if u in cls.renamed]
@@ -100,6 +125,15 @@ def tagged_dict(value: Any, kinds: dict[str, type]) -> dict[str, Any]:
     """The YAML form `{kind: ..., **fields}` of a value made by `tagged`."""
     kind = next(k for k, cls in kinds.items() if type(value) is cls)
     return {"kind": kind, **value.to_dict()}
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _join(path: str, name: str) -> str:

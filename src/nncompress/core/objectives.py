@@ -76,6 +76,18 @@ def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor,
     return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()
 
 
+def check_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels must index the model's classes: a `DataError` saying which, not torch's IndexError."""
+    if labels.dtype.is_floating_point or labels.dim() != 1:
+        raise DataError(f"classification labels must be a 1-D integer tensor (one class index per sample), got "
+                        f"{labels.dtype} of shape {tuple(labels.shape)}")
+    n = logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        bad = int(labels.max()) if int(labels.max()) >= n else int(labels.min())
+        raise DataError(f"a label is {bad} but the model outputs {n} classes (0..{n - 1}); give the model "
+                        f"num_classes={int(labels.max()) + 1} or check the data's labels")
+
+
 FeatureTerm = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -104,6 +116,7 @@ class Objective:
         if self.embedding:
             loss = embedding_distill_loss(out, t_out, self.embedding_loss)
         else:
+            check_labels(y, out)
             loss = kd_loss(out, t_out, y, self.kd_alpha, self.temperature)
         if self.feature_term is not None:
             loss = loss + self.feature_term(sf, tf)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -26,11 +26,13 @@ class TrainConfig(Config):
     epochs: int = 1
     lr: float = 1e-3
     optimizer: Literal["adam", "adamw", "adam8bit", "sgd"] = "adamw"  # adam8bit: AdamW, 8-bit moments
-    schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = 0.0
     momentum: float = 0.9
     max_grad_norm: float = 0.0  # 0 disables clipping
     max_steps: int = 0  # 0: no limit; a budget in optimizer steps across epochs
+
+    renamed: ClassVar[dict[str, str]] = {"schedule": "lr_schedule (schedule is the pruning schedule of sparsify)"}
 
     @classmethod
     def of(cls, config: Config, **override: Any) -> "TrainConfig":
@@ -77,7 +79,7 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *
         total = min(total, cfg.max_steps) if total else cfg.max_steps
     opt = optimizer or make_optimizer(model.parameters(), cfg, desc)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
-             if cfg.schedule == "cosine" and total else None)
+             if cfg.lr_schedule == "cosine" and total else None)
     was_training = model.training
     model.train()
     history: list[float] = []

@@ -41,7 +41,9 @@ class StageMetrics:
     quality_name: "accuracy" (a fraction in [0, 1]) or "cosine" (embedding fidelity)
     delta:        quality minus the baseline's, same units; filled by `Report.add` when left None
     extra:        further quality figures, e.g. {"overlap@10": 0.93}
-    file_bytes:   exact bytes on disk of the saved stage; latencies: torch and, where exported, onnxruntime
+    file_bytes:   exact bytes on disk of every file needed to load the saved stage (weights, manifest, ...)
+    manifest_bytes: the part of `file_bytes` that is the JSON manifest (structure: kept channels, specs)
+    latencies:    torch and, where exported, onnxruntime
     seconds:      wall time the stage took to run (compress, fine-tune, ...)
     """
 
@@ -55,6 +57,7 @@ class StageMetrics:
     nonzero: int | None = None
     macs: int | None = None
     file_bytes: int | None = None
+    manifest_bytes: int | None = None
     latencies: list[Latency] = dataclasses.field(default_factory=list)
     reference: list[Latency] = dataclasses.field(default_factory=list)
     seconds: float | None = None
@@ -129,14 +132,14 @@ class Report:
         base = self.baseline
         keys = sorted({(lat.runtime, lat.batch) for s in self.stages for lat in s.latencies},
                       key=lambda k: (_RUNTIME_ORDER.get(k[0], 9), k[0], k[1]))
-        header = (["stage", "quality", "params", "nonzero", "MACs", "file size"]
+        header = (["stage", "quality", "params", "nonzero", "MACs", "file size", "of which manifest"]
                   + [f"{_RUNTIME_SHORT.get(r, r)} b={b} (ms)" for r, b in keys]
                   + [f"speedup {_RUNTIME_SHORT.get(r, r)} b={b} (measured)" for r, b in keys]
                   + ["MAC speedup (theoretical)", "stage time (s)"])
         rows = [header, ["---"] * len(header)]
         for s in self.stages:
             rows.append([_cell(s.stage), _quality(s, base), _opt(s.params, _count), _opt(s.nonzero, _count),
-                         _opt(s.macs, _count), _opt(s.file_bytes, human_bytes)]
+                         _opt(s.macs, _count), _opt(s.file_bytes, human_bytes), _opt(s.manifest_bytes, human_bytes)]
                         + [_opt(s.latency(r, b), lambda lat: _ms(lat.median_ms)) for r, b in keys]
                         + [_speedup(base, s, r, b) for r, b in keys]
                         + [_mac_speedup(base, s), _opt(s.seconds, lambda v: f"{v:.1f}")])
@@ -148,7 +151,8 @@ class Report:
         facts = [f"threads: {run.get('threads', NM)}", f"device: {run.get('device', NM)}"]
         facts += [f"{k} {run[k]}" for k in ("torch", "onnxruntime", "nncompress", "python") if run.get(k)]
         facts += [str(run[k]) for k in ("cpu", "date") if run.get(k)]
-        legend = ("n/m: not measured. Measured speedup: baseline median / stage median, same runtime, batch "
+        legend = ("n/m: not measured. File size: every byte needed to load the stage (weights + manifest). "
+                  "Measured speedup: baseline median / stage median, same runtime, batch "
                   "and threads in this run. MAC speedup: baseline MACs / stage MACs, theoretical.")
         notes = "".join(f"\n- {w}" for w in run.get("warnings", []))
         return " · ".join(facts) + "\n\n" + legend + (f"\n\nNotes:{notes}" if notes else "")

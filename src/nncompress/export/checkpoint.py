@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from ..core.errors import ModelLoadError
+from ..core.errors import ConfigError, ModelLoadError
 from ..core.registry import lookup, names
 
 from .codecs import decode_tensor, encode_int_codes, encode_tensor
@@ -119,12 +119,17 @@ def _replacing(directory: Path) -> Iterator[Path]:
 
 def _check_target(directory: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
-        raise ModelLoadError(f"{directory}: exists and is not a folder; save to a new folder path")
+        raise ConfigError("path", f"{directory}: exists and is not a folder; save to a new folder path")
+    parent = next((p for p in directory.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError("path", f"{directory}: {parent} is a file, not a folder; save to another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("path", f"{directory}: cannot write into {parent} (not writable); save to another path")
     if overwrite or not directory.exists():
         return
     entries = {p.name for p in directory.iterdir()}
     if entries and not entries <= {WEIGHTS, MANIFEST}:
-        raise ModelLoadError(f"{directory}: folder is not empty and holds files nncompress did not write "
+        raise ConfigError("path", f"{directory}: folder is not empty and holds files nncompress did not write "
                              f"({sorted(entries - {WEIGHTS, MANIFEST})[0]!r}, ...); save to a new folder, or pass "
                              "overwrite=True to replace it")
 

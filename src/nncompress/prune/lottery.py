@@ -38,7 +38,8 @@ class LotteryConfig(TrainConfig):
     scope:        global (one magnitude threshold over all layers) | layer
     """
 
-    renamed: ClassVar[dict[str, str]] = {"sparsity": "ratio (the fraction removed, as in prune and sparsify)"}
+    renamed: ClassVar[dict[str, str]] = {**TrainConfig.renamed,
+                                         "sparsity": "ratio (the fraction removed, as in prune and sparsify)"}
 
     ratio: float = 0.8
     rounds: int = 3

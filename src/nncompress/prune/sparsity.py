@@ -60,7 +60,7 @@ class SparsityConfig(TrainConfig):
     """
 
     renamed: ClassVar[dict[str, str]] = {
-        "sparsity": "ratio (the fraction removed, as in prune and drop_layers)", "initial_sparsity": "initial_ratio",
+        **TrainConfig.renamed, "sparsity": "ratio (the fraction removed, as in prune and drop_layers)", "initial_sparsity": "initial_ratio",
         "n": "granularity: {kind: nm, n: 2, m: 4}", "m": "granularity: {kind: nm, n: 2, m: 4}",
         "vector_dim": "granularity: {kind: vector, dim: -1}"}
 

@@ -64,7 +64,7 @@ class PruneConfig(TrainConfig):
     calib_batches: int = 8
 
     renamed: ClassVar[dict[str, str]] = {
-        "target_macs": "keep_macs (the fraction kept, as in lowrank)", "target_params": "keep_params",
+        **TrainConfig.renamed, "target_macs": "keep_macs (the fraction kept, as in lowrank)", "target_params": "keep_params",
         "finetune_epochs": "epochs (fine-tune epochs after each step)"}
 
     def __post_init__(self):

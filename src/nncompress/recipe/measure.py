@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from ..core.errors import DataError, UnsupportedOpError
 from ..eval.latency import compare_latency, compare_onnx_latency
-from ..eval.measure import call_model, count_macs, count_nonzero_params, count_params, file_bytes
+from ..eval.measure import call_model, count_macs, count_nonzero_params, count_params
+from ..export.checkpoint import checkpoint_bytes
 from ..eval.metrics import accuracy, embed, embedding_fidelity
 from ..eval.report import StageMetrics, run_info
 from ..export.onnx import export_onnx
@@ -71,6 +72,7 @@ class Measurer:
         cfg = self.config
         folder = self.out / "stages" / (label if label != "baseline" else "00_baseline")
         save(model, folder / "checkpoint")
+        size = checkpoint_bytes(folder / "checkpoint")  # every file load needs, manifest included
         name, value, extra = self.quality(model)
         small = self.inputs[min(cfg.batch_sizes)]
         onnx_path = self.export(model, small, folder, label) if cfg.onnx else None
@@ -79,7 +81,7 @@ class Measurer:
             stage=label, kind=kind, quality_name=name, quality=value, extra=extra,
             params=count_params(model), nonzero=count_nonzero_params(model),
             macs=count_macs(model, self.inputs[1] if 1 in self.inputs else inputs_of_batch(self.data, 1)),
-            file_bytes=file_bytes(folder / "checkpoint" / "model.safetensors"),
+            file_bytes=size["total"], manifest_bytes=size["manifest"],
             latencies=latencies, reference=reference, seconds=round(seconds, 3))
 
     def export(self, model: nn.Module, inputs, folder: Path, label: str) -> Path | None:
