@@ -1,4 +1,6 @@
 """The README's Python examples run, and every example recipe is valid (and the small one runs)."""
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -16,12 +18,20 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks
+    scopes = []
     for code in blocks:
-        scope: dict = {}
-        exec(compile(code, "README.md", "exec"), scope)
+        scopes.append({})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md", "exec"), scopes[-1])
+        scopes[-1]["printed"] = out.getvalue()
+    api, composed = scopes[0], scopes[1]
     x = torch.randn(3, 64)
-    assert torch.equal(scope["model"].eval()(x), scope["same"](x))
-    assert [m.out_features for m in scope["same"].modules() if hasattr(m, "out_features")] == [128, 128, 10]
+    assert torch.equal(api["model"].eval()(x), api["same"](x))
+    assert [m.out_features for m in api["same"].modules() if hasattr(m, "out_features")] == [128, 128, 10]
+    assert composed["printed"] == "LowRankLinear QuantLinear\n"       # what the README says it prints
+    assert all(type(m).__name__ in ("MLP", "Sequential", "Linear", "ReLU", "Flatten")
+               for m in composed["plain"].modules()), [type(m).__name__ for m in composed["plain"].modules()]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
