@@ -161,7 +161,7 @@ def test_centroid_gradient_is_the_sum_over_its_cluster():
     plain = layer.merge()  # the same weight as a plain parameter: its gradient per weight
     plain(x).square().sum().backward()
     g = plain.weight.grad.reshape(1, -1)  # (1, R)
-    pooled = torch.zeros(1, 6, dtype=torch.float64).scatter_add_(1, layer.assignment, g)[:, :5]
+    pooled = torch.zeros(1, 6, dtype=torch.float64).scatter_add_(1, layer.assignment, g)[:, 1:]  # slot 0: zero
     assert torch.allclose(layer.centroids.grad, pooled, rtol=1e-12, atol=1e-12)
     assert layer.base.weight.grad is None
 
@@ -296,19 +296,20 @@ def test_save_load_exact_with_b_bit_indices(tmp_path, granularity, merge):
     for name, layer in clustered_layers(model).items():
         assert torch.equal(clustered_layers(back)[name].assignment, layer.assignment)
     codecs, sizes = weight_codecs(tmp_path / "m")
-    prefix = "" if merge else "base."
     for name, m in model.named_modules():
         w = m.weight if merge and isinstance(m, (nn.Linear, nn.Conv1d)) else (
             m.shared_weight() if isinstance(m, ClusteredLayer) else None)
-        if w is None or w.numel() < 256:
+        if w is None or w.numel() < 256 or (merge and granularity == "channel"):
             continue
-        meta = codecs[f"{name}.{prefix}weight"]
-        if granularity == "layer":  # pruned half: a 1-bit mask, then <= 4-bit indices of the nonzeros
-            key, nnz = f"{name}.{prefix}weight", int((w != 0).sum())
-            assert meta["codec"] == "bitmask" and meta["values_bits"] <= 4, name
-            assert sizes[f"{key}::mask"] == math.ceil(w.numel() / 8)
-            assert sizes[f"{key}::values_index"] == math.ceil(nnz * meta["values_bits"] / 8)
-            assert sizes[f"{key}::values_codebook"] <= 15 * 4
+        # pruned half: a 1-bit mask, then <= 4-bit indices of the nonzeros; stored once: the weight of a
+        # merged layer, the assignment (centroid indices, 0 = zero) of a clustered one, per layer or channel
+        key, nnz = (f"{name}.weight" if merge else f"{name}.assignment"), int((w != 0).sum())
+        meta = codecs[key]
+        assert f"{name}.base.weight" not in codecs
+        assert meta["codec"] == "bitmask" and meta["values_bits"] <= 4, name
+        assert sizes[f"{key}::mask"] == math.ceil(w.numel() / 8)
+        assert sizes[f"{key}::values_index"] == math.ceil(nnz * meta["values_bits"] / 8)
+        assert sizes[f"{key}::values_codebook"] <= 16 * 4
 
 
 def test_clustered_file_is_smaller_by_28_bits_per_weight(tmp_path):

@@ -2,15 +2,15 @@
 
 The wrapper keeps the original layer as `.base`, the shared values as the parameter `centroids`
 (G, K) (G = 1 per layer, G = out channels per channel) and the fixed assignment as a buffer. The
-forward builds `weight = [centroids | 0].gather(1, assignment)`, so autograd pools the gradient of
+forward builds `weight = [0 | centroids].gather(1, assignment)`, so autograd pools the gradient of
 every weight into its centroid (the sum over the cluster, as in Deep Compression's fine-tune) and a
-fine-tune trains the K shared values, never the assignment. Index K is a zero slot outside the
+fine-tune trains the K shared values, never the assignment. Index 0 is a zero slot outside the
 codebook: pruned weights stay exactly zero whatever the optimizer does.
 
-Storage: the state dict holds `base.weight` refreshed to the clustered weight on every
-`state_dict()` (so at most G * (K + 1) distinct values, which the checkpoint's codebook codec stores
-as b-bit packed indices), `base.bias` and `centroids`; the assignment is not stored but rebuilt on
-load by matching each stored value with its centroid, so bytes on disk follow b.
+Storage is Deep Compression's: the state dict holds `centroids`, the `assignment` (integers in
+[0, K], which the checkpoint packs at b bits each, with a 1-bit mask first when most are the zero
+slot) and `base.bias`; `base.weight` is derived from them and not stored, so no value is stored
+twice and per-channel codebooks cost b bits per weight too.
 
 >>> import torch.nn as nn
 >>> layer = ClusteredLayer.from_layer(nn.Linear(64, 8), k=4)
@@ -44,7 +44,7 @@ class ClusteredLayer(Wrapper):
 
     base:        the original layer; its weight no longer trains (`requires_grad=False`)
     centroids:   (G, K) the trainable codebook, one row per group
-    assignment:  (G, numel / G) int64 in [0, K]; K is the zero slot
+    assignment:  (G, numel / G) int64 in [0, K]; 0 is the zero slot, i the centroid i - 1
     """
 
     holds_values = True
@@ -60,9 +60,9 @@ class ClusteredLayer(Wrapper):
         self.base = base
         base.weight.requires_grad_(False)  # the codebook trains instead; the weight is derived from it
         self.centroids = nn.Parameter(centroids.to(base.weight.dtype).clone())
-        self.register_buffer("assignment", assignment.long().clone(), persistent=False)
-        self.register_state_dict_pre_hook(_refresh_base_weight)
-        self.register_load_state_dict_post_hook(_reassign_after_load)
+        self.register_buffer("assignment", assignment.long().clone())
+        self._register_state_dict_hook(_without_base_weight)
+        self._register_load_state_dict_pre_hook(_with_base_weight, with_module=True)
 
     @classmethod
     def from_layer(cls, base: nn.Module, k: int, granularity: str = "layer", init: Init = "linear",
@@ -71,7 +71,7 @@ class ClusteredLayer(Wrapper):
         """Cluster `base`'s weight into k shared values per layer or per output channel."""
         groups = base.weight.shape[0] if granularity == "channel" else 1
         centroids, assignment = cluster_weight(base.weight, k, groups, init, keep_zeros, iters, generator)
-        return cls(base, centroids, assignment)
+        return cls(base, centroids, zero_slot_first(assignment, k))
 
     @classmethod
     def empty(cls, base: nn.Module, k: int, groups: int) -> "ClusteredLayer":
@@ -89,9 +89,7 @@ class ClusteredLayer(Wrapper):
 
     def shared_weight(self) -> Tensor:
         """The weight the forward uses, in the base layer's shape."""
-        zero = self.centroids.new_zeros(self.groups, 1)
-        table = torch.cat([self.centroids, zero], dim=1)  # (G, K + 1): the zero slot is a constant
-        return table.gather(1, self.assignment).view_as(self.base.weight)  # (G, R) -> weight shape
+        return _shared(self.centroids, self.assignment).view_as(self.base.weight)  # (G, R) -> weight shape
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.shared_weight()
@@ -144,30 +142,47 @@ class ClusteredLayer(Wrapper):
         return f"clustered ({self.k} shared values per {'channel' if self.groups > 1 else 'layer'})"
 
 
-def _refresh_base_weight(module: ClusteredLayer, prefix: str, keep_vars: bool) -> None:
-    """Before `state_dict()`: store the clustered weight in `base.weight` (what the checkpoint writes)."""
-    with torch.no_grad():
-        module.base.weight.copy_(module.shared_weight())
+def _shared(centroids: Tensor, assignment: Tensor) -> Tensor:
+    """(G, R) weights: `[0 | centroids]` (G, K + 1) gathered at the assignment; the zero slot is a constant."""
+    zero = centroids.new_zeros(centroids.shape[0], 1)
+    return torch.cat([zero, centroids], dim=1).gather(1, assignment)
+
+
+def zero_slot_first(assignment: Tensor, k: int) -> Tensor:
+    """An assignment with the zero slot at K (k-means' layout) -> with it at 0 (the stored layout)."""
+    return torch.where(assignment == k, 0, assignment + 1)
+
+
+def _without_base_weight(module: ClusteredLayer, state: dict, prefix: str, local_metadata: Any) -> None:
+    """`state_dict()` leaves out `base.weight`: centroids and assignment determine it."""
+    state.pop(f"{prefix}base.weight", None)
+
+
+def _with_base_weight(module: ClusteredLayer, state: dict, prefix: str, *args: Any) -> None:
+    """Before `load_state_dict`: the base's weight from the incoming centroids and assignment."""
+    centroids, assignment = state.get(f"{prefix}centroids"), state.get(f"{prefix}assignment")
+    if centroids is None or assignment is None:
+        return  # reported as missing keys by torch
+    if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) > centroids.shape[1]):
+        raise ModelLoadError(f"{prefix}assignment holds indices outside [0, {centroids.shape[1]}]; the checkpoint "
+                             "is corrupt, re-save the model")
+    weight = _shared(centroids.to(module.base.weight.dtype), assignment.long())
+    state[f"{prefix}base.weight"] = weight.view(module.base.weight.shape) if weight.numel() == module.base.weight.numel() \
+        else weight
 
 
 def assignment_from_values(weight: Tensor, centroids: Tensor) -> Tensor:
     """The assignment (G, R) that gives back `weight` from `centroids` (G, K) exactly: each value's
-    equal centroid (the first of equal ones), else the zero slot K for an exact 0; anything else
+    equal centroid (the first of equal ones), else the zero slot 0 for an exact 0; anything else
     raises `ModelLoadError` (the weights are not a clustered layer's)."""
     groups, k = centroids.shape
     w = weight.detach().reshape(groups, -1)  # (G, R)
     c, order = centroids.detach().sort(dim=1, stable=True)  # (G, K)
     pos = torch.searchsorted(c.contiguous(), w.contiguous()).clamp(max=k - 1)  # (G, R)
     hit = c.gather(1, pos) == w
-    assign = torch.where(hit, order.gather(1, pos), torch.full_like(pos, k))
+    assign = torch.where(hit, order.gather(1, pos) + 1, torch.zeros_like(pos))
     bad = ~hit & (w != 0)
     if bad.any():
         raise ModelLoadError(f"clustered weight has {int(bad.sum())} values that are no centroid of its codebook; "
                              "the checkpoint was not written from this clustered model, re-save it")
     return assign
-
-
-def _reassign_after_load(module: ClusteredLayer, incompatible_keys: Any) -> None:
-    """After `load_state_dict`: rebuild the (unsaved) assignment from the loaded weight and codebook."""
-    with torch.no_grad():
-        module.assignment.copy_(assignment_from_values(module.base.weight, module.centroids))

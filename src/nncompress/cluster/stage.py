@@ -11,11 +11,10 @@ assignment. What a layer costs is recorded: b-bit packed indices plus the codebo
 indices Huffman-coded (canonical code, so the table is one length byte per symbol), whose difference
 is the further saving of entropy coding (Deep Compression's third step; reported, not written).
 
-Storage on disk: per-layer codebooks come out at b bits per weight through the checkpoint's
-codebook codec (<= 256 distinct values per tensor). Per-channel codebooks give G * 2^b distinct
-values per tensor, which that codec only takes when G * 2^b <= 256; beyond, the checkpoint falls back
-to the generic codecs (bitmask / dense) and `packed_bytes` in the record is what a per-row codebook
-codec would write. Zeros are kept so that the bitmask codec could compose with the codebook one.
+Storage on disk: the checkpoint stores each layer's centroids and its assignment (the centroid index
+of every weight, 0 for a pruned zero) packed at b bits, per layer or per channel alike; after pruning,
+a 1-bit mask of the nonzeros comes first and only their indices follow. `packed_bytes` in the record
+is that cost computed; the bytes on disk are measured by the report.
 
 The layers are recorded as swaps (their codebook shapes); the codebook and the assignment come from
 the checkpoint on load (see `ClusteredLayer`). A quantized or int8 layer is clustered from its values.
@@ -76,20 +75,20 @@ def layer_cost(layer: ClusteredLayer) -> dict[str, Any]:
     huffman_bytes: every index Huffman-coded (zero is a symbol), plus the codebook and one code-length
                    byte per used symbol (a canonical code is rebuilt from its lengths)
     """
-    assign = layer.assignment  # (G, R)
+    assign = layer.assignment  # (G, R), 0 = the zero slot
     k, numel = layer.k, assign.numel()
-    uses_zero = bool((assign == k).any())
+    uses_zero = bool((assign == 0).any())
     bits = index_bits(k + int(uses_zero))
     codebook = layer.centroids.numel() * layer.centroids.element_size()
     counts = torch.bincount(assign.reshape(-1), minlength=k + 1).tolist()
     used = sum(1 for c in counts if c)
     packed = math.ceil(numel * bits / 8) + codebook
     # a 1-bit nonzero mask plus index_bits(k)-bit indices of the nonzeros only
-    sparse = math.ceil(numel / 8) + math.ceil((numel - counts[k]) * index_bits(k) / 8) + codebook
+    sparse = math.ceil(numel / 8) + math.ceil((numel - counts[0]) * index_bits(k) / 8) + codebook
     huff_bits = huffman_bits(assign, k + 1)
     huffman = math.ceil(huff_bits / 8) + codebook + used
-    return {"k": k, "groups": layer.groups, "bits": bits, "numel": numel, "zeros": counts[k],
-            "packed_bytes": packed, "sparse_bytes": sparse if counts[k] else packed, "huffman_bytes": huffman,
+    return {"k": k, "groups": layer.groups, "bits": bits, "numel": numel, "zeros": counts[0],
+            "packed_bytes": packed, "sparse_bytes": sparse if counts[0] else packed, "huffman_bytes": huffman,
             "huffman_bits_per_weight": round(huff_bits / max(numel, 1), 4),
             "max_code_length": max(huffman_lengths(counts))}
 

@@ -41,8 +41,8 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, A
     """The smallest exact encoding of `t`: (named parts, metadata)."""
     t = t.detach().contiguous().cpu()
     dense = ({"data": t}, {"codec": "dense"})
-    if not t.is_floating_point() or t.numel() < MIN_NUMEL:
-        return dense
+    if t.dtype == torch.bool or t.is_complex() or t.numel() < MIN_NUMEL:
+        return dense  # integer tensors (a clustered layer's assignment) pack like float ones
     candidates = [dense]
     for encode in (_nm, _bitmask, _codebook):  # on equal size, the 2:4 layout wins
         enc = encode(t)
@@ -69,7 +69,7 @@ def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any],
         out = torch.zeros(numel, dtype=dtype)
         if "values_index" in parts:  # the nonzeros as a codebook (clustered or quantized after pruning)
             idx = unpack(parts["values_index"], meta["values_bits"], int(mask.sum())).long()
-            out[mask] = parts["values_codebook"][idx]
+            out[mask] = parts["values_codebook"][idx].to(dtype)
         else:
             out[mask] = parts["values"]
         return out.view(shape)
@@ -81,7 +81,7 @@ def decode_tensor(parts: dict[str, torch.Tensor], meta: dict[str, Any],
         return out.view(shape)
     if codec == "codebook":
         idx = unpack(parts["index"], meta["bits"], numel).long()
-        return parts["codebook"][idx].view(shape)
+        return parts["codebook"][idx].to(dtype).view(shape)
     if codec == "int_codes":
         return decode_int_codes(parts, meta, resolve or {})
     raise ValueError(f"unknown codec {codec!r}")
@@ -127,6 +127,8 @@ def _codebook(t: torch.Tensor):
     k = values.numel()
     if k > 256:
         return None
+    if not values.is_floating_point() and values.abs().max() < 2 ** 15:
+        values = values.to(torch.int16)  # integer codebooks (centroid indices) need few bits each
     bits = max(1, math.ceil(math.log2(k)))
     return {"codebook": values.clone(), "index": pack(idx, bits)}, {"codec": "codebook", "bits": bits}
 
