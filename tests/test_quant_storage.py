@@ -49,20 +49,26 @@ def test_packed_bytes_follow_bits_and_reload_is_exact(tmp_path, digits, name):
     x = digits.example_batch(64)
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
-    # the oracle: codes + every other tensor (scales, zero points, biases) at their dense size
+    # the oracle: codes + every other tensor (scales, biases) at its dense size; integer zero points
+    # (asymmetric grids) at most that: they take few distinct values and the exact codecs pack them
     expected = 0
     for key, t in q.state_dict().items():
         if key.endswith("base.weight"):
             expected += packed_size(t.numel(), bits)
-        else:
+        elif not key.endswith("zero_point"):
             expected += t.numel() * t.element_size()
+    path = tmp_path / "m" / "model.safetensors"
+    header, entries = _header_bytes(path)
+    zero_points = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items()
+                      if k.split("::")[0].endswith("zero_point"))
+    assert zero_points <= sum(t.numel() * t.element_size() for k, t in q.state_dict().items()
+                              if k.endswith("zero_point"))
+    expected += zero_points
     if name == "binary":  # binary stores alpha and the fix value (one float each per row) beside the codes
         expected += sum(m.base.weight.shape[0] * 8 for m in q.modules() if isinstance(m, QuantWrapper))
     if name.startswith("ternary"):  # ternary stores alpha (one float per group) beside the codes
         per_row = name == "ternary"
         expected += sum(4 * (m.base.weight.shape[0] if per_row else 1) for m in q.modules() if isinstance(m, QuantWrapper))
-    path = tmp_path / "m" / "model.safetensors"
-    header, entries = _header_bytes(path)
     assert path.stat().st_size - header == expected
     assert path.stat().st_size <= 1.05 * expected + 4096  # the JSON header is the only overhead
     codecs = json.loads(entries["__metadata__"]["codecs"])
