@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform
+from ..core.objectives import require_data
 from ..core.calibration import calibrate, io_shapes
 from .layers import CONV_TYPES, LowRankConv, LowRankLinear, full_ranks, weight_params
 from .rank import allocate, energy_rank, ladder, round_rank
@@ -226,9 +227,8 @@ def _choose(model: nn.Module, sites: list, config: LowRankConfig, ctx: Context,
 def _whitenings(model: nn.Module, linears: list[str], config: LowRankConfig, ctx: Context
                 ) -> dict[str, torch.Tensor]:
     """`{name: L}` with `L L^T` the Gram matrix of the layer's inputs over the calibration batches."""
-    if ctx.data is None:
-        raise ConfigError("whiten", "needs calibration data; pass Context(data=...) or set whiten: false")
-    stats = calibrate(model, ctx.data.calib, {n: ("gram",) for n in linears}, batches=config.calib_batches,
+    data = require_data(ctx, "whiten", "calibration data (or set whiten: false)")
+    stats = calibrate(model, data.calib, {n: ("gram",) for n in linears}, batches=config.calib_batches,
                       device=ctx.device)
     return {n: whitening(stats[n].gram()) for n in linears if n in stats}
 

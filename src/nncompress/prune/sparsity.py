@@ -28,8 +28,8 @@ from torch.nn.utils import parametrize
 
 from ..core import Config, ConfigError, Context, Site, Targets, TrainConfig, check, fit, layer_transform, lookup
 from ..core import names, register
+from ..core.objectives import objective, require_data
 from ..core.calibration import LayerStats, calibrate, gradient_sums
-from ..core.objectives import objective
 from .granularity import NM, Element, Pattern, Vector, granularity_from_dict, granularity_to_dict
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
@@ -330,10 +330,7 @@ def compute_masks(job: _Job, level: float, old: Masks | None = None) -> Masks:
 
 
 def _calib(job: _Job):
-    if job.ctx.data is None:
-        raise ConfigError("importance", f"{job.config.importance!r} needs calibration data; run the stage "
-                          "in a recipe or pass Context(data=...)")
-    return job.ctx.data.calib
+    return require_data(job.ctx, "importance", f"calibration data for {job.config.importance!r}").calib
 
 
 def snip_prune(job: _Job) -> Masks:

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.objectives import objective, require_data
 from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_view, register
-from ..core.objectives import objective
 from ..core.errors import DataError
 from ..graph import build_graph
 from .importance import NEEDS, collect_stats
@@ -225,9 +225,7 @@ def _stats(model: nn.Module, groups: list, config: PruneConfig, ctx: Context) ->
     need = NEEDS.get(config.importance)
     if need is None:
         return {}
-    if ctx.data is None:
-        raise ConfigError("importance", f"{config.importance!r} needs calibration data; run the stage in a "
-                          "recipe or pass Context(data=...)")
+    require_data(ctx, "importance", f"calibration data for {config.importance!r}")
     if need != "activations" and ctx.data.task != "classification":
         raise ConfigError("importance", f"{config.importance!r} needs labelled data; for {ctx.data.task} "
                           "models use l2, fpgm or activation")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform, lookup
+from ..core.objectives import require_data
 from ..core.calibration import calibrate, patch_rows
 from ..core.errors import DataError
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
@@ -213,8 +214,7 @@ def _quantize_layer(layer: nn.Module, h: Tensor | None, config: GPTQConfig) -> Q
 @layer_transform("gptq", config=GPTQConfig, layers=QUANT_LAYERS, on_wrapped="merge", what="Linear/Conv")
 def _gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """GPTQ weight quantization with calibration data (error-corrected rounding, layer by layer)."""
-    if ctx.data is None:
-        raise ConfigError("gptq", "needs calibration data; run it in a recipe or pass Context(data=...)")
+    require_data(ctx, "gptq", "calibration data")
     model.eval()
     sites = quant_sites(sites, ctx.targets, "gptq")
     layers = {s.name: float_layer(s.layer) for s in sites}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import Config, ConfigError, Context, Site, Targets, check, layer_transform, set_module
+from ..core.objectives import require_data
 from ..core.calibration import calibrate as calibrate_stats
 from ..core.calibration import feed
 from ..core.errors import DataError, TargetError
@@ -158,9 +159,9 @@ def bias_correct(wrapper: QuantWrapper, mean_input: Tensor) -> Tensor:
 def _quantize(model: nn.Module, config: QuantizeConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Post-training quantization: fake-quant wrappers with scales from observers and calibration data."""
     needs_data = config.activation is not None or config.bias_correction
-    if needs_data and ctx.data is None:
-        raise ConfigError("quantize.activation" if config.activation is not None else "quantize.bias_correction",
-                          "needs calibration data; run it in a recipe or pass Context(data=...)")
+    if needs_data:
+        require_data(ctx, "quantize.activation" if config.activation is not None else "quantize.bias_correction",
+                     "calibration data")
     sites = quant_sites(sites, ctx.targets, "quantize")
     model.eval()
     example = ctx.data.example_batch(2) if ctx.data is not None else None

@@ -44,9 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.objectives import kd_logits_loss, objective, require_data
 from ..core import ConfigError, Context, Edits, Site, TrainConfig, check, fit, get_module, layer_transform
 from ..core.errors import TargetError
-from ..core.objectives import kd_logits_loss, objective
 from ..core.train import make_optimizer
 from ..core.zeros import zero_keeper
 from ..formats import BinaryFormat, IntFormat, PerGroup, TernaryFormat
@@ -203,8 +203,8 @@ def _qat(model: nn.Module, config: QATConfig, ctx: Context, sites: list[Site]) -
                               "QATConfig(step='prepare') first")
         return _convert(model, prepared, ctx.edits)
     needs_data = config.step == "all" or config.activation is not None
-    if needs_data and ctx.data is None:
-        raise ConfigError("qat", "needs training data; run it in a recipe or pass Context(data=...)")
+    if needs_data:
+        require_data(ctx, "qat")
     sites = quant_sites(sites, ctx.targets, "qat")
     model.to(ctx.device)
     if config.fold_bn:
