@@ -26,6 +26,16 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     tmp.replace(path)
 
 
+def checkpoint_size(model, where: str | Path, compress: bool = True) -> int:
+    """Bytes of every file needed to load `model` (weights + manifest with its recorded history), as the
+    run reports count them. A model a peer tool changed has no nncompress history: its manifest is empty."""
+    from nncompress.core import history
+    from nncompress.export.checkpoint import checkpoint_bytes, write_checkpoint
+
+    folder = write_checkpoint(model, where, {"name": "-"}, history(model), compress=compress, overwrite=True)
+    return checkpoint_bytes(folder)["total"]
+
+
 def trained_reference(tmp: str | Path, epochs: int, lr: float = 3e-3):
     """The MNIST-1D data (cached under `tmp`) and the reference CNN trained the demo's way, seeded."""
     import torch

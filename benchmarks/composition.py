@@ -95,7 +95,7 @@ def main() -> None:
               for k in ("ok", "CRASH", "MISMATCH")}
     total = sum(len(cells) for cells in results.values())
     typed = total - sum(counts.values())
-    body = [f"## Composition matrix (`python benchmarks/composition.py`)", "",
+    body = ["## Composition matrix (`python benchmarks/composition.py`)", "",
             f"Every ordered pair of the {len(transforms('mlp'))} registered transforms (quantize and sparsify "
             f"twice: W8A8 / W4, 50% / 2:4) on a tiny MLP, CNN and BERT: {total} pairs, {counts['ok']} compose "
             f"and reload bit-exact, {typed} refuse with a typed error, {counts['CRASH']} crash, "

@@ -42,13 +42,14 @@ from nncompress.quant import QuantizeConfig, QuantSpec  # noqa: E402
 
 
 def saved(model, where: Path, compress: bool = True) -> Path:
-    return write_checkpoint(model, where, {"name": "-"}, history(model), compress=compress) / "model.safetensors"
+    """The checkpoint folder (weights + manifest with the model's history): its bytes are what loads."""
+    return write_checkpoint(model, where, {"name": "-"}, history(model), compress=compress)
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Bytes of each state tensor in a checkpoint file (the sum of its stored parts)."""
     out: dict[str, int] = {}
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
             name = key.rpartition("::")[0]
@@ -70,7 +71,7 @@ def cluster_rows(pruned, data, args, tmp: Path, base: dict) -> list[dict]:
         path = saved(m, tmp / f"cluster-{conv_bits}-{fc_bits}")
         stored = tensor_bytes(path)
         layers = {n: r for rec in records for n, r in rec["layers"].items()}
-        in_file = sum(stored[f"{n}.base.weight"] + stored[f"{n}.centroids"] for n in layers)
+        in_file = sum(stored[f"{n}.assignment"] + stored[f"{n}.centroids"] for n in layers)
         total = file_bytes(path)
         row = {"label": f"+ cluster conv {conv_bits}-bit / fc {fc_bits}-bit + FT", "acc": accuracy(m, data.test),
                "bytes": total, "cluster_bytes": in_file,

@@ -104,8 +104,7 @@ def run(args, tmp: str) -> dict:
 
 
 def saved(model, where: Path) -> int:
-    nncompress.save(model, where)
-    return file_bytes(where / "model.safetensors")
+    return file_bytes(nncompress.save(model, where))  # every file load needs: weights + manifest
 
 
 def render(args, r) -> str:

@@ -29,15 +29,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import trained_reference, update_section  # noqa: E402
+from common import checkpoint_size, trained_reference, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, TrainConfig, fit  # noqa: E402
 from nncompress.core.apply import history  # noqa: E402
 from nncompress.eval.latency import compare_latency  # noqa: E402
-from nncompress.eval.measure import count_macs, count_params, file_bytes  # noqa: E402
+from nncompress.eval.measure import count_macs, count_params  # noqa: E402
 from nncompress.eval.metrics import accuracy, embed, embedding_fidelity  # noqa: E402
-from nncompress.export.checkpoint import write_checkpoint  # noqa: E402
 from nncompress.prune.kernels import GroupConvConfig  # noqa: E402
 from nncompress.prune.layers import DropLayersConfig  # noqa: E402
 from nncompress.prune.structured import PruneConfig  # noqa: E402
@@ -117,10 +116,10 @@ def measure(name, tool, criterion, keep, reference, pruned, prune_s, data, args,
     acc0 = accuracy(pruned, data.test)
     train(pruned, data, args.finetune_epochs, args.lr)
     acc1 = accuracy(pruned, data.test)
-    path = write_checkpoint(pruned, Path(tmp) / f"{tool}-{criterion}-{keep}", source={"name": "-"}, history=[])
+    size = checkpoint_size(pruned, Path(tmp) / f"{tool}-{criterion}-{keep}")
     row = {"tool": tool, "criterion": criterion, "target": f"{1 / keep:.0f}x",
            "acc_pruned": acc0, "acc_ft": acc1, "params": count_params(pruned),
-           "macs": count_macs(pruned, data.example_batch(1)), "bytes": file_bytes(path / "model.safetensors"),
+           "macs": count_macs(pruned, data.example_batch(1)), "bytes": size,
            "prune_s": prune_s}
     for b in (1, 256):
         x = data.example_batch(b)
@@ -173,12 +172,12 @@ def minilm_tp(model, data, ratio: float, ffn_only: bool = False):
 def minilm_row(tool, ratio, scope, reference, ref_emb, pruned, prune_s, data, args, tmp):
     fid = embedding_fidelity(ref_emb, embed(pruned, data.test), k=10)
     layer = pruned.model.encoder.layer[0]
-    path = write_checkpoint(pruned, Path(tmp) / f"minilm-{tool}-{ratio}-{scope}", source={"name": "-"}, history=[])
+    size = checkpoint_size(pruned, Path(tmp) / f"minilm-{tool}-{ratio}-{scope}")
     row = {"tool": tool, "ratio": ratio, "scope": scope, "cosine": fid["cosine"], "overlap": fid["overlap_at_k"],
            "layers": len(pruned.model.encoder.layer), "heads": layer.attention.self.num_attention_heads,
            "ffn": layer.intermediate.dense.out_features,
            "params": count_params(pruned), "macs": count_macs(pruned, data.example_batch(1)),
-           "bytes": file_bytes(path / "model.safetensors"), "prune_s": prune_s}
+           "bytes": size, "prune_s": prune_s}
     for b in (1, 32):
         ref, lat = compare_latency([reference, pruned], data.example_batch(b), warmup=3, repeats=args.repeats,
                                    threads=2)
@@ -193,8 +192,7 @@ def load_minilm(tmp) -> tuple:
     data = build_data({"name": "sentences"}, tok)
     ref_emb = embed(reference, data.test)
     base = {"params": count_params(reference), "macs": count_macs(reference, data.example_batch(1)),
-            "bytes": file_bytes(write_checkpoint(reference, Path(tmp) / "minilm-ref", {"name": "-"}, [])
-                                / "model.safetensors"), "n_test": len(ref_emb)}
+            "bytes": checkpoint_size(reference, Path(tmp) / "minilm-ref"), "n_test": len(ref_emb)}
     return reference, data, ref_emb, base
 
 
@@ -432,8 +430,7 @@ def main() -> None:
         data, reference = trained_reference(tmp, args.train_epochs)
         cnn = {"data": data, "model": reference, "criteria": criteria, "acc": accuracy(reference, data.test),
                "macs": count_macs(reference, data.example_batch(1)), "params": count_params(reference),
-               "bytes": file_bytes(write_checkpoint(reference, Path(tmp) / "ref", {"name": "-"}, [])
-                                   / "model.safetensors")}
+               "bytes": checkpoint_size(reference, Path(tmp) / "ref")}
         mini = load_minilm(tmp)
         heads_rows: list[dict] = []
         if args.only in ("all", "channels"):

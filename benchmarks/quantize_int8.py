@@ -155,9 +155,9 @@ def run(args, tmp: Path) -> dict:
                         copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)}
     for name, m in torch_models.items():
         rows[name] = {**fid(embed(m, data.test)), "group": "torch"}
-    rows["fp32 torch"]["bytes"] = file_bytes(nncompress.save(model, tmp / "fp32") / "model.safetensors")
+    rows["fp32 torch"]["bytes"] = file_bytes(nncompress.save(model, tmp / "fp32"))  # weights + manifest
     saved = nncompress.save(dyn, tmp / "dyn")
-    rows["nncompress int8_dynamic (torch)"]["bytes"] = file_bytes(saved / "model.safetensors")
+    rows["nncompress int8_dynamic (torch)"]["bytes"] = file_bytes(saved)
     rows["nncompress int8_dynamic (torch, int_mm oracle)"]["bytes"] = rows["nncompress int8_dynamic (torch)"]["bytes"]
     rows["torch.ao quantize_dynamic"]["bytes"] = torch_bytes(torch_models["torch.ao quantize_dynamic"])
     for b, x in (("1", x1), ("32", data.example_batch(32))):

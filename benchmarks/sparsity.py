@@ -30,13 +30,12 @@ from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import trained_reference, update_section  # noqa: E402
+from common import checkpoint_size, trained_reference, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, TrainConfig, fit  # noqa: E402
-from nncompress.eval.measure import count_nonzero_params, count_params, file_bytes  # noqa: E402
+from nncompress.eval.measure import count_nonzero_params, count_params  # noqa: E402
 from nncompress.eval.metrics import accuracy, embed, embedding_fidelity  # noqa: E402
-from nncompress.export.checkpoint import write_checkpoint  # noqa: E402
 from nncompress.prune.lottery import LotteryConfig  # noqa: E402
 from nncompress.prune import NM  # noqa: E402
 from nncompress.prune.sparsity import SparsityConfig  # noqa: E402
@@ -51,7 +50,7 @@ def ce(model, batch):
 
 
 def saved_bytes(model: nn.Module, where: Path, compress: bool) -> int:
-    return file_bytes(write_checkpoint(model, where, {"name": "-"}, [], compress=compress) / "model.safetensors")
+    return checkpoint_size(model, where, compress)
 
 
 def weight_sparsity(model: nn.Module) -> float:

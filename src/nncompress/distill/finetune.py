@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core import Context, TrainConfig, check, fit, register
 from ..core.calibration import feed

@@ -16,17 +16,15 @@ pruned layer by layer in model order so later layers see the already pruned ones
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..core import Config, ConfigError, Context, Site, Targets, TrainConfig, check, fit, layer_transform, lookup
+from ..core import ConfigError, Context, Site, Targets, TrainConfig, check, fit, layer_transform, lookup
 from ..core import names, register
 from ..core.objectives import objective, require_data
 from ..core.calibration import LayerStats, calibrate, gradient_sums
@@ -217,7 +215,7 @@ class plain_sites:
 
 def _run(job: _Job) -> Masks:
     """The configured criterion and schedule; returns the final masks."""
-    config, ctx = job.config, job.ctx
+    config = job.config
     if config.importance in _SOLVERS or (config.importance == "wanda" and config.schedule == "one_shot"
                                          and config.sequential and not config.soft):
         return _train(job, layerwise_prune(job))

@@ -23,7 +23,6 @@ import dataclasses
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform, lookup

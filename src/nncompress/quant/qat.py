@@ -42,7 +42,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.objectives import kd_logits_loss, objective, require_data
 from ..core import ConfigError, Context, Edits, Site, TrainConfig, check, fit, get_module, layer_transform
