@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from helpers import TinyData
-from nncompress.core import (Context, Edits, ModelLoadError, Targets, apply, calibration, config, history, merge,
+from nncompress.core import (Context, Edits, ModelLoadError, Targets, apply, calibration, config, feeding, history, hooks,
+                             merge, wrappers,
                              objectives, replay, surgery)
 from nncompress.core.calibration import calibrate, capturing, feed, gradient_sums, output_of, sequential_blocks
 from nncompress.formats import IntFormat
@@ -16,7 +17,7 @@ from nncompress.prune import granularity
 from nncompress.quant import QuantizeConfig, QuantLinear, QuantSpec
 
 
-@pytest.mark.parametrize("module", [surgery, calibration, objectives, config, granularity],
+@pytest.mark.parametrize("module", [surgery, wrappers, calibration, feeding, hooks, objectives, config, granularity],
                          ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

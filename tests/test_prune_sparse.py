@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress
 from nncompress.core import ConfigError, Context, Targets, TrainConfig, apply, fit
-from nncompress.prune import NM, Pattern, Vector, epi, lottery, masks, sparsity
+from nncompress.prune import NM, Pattern, Vector, epi, lottery, masks, penalties, sparsity
 from nncompress.prune.epi import EarlyPruningIndicator, mask_distance
 from nncompress.prune.lottery import LotteryConfig
 from nncompress.prune.masks import (global_masks, kernel_patterns, magnitude_scores, nm_mask, pattern_mask,
                                     pruned_count, sparsegpt_prune, unstructured_mask, vector_mask)
-from nncompress.prune.sparsity import (SparsityConfig, cubic_sparsity, group_lasso, l1_penalty,
-                                       regularizer)
+from nncompress.prune.penalties import group_lasso, l1_penalty, regularizer
+from nncompress.prune.sparsity import SparsityConfig, cubic_sparsity
 from nncompress.recipe import parse_recipe
 from nncompress.zoo.data import DataBundle
 from nncompress.zoo.loaders import build_model
@@ -46,7 +46,7 @@ def _record(model):
     return nncompress.history(model)[-1]["record"]
 
 
-@pytest.mark.parametrize("module", [masks, sparsity, lottery, epi])
+@pytest.mark.parametrize("module", [masks, sparsity, penalties, lottery, epi])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

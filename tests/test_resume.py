@@ -226,7 +226,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_live_data_kept(tmp_pat
     assert f"removed {stale[0]} (a temporary left by a run that was killed)" in logged
 
 
-@pytest.mark.parametrize("module", ["nncompress.export.atomic", "nncompress.recipe.runner",
+@pytest.mark.parametrize("module", ["nncompress.export.atomic", "nncompress.recipe.partial",
                                     "nncompress.recipe.schema", "nncompress.cli"])
 def test_docstring_examples_run(module):
     import doctest

@@ -1,5 +1,5 @@
-"""Calibration: one way to feed a batch to a model, one pass that captures what a technique asks for,
-and the only forward hooks in the library.
+"""Calibration: one pass that captures what a technique asks for (with `feeding`, the one way to feed a
+batch, and `hooks`, the library's only forward hooks).
 
     stats = calibrate(model, data.calib, {"fc1": ("gram",), "fc2": ("absmax", "mean")}, batches=8)
     stats["fc1"].gram()          # (I, I) float64 Gram matrix of fc1's inputs over the calibration rows
@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,68 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DataError
+from .feeding import batch_inputs, evaluating, feed, first_arg, first_tensor, move, take
+from .hooks import capturing, collect_block_io, intercepting, output_of  # noqa: F401  (re-exported)
 
-__all__ = ["batch_inputs", "move", "feed", "first_tensor", "evaluating", "LayerStats", "calibrate", "io_shapes",
-           "gradient_sums", "capturing", "output_of", "intercepting", "collect_block_io", "sequential_blocks",
-           "BlockInputs", "channel_rows", "patch_rows", "STATS"]
+__all__ = ["LayerStats", "calibrate", "io_shapes", "gradient_sums", "sequential_blocks", "BlockInputs",
+           "channel_rows", "patch_rows", "STATS",
+           # feeding and hooks, re-exported: one import for a technique's calibration needs
+           "batch_inputs", "move", "feed", "first_tensor", "evaluating", "capturing", "output_of", "intercepting",
+           "collect_block_io"]
 
 STATS = ("count", "mean", "sqnorm", "absmax", "gram", "patch_gram", "out_absmean")
-
-
-# ------------------------------------------------------------------------------------ feeding a model
-
-def batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch: `x` of `(x, y)`, a dict of tensors as is, or a tensor."""
-    if isinstance(batch, Mapping) or torch.is_tensor(batch):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
-        return batch[0]
-    raise DataError(f"a batch must be an (x, y) pair, a tensor or a dict of tensors, got {type(batch).__name__}"
-                    f"{' of ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}; "
-                    f"make the loader yield (inputs, labels) or {{'input_ids': ..., 'attention_mask': ...}}")
-
-
-def move(inputs: Any, device: torch.device | str | None) -> Any:
-    """`inputs` (a tensor or a dict of them) on `device` (None: where they are)."""
-    if device is None:
-        return inputs
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    return inputs.to(device)
-
-
-def feed(model: nn.Module, batch: Any, device: torch.device | str | None = None) -> Any:
-    """Run `model` on a batch: `model(x)` for a tensor (or the x of `(x, y)`), `model(**x)` for a dict."""
-    inputs = move(batch_inputs(batch), device)
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-def first_tensor(output: Any) -> Tensor | None:
-    """The tensor a module returned: itself, `.logits` / the first value of a Hugging Face output, or
-    the first item of a tuple."""
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, Mapping):
-        return next((v for v in output.values() if torch.is_tensor(v)), None)
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    return None
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no gradients inside; the model's mode comes back after."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was)
-
-
-def _batches(loader: Iterable, n: int) -> Iterator[Any]:
-    return itertools.islice(iter(loader), n)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -197,14 +144,6 @@ class _Stop(Exception):
     """Ends a forward pass once every module asked about has run."""
 
 
-def _first_arg(args: tuple, kwargs: dict) -> Tensor | None:
-    for a in args:
-        if torch.is_tensor(a):
-            return a
-    t = kwargs.get("hidden_states")
-    return t if torch.is_tensor(t) else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
-
-
 def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[str]], *, batches: int = 8,
               device: torch.device | str | None = None, stop_early: bool = True, first_group: bool = False,
               runner: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, LayerStats]:
@@ -241,7 +180,7 @@ def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[s
 
     def pre(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_arg(args, kwargs)
+            x = first_arg(args, kwargs)
             if x is None or not x.is_floating_point():
                 return
             if first_group and not accumulates(name, module, x):
@@ -273,7 +212,7 @@ def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[s
             stack.enter_context(m.register_forward_hook(post(n), with_kwargs=True))
         stack.enter_context(evaluating(model))
         fed = 0
-        for i, batch in enumerate(_batches(loader, batches)):
+        for i, batch in enumerate(take(loader, batches)):
             inputs = batch_inputs(batch) if runner is None else None
             state.update(batch=i, seen=set(), anchor=None,
                          mask=inputs.get("attention_mask") if isinstance(inputs, Mapping) else None)
@@ -308,7 +247,7 @@ def gradient_sums(model: nn.Module, loader: Iterable, loss_fn: Callable[[nn.Modu
     was = model.training
     model.eval()
     try:
-        for batch in _batches(loader, batches):
+        for batch in take(loader, batches):
             for p in params.values():
                 p.grad = None
             loss_fn(model, batch).backward()
@@ -322,74 +261,6 @@ def gradient_sums(model: nn.Module, loader: Iterable, loss_fn: Callable[[nn.Modu
             p.grad = saved[n]
         model.train(was)
     return grad, grad_sq
-
-
-# ------------------------------------------------------------------------------------ capture, stop, intercept
-
-@contextlib.contextmanager
-def capturing(model: nn.Module, names: Sequence[str], inputs: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Record the output (or, with `inputs`, the first input) of each named module while inside; the
-    last call wins. Captured tensors keep their autograd graph (feature distillation trains on them)."""
-    out: dict[str, Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        for n in dict.fromkeys(names):
-            m = model.get_submodule(n) if n else model
-            if inputs:
-                hook = (lambda _m, a, kw, n=n: out.__setitem__(n, _first_arg(a, kw)))
-                stack.enter_context(m.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                hook = (lambda _m, _a, o, n=n: out.__setitem__(n, first_tensor(o)))
-                stack.enter_context(m.register_forward_hook(hook))
-        yield out
-
-
-class _Reached(Exception):
-    def __init__(self, value: Any):
-        super().__init__()
-        self.value = value
-
-
-def output_of(model: nn.Module, name: str, inputs: Any, run: Callable[[nn.Module, Any], Any] | None = None
-              ) -> Tensor | None:
-    """The output of module `name` on `inputs` (None if it did not run); the forward stops there."""
-    def stop(_m: nn.Module, _a: Any, out: Any) -> None:
-        raise _Reached(first_tensor(out))
-
-    m = model.get_submodule(name) if name else model
-    with m.register_forward_hook(stop):
-        try:
-            (run or (lambda mod, x: feed(mod, x)))(model, inputs)
-        except _Reached as reached:
-            return reached.value
-    return None
-
-
-@contextlib.contextmanager
-def intercepting(model: nn.Module, names: Iterable[str], fn: Callable[[Any, Tensor | None], Any]) -> Iterator[None]:
-    """Inside, each named module returns `fn(its output, its first input)` instead of its output
-    (`fn = lambda out, x: x` skips the modules)."""
-    with contextlib.ExitStack() as stack:
-        for n in names:
-            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-                return fn(out, _first_arg(args, kwargs))
-            stack.enter_context(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
-        yield
-
-
-def collect_block_io(model: nn.Module, names: Sequence[str], batch: Any, device: Any = None
-                     ) -> dict[str, tuple[Tensor, Tensor]]:
-    """`{name: (first input, output tensor)}` of each block on one forward of `batch` (first call)."""
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    with contextlib.ExitStack() as stack:
-        for n in names:
-            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, n: str = n) -> None:
-                x, y = _first_arg(args, kwargs), first_tensor(out)
-                if x is not None and y is not None and n not in seen:
-                    seen[n] = (x.detach(), y.detach())
-            stack.enter_context(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
-        with torch.no_grad():
-            feed(model, batch, device)
-    return seen
 
 
 # ------------------------------------------------------------------------------------ block by block
@@ -440,7 +311,7 @@ def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable,
         raise _Stop
 
     with first.register_forward_pre_hook(catch, with_kwargs=True), evaluating(model):
-        for batch in _batches(loader, batches):
+        for batch in take(loader, batches):
             try:
                 feed(model, batch, device)
             except _Stop:

@@ -11,12 +11,13 @@ from .kernels import GroupConvConfig, GroupedConv, group_partition, kernel_group
 from .layers import DropLayersConfig, find_blocks, remove_blocks
 from .lottery import LotteryConfig
 from .masks import global_masks, nm_mask, pattern_mask, unstructured_mask, vector_mask
-from .sparsity import SparsityConfig, cubic_sparsity, group_lasso, l1_penalty
+from .penalties import group_lasso, l1_penalty, regularizer
+from .sparsity import SparsityConfig, cubic_sparsity
 from .structural import apply_record, remove_channels, remove_groups
 from .structured import PruneConfig, group_lasso_penalty
 
 __all__ = ["EarlyPruningIndicator", "NM", "Element", "Pattern", "Vector", "GroupConvConfig", "GroupedConv", "group_partition",
            "kernel_group_mask", "DropLayersConfig", "find_blocks", "remove_blocks",
            "LotteryConfig", "global_masks", "nm_mask", "pattern_mask",
-           "unstructured_mask", "vector_mask", "SparsityConfig", "cubic_sparsity", "group_lasso", "l1_penalty",
+           "unstructured_mask", "vector_mask", "SparsityConfig", "cubic_sparsity", "group_lasso", "l1_penalty", "regularizer",
            "apply_record", "remove_channels", "remove_groups", "PruneConfig", "group_lasso_penalty"]

@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..core import ConfigError, Context, Site, TrainConfig, check, fit, layer_transform
 from ..core.objectives import objective, require_data
 from .masks import global_masks, magnitude_scores, unstructured_mask
-from .sparsity import SPARSE_LAYERS, Masks, SparsityConfig, plain_sites, sparse_layers
+from ..core.surgery import plain_sites
+from .sparsity import SPARSE_LAYERS, Masks, SparsityConfig, sparse_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..core import ConfigError, Context, Site, Targets, TrainConfig, check, fit, layer_transform, lookup
+from ..core import ConfigError, Context, Site, TrainConfig, check, fit, layer_transform, lookup
+from ..core.surgery import plain_sites
 from ..core import names, register
 from ..core.objectives import objective, require_data
 from ..core.calibration import LayerStats, calibrate, gradient_sums
@@ -32,7 +33,6 @@ from .granularity import NM, Element, Pattern, Vector, granularity_from_dict, gr
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
                     wanda_scores)
-from .structured import group_lasso_penalty
 
 Masks = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -188,29 +188,6 @@ def _sparsify(model: nn.Module, config: SparsityConfig, ctx: Context, sites: lis
     model = sites[0].model
     model.train(was_training)
     return model
-
-
-class plain_sites:
-    """Context manager: the sites' layers as plain modules in the model while inside (a wrapped layer
-    is replaced by its merge), the wrappers re-applied to the edited layers on exit (quantized weights
-    pruned to 2:4 stay quantized; the zeros are on every grid)."""
-
-    def __init__(self, sites: list[Site]):
-        self.sites = sites
-
-    def __enter__(self) -> "plain_sites":
-        for s in self.sites:
-            if s.wrapped is not None:
-                s.replace(s.layer, rewrap=False)
-        self.layers = {s.name: s.layer for s in self.sites}
-        self.model = self.sites[0].model
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            for s in self.sites:
-                if s.wrapped is not None:
-                    s.replace(s.layer)
 
 
 def _run(job: _Job) -> Masks:
@@ -503,53 +480,3 @@ def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, max_
     found = calibrate(model, batches, wants, batches=max_batches, first_group=first_group)
     by_module = {names[id(m)]: n for n, m in layers.items()}
     return {by_module[k]: v for k, v in found.items()}
-
-
-# --------------------------------------------------------------------------------- regularization
-
-
-def _weights(model: nn.Module, targets: Targets | None) -> list[torch.Tensor]:
-    return [m.weight for _, m in (targets or Targets()).select(model)
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-
-
-def l1_penalty(model: nn.Module, targets: Targets | None = None) -> torch.Tensor:
-    """sum |w| over the targeted Linear and Conv weights: the L1 term of seed 001 eq. 2.
-
-    >>> lin = nn.Linear(2, 1, bias=False).requires_grad_(False)
-    >>> _ = lin.weight.fill_(-1.5)
-    >>> float(l1_penalty(lin))
-    3.0
-    """
-    return sum((w.abs().sum() for w in _weights(model, targets)), torch.zeros(()))
-
-
-def group_lasso(model: nn.Module, targets: Targets | None = None, alpha: float = 0.0,
-                groups: list | None = None) -> torch.Tensor:
-    """Seed 000's r(theta) = sum_l (1 - alpha) sqrt(P_l) sum_n ||theta_l^n||_2 + alpha ||theta_l||_1, the
-    groups n being each layer's output rows (P_l entries each). With `groups` (coupled channel groups
-    from `nncompress.graph`) this is `structured.group_lasso_penalty` on them.
-
-    >>> lin = nn.Linear(4, 1, bias=False).requires_grad_(False)
-    >>> _ = lin.weight.fill_(1.0)
-    >>> float(group_lasso(lin))  # sqrt(4) * ||(1, 1, 1, 1)||_2
-    4.0
-    """
-    if groups is not None:
-        return group_lasso_penalty(model, groups, alpha)
-    total = torch.zeros(())
-    for w in _weights(model, targets):
-        rows = w.reshape(w.shape[0], -1)  # (O, P)
-        total = total + (1 - alpha) * math.sqrt(rows.shape[1]) * rows.norm(dim=1).sum() + alpha * rows.abs().sum()
-    return total
-
-
-def regularizer(penalty: Callable[..., torch.Tensor], strength: float, **kwargs: Any) -> LossFn:
-    """A `fit(extra_losses=...)` term: `strength * penalty(model, **kwargs)` each batch.
-
-    >>> lin = nn.Linear(1, 1, bias=False).requires_grad_(False)
-    >>> _ = lin.weight.fill_(2.0)
-    >>> float(regularizer(l1_penalty, 0.5)(lin, None))
-    1.0
-    """
-    return lambda model, batch: strength * penalty(model, **kwargs)
