@@ -19,6 +19,7 @@ from nncompress.quant import (QATConfig, QuantizeConfig, QuantLinear, QuantSpec,
                               quant_sensitivity, refresh_weight_scales, wrap)
 from nncompress.quant import GPTQConfig, gptq_quantize
 from nncompress.quant import bn_fold, fake_quant, gptq, observers, ptq, qat
+from nncompress.graph.trace import trace
 from nncompress.quant.observers import _histogram, kl_observer
 from nncompress.recipe import parse_recipe
 from nncompress.zoo.loaders import build_data, build_model
@@ -481,17 +482,17 @@ def test_gptq_transform_on_digits(tmp_path, trained_mlp, digits):
 
 # ------------------------------------------------------------------------------------------ BN folding
 
-@pytest.mark.parametrize("name", ["sequential-conv2d", "linear-bn1d", "basic-block-fx", "mnist1d-cnn-autograd"])
+@pytest.mark.parametrize("name", ["sequential-conv2d", "linear-bn1d", "basic-block", "mnist1d-cnn-shape-branch"])
 def test_bn_fold_is_exact_in_eval(name):
     torch.manual_seed(0)
     if name == "sequential-conv2d":
         model, x = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)), torch.randn(2, 3, 8, 8)
     elif name == "linear-bn1d":
         model, x = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU()), torch.randn(4, 5)
-    elif name == "basic-block-fx":
+    elif name == "basic-block":
         model, x = BasicBlock(4, 8, stride=2, dim=2), torch.randn(2, 4, 8, 8)
     else:
-        model, x = mnist1d_cnn(widths=(8, 16)), torch.randn(3, 40)      # x.dim() branch: fx cannot trace it
+        model, x = mnist1d_cnn(widths=(8, 16)), torch.randn(3, 40)      # x.dim() branch: fx could not trace it
     model = randomize_bn(model).eval()
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     ref = model(x)
@@ -512,6 +513,99 @@ def test_bn_fold_skips_a_conv_whose_output_is_also_used_elsewhere():
             return self.bn(y) + y                                        # folding would change the second use
 
     assert fold_batchnorm(Branchy().eval()) == []
+
+
+def test_bn_fold_in_float64_is_exact_and_finds_every_pair_from_one_trace(monkeypatch):
+    import nncompress.graph.flow as flow_mod
+    traced = []
+    monkeypatch.setattr(flow_mod, "trace", lambda *a: traced.append(1) or trace(*a))
+    torch.manual_seed(0)
+    model = randomize_bn(mnist1d_cnn(widths=(8, 16))).double().eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    ref = model(x)
+    pairs = fold_batchnorm(model)                                       # inputs from model.input_shape
+    assert pairs == [("stem.0", "stem.1"), ("layers.0.conv1", "layers.0.bn1"), ("layers.0.conv2", "layers.0.bn2"),
+                     ("layers.1.conv1", "layers.1.bn1"), ("layers.1.conv2", "layers.1.bn2"),
+                     ("layers.1.shortcut.0", "layers.1.shortcut.1")] and len(traced) == 1
+    assert torch.allclose(model(x), ref, rtol=0, atol=1e-12)
+
+
+class _Reuse(nn.Module):
+    """conv1 runs twice; bn2 runs twice; conv3 reaches bn3 through an eval dropout (a no-op alias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(2, 2, 1), nn.BatchNorm1d(2)
+        self.conv2, self.bn2 = nn.Conv1d(2, 2, 1), nn.BatchNorm1d(2)
+        self.conv3, self.drop, self.bn3 = nn.Conv1d(2, 2, 1), nn.Dropout(0.3), nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(self.conv1(x)))
+        y = self.bn2(self.bn2(self.conv2(y)))
+        return self.bn3(self.drop(self.conv3(y)))
+
+
+def test_bn_fold_skips_reused_modules_and_looks_through_eval_dropout():
+    torch.manual_seed(0)
+    model = randomize_bn(_Reuse()).double().eval()
+    x = torch.randn(2, 2, 5, dtype=torch.float64)
+    ref = model(x)
+    assert fold_batchnorm(model, x) == [("conv3", "bn3")]
+    assert torch.allclose(model(x), ref, rtol=0, atol=1e-12)
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self, bn=True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(2, 2, 1), nn.BatchNorm1d(2) if bn else nn.ReLU()
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else x              # data-dependent: export cannot trace it
+
+
+def test_bn_fold_of_an_untraceable_model_raises_a_typed_error():
+    with pytest.raises(NNCompressError, match=r"fold_bn: cannot tell which layer feeds which: _ValueBranch: "
+                                              r"torch.export cannot trace.*; or set fold_bn=False"):
+        fold_batchnorm(_ValueBranch().eval(), torch.randn(2, 2, 4))
+    assert fold_batchnorm(_ValueBranch(bn=False).eval()) == []           # no BN: nothing to trace
+
+
+def test_bn_fold_next_to_int8_layers_traces_their_plain_view():
+    from nncompress.quant.native import Int8DynamicConfig
+    torch.manual_seed(0)
+    model = randomize_bn(mnist1d_cnn(widths=(8, 16))).eval()
+    model = apply(model, Int8DynamicConfig())                           # fc holds int8 codes: no fake-tensor kernel
+    x = torch.randn(3, 40)
+    ref = model(x)
+    assert len(fold_batchnorm(model, x)) == 6 and type(model.fc).__name__ == "Int8DynamicLinear"
+    assert torch.allclose(model(x), ref, atol=1e-5, rtol=0)
+
+
+class _FunctionalAct(nn.Module):
+    """conv -> F.relu -> conv -> LeakyReLU module -> conv; a grouped conv ends the chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.act = nn.Conv1d(3, 6, 3), nn.Conv1d(6, 4, 1), nn.LeakyReLU(0.1)
+        self.c3, self.c4 = nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1, groups=2)
+
+    def forward(self, x):
+        y = self.act(self.c2(F.relu(self.c1(x))))
+        return self.c4(torch.relu(self.c3(y)))
+
+
+def test_equalization_through_functional_relu_and_leaky_relu_is_exact():
+    torch.manual_seed(0)
+    m = _FunctionalAct().double()
+    with torch.no_grad():
+        m.c1.weight[:2] *= 40
+    x = torch.randn(4, 3, 9, dtype=torch.float64)
+    ref = m(x)
+    assert find_equalization_pairs(m) == [("c1", "c2"), ("c2", "c3")]   # c4 is grouped: left alone
+    equalize(m, x)
+    assert torch.allclose(m(x), ref, rtol=0, atol=1e-12)
+    s = equalization_scales(m.c1.weight, m.c2.weight)
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-3)             # converged: ranges even
 
 
 def test_equalization_keeps_outputs_and_evens_ranges():

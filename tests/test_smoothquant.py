@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import TinyData
 
 import nncompress
-from nncompress.core import CompositionError, ConfigError, Context, Targets, apply, history
+from nncompress.core import CompositionError, ConfigError, Context, Targets, UnsupportedOpError, apply, history
 from nncompress.formats import IntFormat, PerTensor
 from nncompress.quant import (QuantizeConfig, QuantSpec, SmoothedLinear, SmoothGroup, SmoothQuantConfig,
                               find_smooth_groups, smoothing_scales, weight_input_max)
@@ -260,6 +260,58 @@ def test_norm_feeding_two_linears_and_untargeted():
                 context=Context(data=TinyData(x, torch.zeros(3, dtype=torch.long))))
     assert isinstance(out.a, SmoothedLinear) and type(out.b) is nn.Linear
     assert torch.allclose(run(out, x), run(model, x), rtol=1e-5, atol=1e-6)
+
+
+class RMSBlock(nn.Module):
+    """Pre-norm block: norm1 reaches q and k through no-op aliases (eval dropout, contiguous, a same-shape
+    view), the residual bypasses it; norm2's output is also the model output; `shared` reads both norms;
+    `flat` reads a reshaped norm output; `idle` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2, self.drop = nn.RMSNorm(8), nn.LayerNorm(8), nn.Dropout(0.2)
+        self.q, self.k, self.shared, self.idle = (nn.Linear(8, 8) for _ in range(4))
+        self.flat = nn.Linear(16, 4)
+
+    def forward(self, x):                                                   # x: (N, 2, 8)
+        h = self.drop(self.norm1(x)).contiguous().view(x.shape)
+        x = x + self.q(h) * self.k(h)
+        g = self.norm2(x)
+        return self.shared(h) + self.shared(g), self.flat(g.reshape(-1, 16)), g
+
+
+def test_groups_through_aliases_and_every_reason():
+    model = RMSBlock().eval()
+    names = ["q", "k", "shared", "flat", "idle"]
+    groups, left = find_smooth_groups(model, torch.randn(3, 2, 8), names)
+    assert groups == [SmoothGroup("norm1", ("k", "q"), ("shared",))]      # shared is no member: two sources
+    assert left == {"shared": "called on the outputs of several modules (['norm1', 'norm2'])",
+                    "flat": "its input does not come straight from a norm", "idle": "not called in the forward pass"}
+    groups, _ = find_smooth_groups(model, torch.randn(3, 2, 8), ["q"])
+    assert groups == [SmoothGroup("norm1", ("q",), ("k", "shared"))]      # untargeted readers are others
+
+
+def test_norm_feeding_the_output_is_not_folded():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return self.fc(h), h
+
+    groups, left = find_smooth_groups(Head(), torch.randn(2, 6), ["fc"])
+    assert groups == [SmoothGroup("ln", ("fc",), ("model output",))] and left == {}
+
+
+def test_untraceable_model_raises_a_typed_error():
+    class ValueBranch(PreLN):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x
+
+    with pytest.raises(UnsupportedOpError, match="smoothquant: cannot tell which layer feeds which: ValueBranch"):
+        find_smooth_groups(ValueBranch(), torch.randn(2, 16), ["fc1"])
 
 
 def test_explicit_scale_off_leaves_post_ln_linears_alone():

@@ -4,11 +4,10 @@ BatchNorm folding and cross-layer equalization (Nagel et al., "Data-Free Quantiz
     pairs = fold_batchnorm(model.eval())          # [("stem.0", "stem.1"), ...]; BNs become Identity
     pairs = equalize(model)                       # [("net.0", "net.2"), ...]; same outputs, even ranges
 
-Which layer feeds which is found, in this order of preference:
-1. `torch.fx.symbolic_trace` (exact data flow, functional ReLUs included);
-2. if fx cannot trace the model (data-dependent control flow) and example inputs are given: one
-   forward pass with hooks, reading consumers off the autograd graph (module-to-module edges only);
-3. otherwise adjacent children of `nn.Sequential` containers (whose outputs feed only the next child).
+Which layer feeds which is read off the dependency graph's data flow (`graph.DataFlow`: one
+`torch.export` trace, functional ReLUs included). Without example inputs, `model.input_shape` or the
+first layer's input size stands in (`graph.guess_inputs`); a model that cannot be traced raises
+`UnsupportedOpError` naming the fix.
 
 Limits: a producer is edited only when its output feeds nothing but the BN (or the activation), and
 each module is called once. Transposed convs, grouped convs (for equalization), BNs without running
@@ -23,147 +22,45 @@ Folding is an inference-time edit: it is exact in eval mode only.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Edits
+from ..core import Edits, Wrapper, plain_view
+from ..core.errors import UnsupportedOpError
+from ..graph import DataFlow
 
 __all__ = ["fold_batchnorm", "fold_bn_weights", "find_conv_bn_pairs", "equalize", "equalization_scales",
            "find_equalization_pairs"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
-
-
-@dataclasses.dataclass
-class _Node:
-    module: nn.Module | None      # None: a functional relu
-    users: list[str]              # consumers (names) that are known
-    sole: bool                    # the output has exactly one consumer in the whole graph
-    calls: int = 1
+_FUNCTIONAL = ("op:relu", "op:leaky_relu")  # F.relu, torch.relu, x.relu(), F.leaky_relu (in place too)
 
 
 # ------------------------------------------------------------------------------------ data flow
 
-def _fx_flow(model: nn.Module) -> dict[str, _Node]:
-    gm = torch.fx.symbolic_trace(model)
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+def flow_of(model: nn.Module, example_inputs: Any, what: str, fix: str = "") -> tuple[DataFlow, set[str]]:
+    """The model's data flow (one trace), and the names of the wrappers it saw as their plain merge.
 
-    def label(n: torch.fx.Node) -> str:
-        if n.op == "call_module":
-            return n.target
-        if ((n.op == "call_function" and n.target in (F.relu, torch.relu))
-                or (n.op == "call_method" and n.target == "relu")):
-            return f"<relu:{n.name}>"
-        return f"<{n.op}:{n.name}>"
-
-    flow: dict[str, _Node] = {}
-    for n in gm.graph.nodes:
-        name = label(n)
-        if n.op == "call_module" or name.startswith("<relu:"):
-            users = [label(u) for u in n.users]
-            node = flow.get(name)
-            if node is None:
-                flow[name] = _Node(modules.get(n.target) if n.op == "call_module" else None, users,
-                                   len(users) == 1, calls.get(n.target, 1))
-            else:  # a module called again: never a candidate (calls > 1)
-                node.users += users
-                node.sole = False
-    return flow
-
-
-def _autograd_flow(model: nn.Module, inputs: Any) -> dict[str, _Node]:
-    leaves = [(n, m) for n, m in model.named_modules() if n and next(m.children(), None) is None]
-    fn_in, fn_out, calls = {}, {}, Counter()
-
-    def pre(name):
-        def hook(_m, args):
-            if args and isinstance(args[0], Tensor):
-                fn_in[name] = args[0].grad_fn
-        return hook
-
-    def post(name):
-        def hook(_m, _args, out):
-            calls[name] += 1
-            if isinstance(out, Tensor):
-                fn_out[name] = out.grad_fn
-        return hook
-
-    handles = [h for n, m in leaves for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
-    was_training = model.training
+    Export runs on fake tensors, which some value wrappers cannot take (int8 kernels); then the model
+    is traced once more under `plain_view` and those wrappers read as the plain layers they stand for.
+    A model that still cannot be traced raises `UnsupportedOpError` naming `what` and the fixes.
+    """
     try:
-        model.eval()
-        with torch.enable_grad():
-            if isinstance(inputs, dict):
-                out = model(**inputs)
-            else:
-                x = inputs.detach().clone()
-                if x.is_floating_point():
-                    x.requires_grad_(True)
-                out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    roots = [t.grad_fn for t in (out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list))
-                                 else [out]) if isinstance(t, Tensor) and t.grad_fn is not None]
-    refs, seen, stack = Counter(), set(), list(roots)
-    while stack:  # how many edges point at each autograd node: its number of consumers
-        f = stack.pop()
-        for nf, _ in f.next_functions:
-            if nf is not None:
-                refs[id(nf)] += 1
-                if id(nf) not in seen:
-                    seen.add(id(nf))
-                    stack.append(nf)
-    owner = {id(f): n for n, f in fn_out.items() if f is not None}
-    modules = dict(leaves)
-    flow = {n: _Node(modules[n], [], refs[id(fn_out[n])] == 1 if fn_out.get(n) is not None else False, calls[n])
-            for n in fn_out}
-    for consumer, f in fn_in.items():
-        producer = owner.get(id(f)) if f is not None else None
-        if producer is not None and producer != consumer:
-            flow[producer].users.append(consumer)
-    return flow
-
-
-def _sequential_flow(model: nn.Module) -> dict[str, _Node]:
-    flow: dict[str, _Node] = {}
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for (a, ma), (b, _) in zip(children, children[1:]):
-            flow[f"{name}.{a}" if name else a] = _Node(ma, [f"{name}.{b}" if name else b], True)
-    return flow
-
-
-def _flow(model: nn.Module, example_inputs: Any = None) -> dict[str, _Node]:
-    try:
-        return _fx_flow(model)
-    except Exception:  # fx cannot trace data-dependent control flow; fall back as documented
-        if example_inputs is not None:
-            return _autograd_flow(model, example_inputs)
-        return _sequential_flow(model)
-
-
-def _next(flow: dict[str, _Node], name: str) -> str | None:
-    """The one consumer of `name`'s output, looking through `nn.Identity` (a folded BN); else None."""
-    node = flow.get(name)
-    while True:
-        if node is None or not node.sole or node.calls != 1 or len(node.users) != 1:
-            return None
-        user = node.users[0]
-        node = flow.get(user)
-        if node is None or not isinstance(node.module, nn.Identity):
-            return user
+        return DataFlow(model, example_inputs), set()
+    except UnsupportedOpError as e:
+        error = e
+    if any(isinstance(m, Wrapper) for m in model.modules()):
+        with plain_view(model) as view:
+            try:
+                return DataFlow(model, example_inputs), set(view.swapped)
+            except UnsupportedOpError:
+                pass
+    raise UnsupportedOpError(f"{what}: cannot tell which layer feeds which: {error}{'; or ' + fix if fix else ''}"
+                             ) from None
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -173,19 +70,26 @@ def _out_channels(m: nn.Module) -> int:
 # ------------------------------------------------------------------------------------ BN folding
 
 def find_conv_bn_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[str, str]]:
-    """(layer, bn) names where the Linear/Conv output feeds only that BatchNorm."""
-    flow = _flow(model, example_inputs)
+    """(layer, bn) names where the Linear/Conv output feeds only that BatchNorm (both called once)."""
+    modules = dict(model.named_modules())
+    if not any(_has_stats(m) for m in modules.values()):
+        return []  # nothing to fold: no trace needed
+    flow, merged = flow_of(model, example_inputs, "fold_bn", "set fold_bn=False")
     pairs = []
-    for name, node in flow.items():
-        if not isinstance(node.module, _FOLDABLE):
+    for name in flow.calls:
+        layer = modules.get(name)
+        if not isinstance(layer, _FOLDABLE) or name in merged:
             continue
-        bn_name = _next(flow, name)
-        bn = flow[bn_name].module if bn_name in flow else dict(model.named_modules()).get(bn_name)
-        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
-                and bn.running_mean is not None and bn.num_features == _out_channels(node.module)
-                and (bn_name not in flow or flow[bn_name].calls == 1)):
-            pairs.append((name, bn_name))
+        use = flow.sole_consumer(name)
+        bn = modules.get(use.module) if use is not None and use.module is not None else None
+        if _has_stats(bn) and bn.num_features == _out_channels(layer) and flow.calls.get(use.module) == 1:
+            pairs.append((name, use.module))
     return pairs
+
+
+def _has_stats(m: nn.Module | None) -> bool:
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None)
 
 
 def fold_bn_weights(w: Tensor, b: Tensor | None, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -229,25 +133,27 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None, pairs: list[tup
 # ------------------------------------------------------------------------------------ equalization
 
 def find_equalization_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[str, str]]:
-    """(layer1, layer2) where layer1 feeds only a ReLU/LeakyReLU that feeds only layer2."""
-    flow = _flow(model, example_inputs)
+    """(layer1, layer2) where layer1 feeds only a ReLU/LeakyReLU (module or functional) that feeds only layer2."""
+    modules = dict(model.named_modules())
+    if sum(_equalizable(m) for m in modules.values()) < 2:
+        return []  # no chain possible: no trace needed
+    flow, merged = flow_of(model, example_inputs, "equalize", "set equalize=False")
     pairs = []
-    for name, node in flow.items():
-        m1 = node.module
-        if type(m1) not in _FOLDABLE or getattr(m1, "groups", 1) != 1:
+    for name in flow.calls:
+        m1 = modules.get(name)
+        act = flow.sole_consumer(name) if _equalizable(m1) and name not in merged else None
+        if act is None or not (act.label in _FUNCTIONAL or isinstance(modules.get(act.module), _HOMOGENEOUS)):
             continue
-        act = _next(flow, name)
-        if act is None or act not in flow:
-            continue
-        if not (act.startswith("<relu:") or isinstance(flow[act].module, _HOMOGENEOUS)):
-            continue
-        second = _next(flow, act)
-        m2 = flow[second].module if second in flow else dict(model.named_modules()).get(second)
-        if (type(m2) in _FOLDABLE and getattr(m2, "groups", 1) == 1 and
-                (m2.in_features if isinstance(m2, nn.Linear) else m2.in_channels) == _out_channels(m1)
-                and (second not in flow or flow[second].calls == 1)):
-            pairs.append((name, second))
+        second = flow.sole_consumer(act if act.module is None else act.module)
+        m2 = modules.get(second.module) if second is not None and second.module is not None else None
+        if (_equalizable(m2) and second.module not in merged and flow.calls.get(second.module) == 1
+                and (m2.in_features if isinstance(m2, nn.Linear) else m2.in_channels) == _out_channels(m1)):
+            pairs.append((name, second.module))
     return pairs
+
+
+def _equalizable(m: nn.Module | None) -> bool:
+    return type(m) in _FOLDABLE and getattr(m, "groups", 1) == 1
 
 
 def equalization_scales(w1: Tensor, w2: Tensor) -> Tensor:

@@ -32,16 +32,14 @@ from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from ..core import (CompositionError, Config, ConfigError, Context, Site, Wrapper, check, get_module,
                     layer_transform, wrapper)
 from ..core.errors import DataError, TargetError
 from ..core.surgery import cut_plain, keep_indices
-from ..core.calibration import batch_inputs, calibrate, feed
+from ..core.calibration import batch_inputs, calibrate, move
+from .bn_fold import flow_of
 
 __all__ = ["SmoothQuantConfig", "SmoothedLinear", "smoothing_scales", "weight_input_max", "migrate_into_norm",
            "activation_maxima", "find_smooth_groups", "SmoothGroup"]
@@ -199,58 +197,16 @@ class SmoothGroup:
         return not self.others
 
 
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    """b is a no-op alias of a (eval dropout, contiguous() of a contiguous tensor, ...)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
-
-
-class _ConsumerTrace(TorchFunctionMode):
-    """Sees every torch call of one forward pass; records which ops read each norm's output."""
-
-    def __init__(self, weight_owner: dict[int, str]):
-        super().__init__()
-        self.weight_owner = weight_owner                  # id(Linear.weight) -> module name
-        self.tags: dict[int, tuple[str, Tensor]] = {}     # id(norm output) -> (norm, the tensor: kept alive,
-        self.readers: dict[str, set[str]] = {}           #   so its id cannot be reused during the pass)
-        self.linear_inputs: dict[str, set[str | None]] = {}  # Linear -> the norms (or None) its input came from
-
-    def tag(self, norm: str, out: Tensor) -> None:
-        self.tags[id(out)] = (norm, out)
-        self.readers.setdefault(norm, set())
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [a for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            owner = self.weight_owner.get(id(weight))
-            if owner is not None:
-                src = self.tags.get(id(args[0] if args else kwargs.get("input")))
-                self.linear_inputs.setdefault(owner, set()).add(src[0] if src else None)
-        for t in inputs:
-            if id(t) not in self.tags:
-                continue
-            norm, src = self.tags[id(t)]
-            if torch.is_tensor(out) and _same_storage(src, out):
-                self.tags.setdefault(id(out), (norm, out))   # an alias carries the tag on
-            elif not any(torch.is_tensor(o) for o in tree_leaves(out)):
-                pass                                           # .shape, .size(), .dtype: reads no values
-            elif func is F.linear and t is args[0] and id(args[1]) in self.weight_owner:
-                self.readers[norm].add(self.weight_owner[id(args[1])])
-            else:
-                self.readers[norm].add(f"op:{getattr(func, '__name__', str(func))}")
-        return out
-
-
 @torch.no_grad()
 def find_smooth_groups(model: nn.Module, inputs: Any, targets: Iterable[str],
                        device: torch.device | None = None) -> tuple[list[SmoothGroup], dict[str, str]]:
-    """Run one forward pass and find, for each LayerNorm/RMSNorm, the Linears that read its output.
+    """Trace the model once on `inputs` and find, for each LayerNorm/RMSNorm, the Linears that read its output.
 
     targets: names of the nn.Linear modules that may be smoothed. Returns the groups (norms feeding at
     least one targeted Linear) and, for every targeted Linear left out, the reason. Read-only.
+    Who reads what comes from the dependency graph's data flow (`graph.DataFlow`): no-op aliases of
+    a norm's output (eval dropout, a view that keeps the shape) still count as that output; a model
+    that `torch.export` cannot trace raises `UnsupportedOpError` (see `bn_fold.flow_of`).
 
     >>> class Block(nn.Module):   # pre-LN: ln feeds only q and k; the residual bypasses it
     ...     def __init__(self):
@@ -264,28 +220,23 @@ def find_smooth_groups(model: nn.Module, inputs: Any, targets: Iterable[str],
     ([SmoothGroup(norm='ln', linears=('k', 'q'), others=())], {'out': 'its input does not come straight from a norm'})
     """
     targets = set(targets)
-    all_linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    trace = _ConsumerTrace({id(m.weight): n for n, m in all_linears.items()})
-    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: trace.tag(name, out))
-               for name, m in model.named_modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
-    try:
-        with trace:
-            out = feed(model, inputs, device)
-        for leaf in tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out):
-            if torch.is_tensor(leaf) and id(leaf) in trace.tags:
-                trace.readers[trace.tags[id(leaf)][0]].add("model output")
-    finally:
-        for h in handles:
-            h.remove()
+    flow, merged = flow_of(model, move(batch_inputs(inputs), device), "smoothquant")
+    norms = {n for n, m in model.named_modules()
+             if isinstance(m, NORM_TYPES) and m.weight is not None and flow.calls.get(n)}
+    readers = {n: {u.label for u in flow.consumers(n)} for n in norms}
+    # Linear -> the norms (or None: something else) its input came from, one per call
+    linear_inputs = {n: {src if src in norms else None for src in flow.sources(n)}
+                     for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     groups, reasons = [], {}
-    for norm, readers in sorted(trace.readers.items()):
-        mine = sorted(r for r in readers if r in targets and trace.linear_inputs.get(r) == {norm})
+    for norm, labels in sorted(readers.items()):
+        mine = sorted(r for r in labels if r in targets - merged and linear_inputs.get(r) == {norm})
         if mine:
-            groups.append(SmoothGroup(norm, tuple(mine), tuple(sorted(readers - set(mine)))))
+            groups.append(SmoothGroup(norm, tuple(mine), tuple(sorted(labels - set(mine)))))
     grouped = {n for g in groups for n in g.linears}
     for name in sorted(targets - grouped):
-        srcs = trace.linear_inputs.get(name)
-        reasons[name] = ("not called in the forward pass" if not srcs else
+        srcs = linear_inputs.get(name)
+        reasons[name] = ("wrapped by another technique (traced as its plain merge)" if name in merged else
+                         "not called in the forward pass" if not srcs else
                          f"called on the outputs of several modules ({sorted(map(str, srcs))})" if len(srcs) > 1 else
                          _NOT_NORM_FED)
     return groups, reasons
