@@ -50,6 +50,7 @@ def test_distances_by_hand():
 
 def test_candidates_are_found():
     assert adds_its_input(BasicBlock(4, 4)) and not adds_its_input(BasicBlock(4, 8, stride=2))
+    assert adds_its_input(_Residual(inplace=True), torch.randn(2, 6)) and not adds_its_input(_Plain())
     model = _trained_bn("resnet20")
     ctx = Context(targets=Targets())
     names = find_blocks(model, ctx, torch.randn(2, 3, 8, 8))
@@ -59,6 +60,77 @@ def test_candidates_are_found():
     mbv2 = _trained_bn("mobilenetv2", {"width_mult": 0.25})
     found = find_blocks(mbv2, Context(), torch.randn(2, 3, 8, 8))
     assert found and all(mbv2.get_submodule(n).use_residual for n in found)
+
+
+class _Residual(nn.Module):
+    def __init__(self, d=6, inplace=False):
+        super().__init__()
+        self.f, self.inplace = nn.Sequential(nn.Linear(d, d), nn.Tanh()), inplace
+
+    def forward(self, x):
+        y = self.f(x)
+        if self.inplace:
+            y += x
+            return y
+        return x + y
+
+
+class _Plain(nn.Module):
+    """Same shape in and out, no residual: never a candidate."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+
+    def forward(self, x):
+        return self.f(x)
+
+
+class _Mixed(nn.Module):
+    """Loose blocks in a Sequential and a one-block ModuleList; `gate` switches on a value (untraceable)."""
+
+    def __init__(self, gate=False):
+        super().__init__()
+        self.body = nn.Sequential(_Residual(), _Plain(), _Residual(inplace=True), nn.Sequential(_Residual(), _Plain()))
+        self.tail = nn.ModuleList([_Residual()])
+        self.gate = gate
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.gate and float(x.sum()) > 1e9:
+            return x
+        return self.tail[0](x)
+
+
+def test_loose_blocks_come_from_one_trace(monkeypatch):
+    import nncompress.graph.flow as flow_mod
+    from nncompress.graph.trace import trace
+    traced = []
+    monkeypatch.setattr(flow_mod, "trace", lambda *a: traced.append(1) or trace(*a))
+    assert find_blocks(_Mixed(), Context(), torch.randn(4, 6)) == ["body.0", "body.2", "body.3.0", "tail.0"]
+    assert len(traced) == 1
+    # a Sequential whose first child is residual computes g(x + f(x)): not itself removable as x + f(x)
+    assert find_blocks(_Mixed(), Context(targets=Targets(include=("body.3*",))), torch.randn(4, 6)) == ["body.3.0"]
+
+
+class _GatedStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixed, self.stack = _Mixed(gate=True), nn.ModuleList([_Residual(), _Residual()])
+
+    def forward(self, x):
+        x = self.mixed(x)
+        for block in self.stack:
+            x = block(x)
+        return x
+
+
+def test_untraceable_model_keeps_its_stacks_and_says_why():
+    msgs = []
+    names = find_blocks(_GatedStack(), Context(log=msgs.append), torch.randn(4, 6))
+    assert names == ["stack.0", "stack.1"]                             # the stack needs no trace
+    assert len(msgs) == 1 and "targets.types" in msgs[0]
+    assert "_GatedStack: torch.export cannot trace the model" in msgs[0]
 
 
 def _zero_branch(model, names):

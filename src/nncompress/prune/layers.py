@@ -16,18 +16,18 @@ matter least is measured on calibration data:
 
 Candidates are found on the model itself: the elements of a `ModuleList` of identical blocks
 (transformer stacks: `encoder.layer`, `model.layers`), and blocks in a `Sequential`/`ModuleList`
-whose forward adds its input (found by `torch.fx`), in both cases only if the output has the input's
-shape. `targets` narrows them by name; `targets.types` instead names the block class outright (the
-user then vouches that it is residual). A block in a `ModuleList` is deleted from the list (the Hugging
-Face config's `num_hidden_layers`, `layer_types` and every `layer_idx` follow, so `save_pretrained`
-round-trips); any other block becomes `nn.Identity`. The record keeps the removed names, so replay
-removes the same blocks without data.
+whose own forward adds its input (read off one trace of the whole model, `graph.DataFlow`; if the
+model cannot be traced, only the stacks are candidates and `ctx.log` says why), in both cases only if
+the output has the input's shape. `targets` narrows them by name; `targets.types` instead names the
+block class outright (the user then vouches that it is residual). A block in a `ModuleList` is
+deleted from the list (the Hugging Face config's `num_hidden_layers`, `layer_types` and every
+`layer_idx` follow, so `save_pretrained` round-trips); any other block becomes `nn.Identity`. The
+record keeps the removed names, so replay removes the same blocks without data.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Any, Callable, Iterable
 
 import torch
@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import Config, ConfigError, Context, check, lookup, plain_view, register
-from ..core.calibration import collect_block_io, feed, first_tensor, intercepting
-from ..core.errors import DataError
+from ..core.calibration import batch_inputs, collect_block_io, feed, first_tensor, intercepting, move
+from ..core.errors import DataError, UnsupportedOpError
+from ..graph import DataFlow
 
 __all__ = ["DropLayersConfig", "angular_distance", "cosine_distance", "find_blocks", "remove_blocks", "skipping"]
 
@@ -109,33 +110,16 @@ def angular_distance(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
 # finding and removing blocks
 
 
-_ADDS = {operator.add, operator.iadd, torch.add}
-
-
-def adds_its_input(module: nn.Module) -> bool:
-    """Whether `forward` adds its (first) input to something, maybe through `nn.Identity` shortcuts (fx).
+def adds_its_input(module: nn.Module, example_inputs: Any = None) -> bool:
+    """Whether its own `forward` adds its (first) input to something, maybe through `nn.Identity`
+    shortcuts (an add inside a child does not count); one trace (`graph.DataFlow`; without example
+    inputs, `graph.guess_inputs` makes some). A module that cannot be traced raises `UnsupportedOpError`.
 
     >>> from nncompress.zoo.models import BasicBlock
     >>> adds_its_input(BasicBlock(4, 4)), adds_its_input(BasicBlock(4, 8))
     (True, False)
     """
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception:  # untraceable forward: not found generically (targets.types can name it)
-        return False
-    nodes = list(gm.graph.nodes)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if not placeholders:
-        return False
-    same = {placeholders[0]}  # the input and its identity aliases
-    for n in nodes:
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity) and n.args[0] in same:
-            same.add(n)
-        adds = ((n.op == "call_function" and n.target in _ADDS)
-                or (n.op == "call_method" and n.target in ("add", "add_")))
-        if adds and any(a in same for a in n.args[:2]):
-            return True
-    return False
+    return DataFlow(module, example_inputs).reads_its_input_into_add("")
 
 
 def _stack_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
@@ -148,19 +132,32 @@ def _stack_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
     return out
 
 
-def _structural_candidates(model: nn.Module, ctx: Context) -> list[str]:
+def _structural_candidates(model: nn.Module, ctx: Context, batch: Any) -> list[str]:
     selected = {n for n, _ in ctx.targets.select(model)}
     if ctx.targets.types:  # the user named the block class: take every selected module of it
         return [n for n, _ in model.named_modules() if n and n in selected]
     stacks = _stack_lists(model)
     names = [f"{p}.{i}" if p else str(i) for p, lst in stacks.items() for i in range(len(lst))]
-    for pname, parent in model.named_modules():
-        if isinstance(parent, (nn.Sequential, nn.ModuleList)) and pname not in stacks:
-            for key, child in parent.named_children():
-                if any(True for _ in child.children()) and adds_its_input(child):
-                    names.append(f"{pname}.{key}" if pname else key)
+    loose = [f"{pname}.{key}" if pname else key  # blocks in other containers: residual only if found so
+             for pname, parent in model.named_modules()
+             if isinstance(parent, (nn.Sequential, nn.ModuleList)) and pname not in stacks
+             for key, child in parent.named_children() if any(True for _ in child.children())]
+    loose = [n for n in loose if n in selected]
+    if loose:  # one trace of the whole model answers for every block
+        try:
+            flow = DataFlow(model, _on_model_device(model, batch_inputs(batch)))
+        except UnsupportedOpError as e:
+            ctx.log(f"drop_layers: blocks outside layer stacks are not considered ({e}); "
+                    f"name the block class with targets.types=[...] to take them")
+        else:
+            names += [n for n in loose if flow.reads_its_input_into_add(n)]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted((n for n in set(names) if n in selected), key=order.__getitem__)
+
+
+def _on_model_device(model: nn.Module, inputs: Any) -> Any:
+    param = next(model.parameters(), None)
+    return inputs if param is None else move(inputs, param.device)
 
 
 def _calib_batches(ctx: Context, n: int) -> list:
@@ -181,7 +178,7 @@ def find_blocks(model: nn.Module, ctx: Context, batch: Any) -> list[str]:
     """Names of the removable residual blocks among `ctx.targets`, checked on one forward of `batch`:
     a block qualifies only if it runs and its output has its input's shape."""
     with plain_view(model):  # quantized / clustered layers inside a block: its data flow is the plain one's
-        names = _structural_candidates(model, ctx)
+        names = _structural_candidates(model, ctx, batch)
     io = collect_block_io(model, names, batch)
     return [n for n in names if n in io and io[n][0].shape == io[n][1].shape]
 
