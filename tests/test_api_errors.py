@@ -81,5 +81,5 @@ def test_labels_beyond_the_number_of_classes():
     x, y = torch.randn(16, 8), torch.arange(16) % 5          # labels 0..4, the model has 3 outputs
     with pytest.raises(DataError) as info:
         nncompress.apply(_net(), FinetuneConfig(epochs=1), context=Context(data=TinyData(x, y)))
-    assert _one_line(info.value) == ("a label is 4 but the model outputs 3 classes (0..2); give the model "
+    assert _one_line(info.value) == ("finetune: a label is 4 but the model outputs 3 classes (0..2); give the model "
                                      "num_classes=5 or check the data's labels")

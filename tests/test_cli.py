@@ -244,3 +244,36 @@ def test_measure_device_missing_on_this_machine_exits_2(tmp_path, capsys, monkey
 def test_run_without_a_recipe_or_resume_exits_2(capsys):
     assert main(["run"]) == 2
     assert "give a recipe file, or --resume OUT" in one_error_line(capsys)
+
+
+UNTRACEABLE = textwrap.dedent("""\
+    import torch.nn as nn
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 0:          # a branch on a value: torch.export cannot trace it
+                h = h * 2
+            return self.b(h)
+
+    def make():
+        return Branchy()
+    """)
+
+
+def test_a_model_that_cannot_be_traced_gets_one_line_not_a_graph_dump(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "branchy.py").write_text(UNTRACEABLE)
+    recipe = write(tmp_path, TINY.replace("name: mlp\n  kwargs: {in_features: 64, hidden: [32]}\n  pretrain: {epochs: 3, lr: 0.01}",
+                                          "name: branchy:make").replace(
+        "{kind: finetune, epochs: 1, lr: 0.001, kd_alpha: 0.5}", "{kind: prune, ratio: 0.5}").replace(
+        "onnx: true", "onnx: false"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "\n" not in err, err[:2000]
+    assert err.startswith("nncompress: error: prune: Branchy: torch.export cannot trace the model (")
+    assert not (tmp_path / "run").exists()

@@ -120,5 +120,5 @@ def test_stage_removes_the_lowest_scoring_channels():
 def test_needs_labelled_data():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     model.input_shape = (4,)
-    with pytest.raises(ConfigError, match="'hessian' needs calibration data"):
+    with pytest.raises(ConfigError, match="importance: needs calibration data for 'hessian'"):
         apply(model, PruneConfig(importance="hessian"))

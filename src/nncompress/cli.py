@@ -9,6 +9,7 @@ stages kept for `nncompress run --resume OUT`.
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import signal
 import sys
@@ -85,6 +86,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["NNCOMPRESS_DEBUG"] = "1"  # libraries' own logs too (core.logs keeps them quiet otherwise)
     with _signals_interrupt() as received:
         try:
             return _dispatch(args)

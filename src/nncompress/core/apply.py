@@ -43,11 +43,11 @@ def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any]
     transform = transform_for(config)
     try:
         out = transform.fn(model, config, ctx)
-    except TargetError as e:  # name the stage the selection belongs to
-        text = str(e)
-        if not text.startswith(f"{config.kind}:"):
-            raise TargetError(f"{config.kind}: {text}") from None
-        raise
+    except NNCompressError as e:  # every error says which stage it came from
+        named = _in_stage(e, config.kind)
+        if named is e:
+            raise
+        raise named from None
     if not isinstance(out, nn.Module):
         raise TypeError(f"transform {config.kind!r} returned {type(out).__name__}, not an nn.Module")
     entry = {"config": config.to_dict(), "targets": ctx.targets.to_dict(), "record": ctx.record,
@@ -56,6 +56,17 @@ def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any]
     if SOURCE_ATTR in vars(model) and out is not model:
         setattr(out, SOURCE_ATTR, getattr(model, SOURCE_ATTR))
     return out
+
+
+def _in_stage(e: NNCompressError, kind: str) -> NNCompressError:
+    """`e` with the stage named first: `prune.keep_macs: ...` for a config field, `prune: ...` else."""
+    text = str(e)
+    if text.startswith((f"{kind}:", f"{kind}.")) or type(e).__init__ is not NNCompressError.__init__ and \
+            not isinstance(e, ConfigError):
+        return e  # already named, or an error type whose constructor takes more than a message
+    if isinstance(e, ConfigError):
+        return e.under(kind)
+    return type(e)(f"{kind}: {text}")
 
 
 def _check_call(model: Any, config: Any, context: Any) -> None:

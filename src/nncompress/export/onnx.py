@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ConfigError, UnsupportedOpError
+from ..core.logs import quiet_loggers
 from ..eval.latency import ort_feed, ort_session
 from ..eval.measure import Inputs, batch_size, call_model, evaluating
 
@@ -187,19 +187,12 @@ def _root_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporters' progress chatter and deprecation notices; restore logging and warnings."""
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
     # torch 2.13's TorchScript exporter switches the global JIT ONNX log on and never back off
     jit_log = torch._C._jit_is_onnx_log_enabled()
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_loggers(*_NOISY_LOGGERS):
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
         torch._C._jit_set_onnx_log_enabled(jit_log)
 
 

@@ -24,6 +24,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
 from ..core.errors import UnsupportedOpError
+from ..core.logs import quiet_loggers
 
 __all__ = ["Trace", "trace", "module_of", "op_name", "split_inputs", "tracing_mode"]
 
@@ -61,6 +62,10 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (example_inputs,), {}
 
 
+# torch logs a failed export's whole graph as a warning; the typed one-line error says what matters
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+
 def trace(model: nn.Module, example_inputs: Any) -> Trace:
     """Export `model` on `example_inputs` (a tensor, a tuple of them, or a dict for `model(**inputs)`).
 
@@ -78,7 +83,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False  # a cache is an output export cannot flatten, and the graph has no use for it
     try:
-        with tracing_mode(model), torch.no_grad():
+        with tracing_mode(model), torch.no_grad(), quiet_loggers(*_EXPORT_LOGGERS, stderr=True):
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # noqa: BLE001  any failure inside export is reported the same way
         text = str(e).strip()
