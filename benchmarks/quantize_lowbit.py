@@ -56,6 +56,8 @@ LM_TARGETS = Targets(include=("*encoder*",), types=(nn.Linear,))
 # ------------------------------------------------------------------------------------ measuring
 
 def _header(path: Path) -> dict[str, Any]:
+    """The safetensors header of a checkpoint (a folder: its weights file)."""
+    path = path / "model.safetensors" if path.is_dir() else path
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         return json.loads(f.read(n))
