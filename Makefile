@@ -7,7 +7,8 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
-	bench-pipelines bench-distill bench-lowrank bench-deep-compression bench-composition clean
+	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
+	bench-deep-compression-80 bench-composition clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,16 +56,22 @@ bench-quantize-lowbit: $(VENV)/.bench
 	$(BIN)/python benchmarks/quantize_lowbit.py --out BENCHMARKS.md
 
 # issue 6: distillation, low-rank factorization and Deep Compression, one after the other
-bench-pipelines: bench-distill bench-lowrank bench-deep-compression
+bench-pipelines: bench-distill bench-distill-scarce bench-lowrank bench-deep-compression bench-deep-compression-80
 
 bench-distill: $(VENV)/.bench
 	$(BIN)/python benchmarks/distill.py --out BENCHMARKS.md
+
+bench-distill-scarce: $(VENV)/.bench
+	$(BIN)/python benchmarks/distill.py --variant scarce --out BENCHMARKS.md
 
 bench-lowrank: $(VENV)/.bench
 	$(BIN)/python benchmarks/lowrank.py --out BENCHMARKS.md
 
 bench-deep-compression: $(VENV)/.bench
 	$(BIN)/python benchmarks/deep_compression.py --out BENCHMARKS.md
+
+bench-deep-compression-80: $(VENV)/.bench
+	$(BIN)/python benchmarks/deep_compression.py --variant 80 --out BENCHMARKS.md
 
 # issue 10: every ordered pair of transforms on a tiny MLP, CNN and BERT (compose or typed refusal)
 bench-composition: $(VENV)/.bench

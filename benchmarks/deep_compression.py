@@ -100,6 +100,20 @@ def table(header, rows):
     return "\n".join("| " + " | ".join(x) + " |" for x in lines)
 
 
+# Named variants: each writes its own section with the flags it stands for.
+VARIANTS = {
+    "80": (["--sparsity", "0.8", "--bits", "5:4", "4:4"], "Deep Compression at 80% sparsity",
+           "The same benchmark with gentler pruning, to answer the size ratio at equal accuracy."),
+}
+
+
+def heading(args) -> str:
+    if not args.variant:
+        return "## Deep Compression on the MNIST-1D CNN (`make bench-deep-compression`)\n\n"
+    flags, title, why = VARIANTS[args.variant]
+    return f"## {title} (`make bench-deep-compression-{args.variant}`: {' '.join(flags)})\n\n{why}\n\n"
+
+
 def render(args, base, steps, clusters, quants) -> str:
     def line(label, acc, size, how):
         return [label, f"{acc:.1%}", f"{acc - base['acc']:+.1%}", f"{size:,}", f"{base['plain'] / size:.1f}x", how]
@@ -119,7 +133,7 @@ def render(args, base, steps, clusters, quants) -> str:
     verdict = (f"Smallest within 0.5 points of dense accuracy: **{best[0]}**, {best[1]:,} bytes "
                f"({base['plain'] / best[1]:.1f}x smaller than the plain fp32 file; {best[2]})."
                if best else "No compressed model stayed within 0.5 points of dense accuracy in this run.")
-    return (f"## Deep Compression on the MNIST-1D CNN (`make bench-deep-compression`)\n\n"
+    return (heading(args) +
             f"Reference CNN trained {args.train_epochs} epochs: {base['acc']:.1%} test accuracy "
             f"({base['n']:,} test samples: one sample is {1 / base['n']:.2%}). Pipeline (Han et al. 2016): global "
             f"magnitude pruning to {args.sparsity:.0%} zeros of every Conv/Linear weight with {args.finetune_epochs} "
@@ -143,7 +157,11 @@ def main() -> None:
     p.add_argument("--cluster-lr", type=float, default=3e-4)
     p.add_argument("--bits", nargs="+", default=["5:4", "4:4", "3:3"], help="conv:fc index widths")
     p.add_argument("--quick", action="store_true", help="1 epoch each, one bit width (smoke run)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), help="a named variant: its flags, its own section")
     args = p.parse_args()
+    if args.variant:
+        args = p.parse_args(sys.argv[1:] + VARIANTS[args.variant][0])
+    section = "deep_compression" + (f"_{args.variant}" if args.variant else "")
     if args.quick:
         args.train_epochs, args.finetune_epochs, args.cluster_epochs, args.bits = 1, 1, 1, ["5:4"]
     torch.set_num_threads(2)
@@ -159,12 +177,12 @@ def main() -> None:
         steps = [{"label": f"pruned {args.sparsity:.0%} + FT", "acc": accuracy(pruned, data.test),
                   "bytes": file_bytes(saved(pruned, tmp / "pruned"))}]
         print(steps[-1], flush=True)
-        update_section(args.out, "deep_compression", render(args, base, steps, [], []))
+        update_section(args.out, section, render(args, base, steps, [], []))
         clusters = cluster_rows(pruned, data, args, tmp, base)
-        update_section(args.out, "deep_compression", render(args, base, steps, clusters, []))
+        update_section(args.out, section, render(args, base, steps, clusters, []))
         quants = quant_rows(reference, pruned, data, tmp)
         text = render(args, base, steps, clusters, quants)
-        update_section(args.out, "deep_compression", text)
+        update_section(args.out, section, text)
     print(text)
     print(json.dumps({"base": base}, default=str))
 
