@@ -277,3 +277,59 @@ def test_a_model_that_cannot_be_traced_gets_one_line_not_a_graph_dump(tmp_path, 
     assert "\n" not in err, err[:2000]
     assert err.startswith("nncompress: error: prune: Branchy: torch.export cannot trace the model (")
     assert not (tmp_path / "run").exists()
+
+
+SAVED_NEXT = textwrap.dedent("""\
+    name: next
+    model: saved:{folder}
+    data: digits
+    measure: {{batch_sizes: [1], threads: 1, warmup: 1, repeats: 3, onnx: false}}
+    stages:
+      - {{kind: quantize, activation: null}}
+    """)
+
+
+def test_a_saved_model_is_compressed_further_by_a_new_recipe(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["run", str(write(tmp_path, TINY)), "--out", str(first), "--quiet",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    recipe = write(tmp_path, SAVED_NEXT.format(folder=first / "model"), "next.yaml")
+    assert main(["run", str(recipe), "--check"]) == 0
+    second = tmp_path / "second"
+    assert main(["run", str(recipe), "--out", str(second), "--quiet", "--cache", str(tmp_path / "cache")]) == 0
+    report = json.loads((second / "report.json").read_text())
+    # the baseline of the second run is the first run's final model, measured again
+    before = json.loads((first / "report.json").read_text())["stages"][-1]
+    assert report["stages"][0]["quality"] == pytest.approx(before["quality"])
+    model = nncompress.load(second / "model")
+    kinds = [r["config"]["kind"] for r in nncompress.core.history(model)]
+    assert kinds == ["finetune", "quantize"]  # both runs' history, so the folder rebuilds from the built-in
+    assert json.loads((second / "model" / "manifest.json").read_text())["source"]["name"] == "mlp"
+    capsys.readouterr()
+
+
+def test_a_saved_model_that_imports_code_needs_trust_code(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lazy_nets.py").write_text(LAZY)
+    model, _ = nncompress.zoo.loaders.build_model({"name": "lazy_nets:make"})
+    nncompress.save(model, tmp_path / "ck")
+    recipe = write(tmp_path, SAVED_NEXT.format(folder=tmp_path / "ck"))
+    for command in (["run", str(recipe), "--check"], ["run", str(recipe), "--out", str(tmp_path / "r"), "--quiet"]):
+        assert main(command) == 2
+        assert "'lazy_nets:make', which imports and runs code; load it with trust_code=True (CLI: --trust-code)" \
+            in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+    assert main(["run", str(recipe), "--check", "--trust-code"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("model, message", [
+    ("saved:/no/such/folder", "/no/such/folder"),
+    ("{name: 'saved:ck', kwargs: {width: 2}}", "a saved model takes no kwargs"),
+    ("{name: 'saved:ck', pretrain: {epochs: 1}}", "a saved model is already trained; remove pretrain"),
+])
+def test_bad_saved_model_specs_exit_2(tmp_path, capsys, monkeypatch, model, message):
+    monkeypatch.chdir(tmp_path)
+    nncompress.save(nncompress.zoo.loaders.build_model({"name": "mlp"})[0], tmp_path / "ck")
+    assert main(["run", str(write(tmp_path, f"name: x\nmodel: {model}\ndata: digits\n")), "--check"]) == 2
+    assert message in one_error_line(capsys)

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(run)
     run.add_argument("--resume", type=Path, default=None, metavar="OUT",
                      help="continue the interrupted run that was to finish as OUT, from its last completed stage")
+    run.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     run.add_argument("--check", action="store_true", help="only validate the recipe, its model and data names "
                      "and --out; build and run nothing")
 
@@ -70,10 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tolerated drop in quality per unit for --target (default 0.01)")
     sens.add_argument("--cache", type=Path, default=None, help="cache folder for data and pretrained weights")
     sens.add_argument("--quiet", action="store_true", help="no progress bars or log")
+    sens.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     sub.add_parser("list", help="list registered stage kinds, built-in models and data sets",
                    description="List what recipes can name: stage kinds, models, data sets.")
     return p
+
+
+TRUST_HELP = ("let a `saved:` model whose manifest names a `module:factory` import it (importing runs that "
+              "module's code: only for folders you trust)")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -165,14 +171,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and args.check:
         from .recipe import check_sources
         from .recipe.runner import check_out_dir
-        check_sources(recipe)
+        check_sources(recipe, args.trust_code)
         if out is not None:
             check_out_dir(out)
         print(f"{path}: valid ({len(recipe.stages)} stages: {', '.join(s.config.kind for s in recipe.stages) or 'none'})")
         return 0
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
     result = run_recipe(recipe, out, cache_dir=args.cache, progress=not args.quiet, log=log,
-                        resume=resume is not None)
+                        resume=resume is not None, trust_code=getattr(args, "trust_code", False))
     print(result.report.to_markdown())
     print(f"\nrun directory: {result.path}  (model: {result.path / 'model'}, plot: {result.path / 'pareto.png'})")
     return 0
@@ -214,7 +220,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
     seed_everything(recipe.seed)
-    model, data = prepare(recipe, args.cache or default_cache_dir(), not args.quiet, log)
+    model, data = prepare(recipe, args.cache or default_cache_dir(), not args.quiet, log, args.trust_code)
     log(f"{args.unit} sensitivity of {recipe.model.name} on {recipe.data.name}")
     result = sensitivity(model, data, unit=args.unit, max_batches=args.max_batches,
                          device=recipe.measure.device)

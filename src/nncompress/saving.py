@@ -46,6 +46,12 @@ def needs_trust(source: dict[str, Any]) -> bool:
     return not isinstance(name, str) or (":" in name and not name.startswith("hf:"))
 
 
+def untrusted_error(folder: str | Path, source: dict[str, Any]) -> ModelLoadError:
+    return ModelLoadError(f"{folder}: the manifest builds the model with {source.get('name')!r}, which imports and "
+                          "runs code; load it with trust_code=True (CLI: --trust-code) only if you trust where "
+                          "the folder came from")
+
+
 def load(path: str | Path, trust_code: bool = False) -> nn.Module:
     """Rebuild a model saved by `save` (eval mode).
 
@@ -56,9 +62,7 @@ def load(path: str | Path, trust_code: bool = False) -> nn.Module:
 
     ckpt = read_checkpoint(path)
     if needs_trust(ckpt.source) and not trust_code:
-        raise ModelLoadError(f"{ckpt.path}: the manifest builds the model with {ckpt.source.get('name')!r}, which "
-                             "imports and runs code; load it with trust_code=True (CLI: --trust-code) only if you "
-                             "trust where the folder came from")
+        raise untrusted_error(ckpt.path, ckpt.source)
     model, _ = build_model(ckpt.source)
     model = replay(model, ckpt.history)
     load_weights(model, ckpt)

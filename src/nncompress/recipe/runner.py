@@ -32,12 +32,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import Context, TrainConfig, apply, fit, tag_source
+from ..core import Context, TrainConfig, apply, fit
 from ..core.errors import DataError, NNCompressError
 from ..eval.report import Report, pareto_png
 from ..export.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from ..saving import load, save
-from ..zoo.loaders import build_data, build_model
+from ..export.checkpoint import read_checkpoint
+from ..zoo.hf import load_hf_tokenizer
+from ..zoo.loaders import SAVED, build_data, build_model
 from .measure import Measurer, call_model
 from .partial import PartialRun, RunInterrupted, interrupted_note, interrupted_recipe, partial_dir  # noqa: F401
 from .schema import Recipe, check_sources
@@ -56,22 +58,24 @@ class RunResult:
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, cache_dir: str | Path | None = None,
-               progress: bool = True, log: Callable[[str], None] = print, resume: bool = False) -> RunResult:
+               progress: bool = True, log: Callable[[str], None] = print, resume: bool = False,
+               trust_code: bool = False) -> RunResult:
     """Run `recipe`; returns the run directory, the report and the final model.
 
-    resume: continue the interrupted run that was to finish as `out`, from its last completed
-            stage; `recipe` must be the one it started with.
+    resume:     continue the interrupted run that was to finish as `out`, from its last completed
+                stage; `recipe` must be the one it started with.
+    trust_code: a `saved:` model whose manifest names a `module:factory` may import it (see `nncompress.load`)
     """
     if resume and out is None:
         raise NNCompressError("resume: give the run directory of the interrupted run (out=...)")
     final = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_sources(recipe)
+    check_sources(recipe, trust_code)
     check_out_dir(final)
     _remove_stale_temps(final.parent, log)
     run = PartialRun.reopen(final, recipe, log) if resume else PartialRun.start(final, recipe)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
-        result = _run(recipe, run, cache, progress, log)
+        result = _run(recipe, run, cache, progress, log, trust_code)
     except KeyboardInterrupt as e:
         raise run.interrupted(final, len(recipe.stages)) from e
     except BaseException:
@@ -87,8 +91,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, cache_dir: str 
     return result
 
 
-def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log) -> RunResult:
-    model, teacher, data = _starting_point(recipe, run, cache, progress, log)
+def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, trust_code: bool) -> RunResult:
+    model, teacher, data = _starting_point(recipe, run, cache, progress, log, trust_code)
     measurer = Measurer(recipe.measure, data, teacher, run.path)
     run.restore(measurer)
     if not run.report.stages:
@@ -112,35 +116,42 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log) ->
 
 
 def _starting_point(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool,
-                    log) -> tuple[nn.Module, nn.Module, Any]:
+                    log, trust_code: bool) -> tuple[nn.Module, nn.Module, Any]:
     """(model, teacher, data): fresh from the recipe, or, for a resumed run, the teacher and the
     model after the last completed stage rebuilt from their checkpoints."""
     seed_everything(recipe.seed)
     if not run.report.stages:
-        model, data = prepare(recipe, cache, progress, log)
+        model, data = prepare(recipe, cache, progress, log, trust_code)
         return model, copy.deepcopy(model).eval(), data
     last = run.report.stages[-1].stage
     log(f"resuming {run.path} after {last}")
-    # Only hf models come with a tokenizer the data needs; other models are not built again.
-    tokenizer = build_model(recipe.model.to_dict())[1] if recipe.model.name.startswith("hf:") else None
-    data = build_recipe_data(recipe, cache, tokenizer)
-    # the recipe being run names the model's source, so its `module:factory` is already trusted
-    teacher = load(run.checkpoint("baseline"), trust_code=True)
-    model = load(run.checkpoint(last), trust_code=True) if last != "baseline" else copy.deepcopy(teacher)
+    data = build_recipe_data(recipe, cache, _tokenizer(recipe))
+    # A recipe naming a `module:factory` trusts it already; a `saved:` folder's factory needs trust_code.
+    trusted = trust_code or not recipe.model.name.startswith(SAVED)
+    teacher = load(run.checkpoint("baseline"), trust_code=trusted)
+    model = load(run.checkpoint(last), trust_code=trusted) if last != "baseline" else copy.deepcopy(teacher)
     return model, teacher, data
 
 
 def prepare(recipe: Recipe, cache: Path, progress: bool = False,
-            log: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
+            log: Callable[[str], None] = print, trust_code: bool = False) -> tuple[nn.Module, Any]:
     """The recipe's model (pretrained, or loaded from the cache of that training) in eval mode, and
     its data: what every stage of a run starts from. Shared by `run_recipe` and `nncompress sensitivity`."""
-    model, tokenizer = build_model(recipe.model.to_dict())
-    tag_source(model, recipe.model.to_dict())
+    model, tokenizer = build_model(recipe.model.to_dict(), trust_code)
     data = build_recipe_data(recipe, cache, tokenizer)
     check_compatible(model, data, recipe)
     if recipe.model.pretrain is not None:
         pretrain(model, data, recipe, cache, progress, log)
     return model.eval(), data
+
+
+def _tokenizer(recipe: Recipe) -> Any:
+    """The tokenizer the recipe's data needs, without building the model: an `hf:` model's, or that of
+    the `hf:` model a `saved:` one was built from; None for other models."""
+    name = recipe.model.name
+    if name.startswith(SAVED):
+        name = str(read_checkpoint(name[len(SAVED):]).source.get("name", ""))
+    return load_hf_tokenizer(name[3:]) if name.startswith("hf:") else None
 
 
 def build_recipe_data(recipe: Recipe, cache: Path, tokenizer: Any = None):

@@ -34,7 +34,8 @@ from ..zoo.loaders import import_factory
 class ModelSpec(Config):
     """Where the model comes from.
 
-    name: a built-in (`mnist1d_cnn`), `module:factory`, `hf:minilm` or `hf:/path/to/folder`
+    name: a built-in (`mnist1d_cnn`), `module:factory`, `hf:minilm`, `hf:/path/to/folder`, or
+          `saved:/path/to/folder` (a model nncompress saved, e.g. a run's `model/`, to compress further)
     kwargs: passed to the factory
     pretrain: train the model on the recipe's data before the baseline (cached by content hash)
     """
@@ -42,6 +43,10 @@ class ModelSpec(Config):
     name: str = "mnist1d_cnn"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     pretrain: TrainConfig | None = None
+
+    def __post_init__(self):
+        check(not (self.name.startswith("saved:") and self.pretrain is not None), "pretrain",
+              "a saved model is already trained; remove pretrain (add a finetune stage to train it further)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,16 +260,31 @@ def _shorthand(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
-def check_sources(recipe: Recipe) -> None:
+def check_sources(recipe: Recipe, trust_code: bool = False) -> None:
     """Resolve the recipe's model and data names without building, loading or training anything:
-    a built-in is registered, a `module:factory` imports and is callable, an `hf:` folder exists,
-    and the kwargs are ones the factory takes. Raises the error the run would raise later."""
+    a built-in is registered, a `module:factory` imports and is callable, an `hf:` folder exists, a
+    `saved:` folder holds a readable manifest (whose `module:factory` needs `trust_code`), and the
+    kwargs are ones the factory takes. Raises the error the run would raise later."""
     model, data = recipe.model, recipe.data
     if model.name.startswith("hf:"):
         resolve_hf_path(model.name[3:])
+    elif model.name.startswith("saved:"):
+        _check_saved(model.name[len("saved:"):], model.kwargs, trust_code)
     else:
         _check_factory(model.name, model.kwargs, "model", ModelLoadError)
     _check_factory(data.name, data.kwargs, "data", DataError)
+
+
+def _check_saved(folder: str, kwargs: dict[str, Any], trust_code: bool) -> None:
+    from ..export.checkpoint import read_checkpoint
+    from ..saving import needs_trust, untrusted_error
+
+    if kwargs:
+        raise ModelLoadError(f"model 'saved:{folder}': a saved model takes no kwargs (its manifest has them), got "
+                             f"{', '.join(sorted(kwargs))}; remove them")
+    source = read_checkpoint(folder).source
+    if needs_trust(source) and not trust_code:
+        raise untrusted_error(folder, source)
 
 
 def _check_factory(name: str, kwargs: dict[str, Any], what: str, error: type[NNCompressError]) -> None:

@@ -104,6 +104,20 @@ def load_hf(path_or_alias: str | Path) -> tuple[SentenceEncoder, Any]:
     return SentenceEncoder(model).eval(), tokenizer
 
 
+def load_hf_tokenizer(path_or_alias: str | Path) -> Any:
+    """The tokenizer of a local folder or an alias (a saved model that came from it needs it for its data)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_hf_path(path_or_alias)
+    try:
+        with _quiet_loading():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"tokenizer of 'hf:{path_or_alias}': cannot load {path} ({first}); check the folder "
+                             f"still holds the transformers tokenizer") from None
+
+
 @register("hf_config", namespace="model")
 def hf_from_config(config: dict[str, Any]) -> SentenceEncoder:
     """The same architecture as a loaded encoder, randomly initialised (weights come from elsewhere).

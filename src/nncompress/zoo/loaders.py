@@ -5,6 +5,8 @@ A name is one of:
   - `"module:factory"`: `module` is imported (the current directory is importable for the import only)
     and `factory(**kwargs)` is called
   - for models only, `"hf:minilm"` or `"hf:/path/to/folder"`: a local Hugging Face encoder
+  - for models only, `"saved:/path/to/folder"`: a model `nncompress.save` wrote (a run's `model/`), to
+    compress further; a folder whose manifest names a `module:factory` needs `trust_code=True`
 
 >>> model, tok = build_model({"name": "mlp", "kwargs": {"in_features": 64}})
 >>> data = build_data({"name": "digits"})
@@ -27,7 +29,7 @@ from ..core import DataError, ModelLoadError, lookup, names, tag_source
 from ..core.errors import NNCompressError, RegistryError
 from . import models as _models  # noqa: F401  (registers the built-in models)
 from .data import DataBundle, batch_inputs  # importing .data registers the built-in data
-from .hf import load_hf
+from .hf import load_hf, load_hf_tokenizer
 
 __all__ = ["build_data", "build_model", "import_factory"]
 
@@ -109,18 +111,36 @@ def _params(fn: Callable) -> str:
         return "unknown arguments"
 
 
-def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """`(model, tokenizer)` for a spec; the tokenizer is None except for `hf:` models.
+SAVED = "saved:"
 
-    The model is tagged with its spec (`core.model_source`), so `nncompress.save` knows how to rebuild it.
+
+def build_model(spec: dict[str, Any], trust_code: bool = False) -> tuple[nn.Module, Any]:
+    """`(model, tokenizer)` for a spec; the tokenizer is None except for models from `hf:` folders.
+
+    The model is tagged with its spec (`core.model_source`), so `nncompress.save` knows how to rebuild it;
+    a `saved:` model keeps the source its manifest names. trust_code: see `nncompress.load`.
 
     >>> model, _ = build_model({"name": "resnet20", "kwargs": {"num_classes": 100}})
     >>> model.fc.out_features
     100
     """
     name, kwargs = _parse_spec(spec, "model", ModelLoadError)
+    if name.startswith(SAVED):
+        return _load_saved(name, kwargs, trust_code)
     model, tokenizer = _build_model(name, kwargs)
     return tag_source(model, {"name": name, "kwargs": kwargs}), tokenizer
+
+
+def _load_saved(name: str, kwargs: dict[str, Any], trust_code: bool) -> tuple[nn.Module, Any]:
+    from ..core import model_source
+    from ..saving import load
+
+    if kwargs:
+        raise ModelLoadError(f"model {name!r}: a saved model takes no kwargs (its manifest has them), got "
+                             f"{', '.join(sorted(kwargs))}; remove them")
+    model = load(name[len(SAVED):], trust_code=trust_code)
+    base = model_source(model)["name"]
+    return model, (load_hf_tokenizer(base[3:]) if base.startswith("hf:") else None)
 
 
 def _build_model(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
