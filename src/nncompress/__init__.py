@@ -9,6 +9,7 @@
 from .core import (CompositionError, Config, ConfigError, Context, NNCompressError, Targets, TrainConfig, apply,
                    history, merge, names, register)
 from . import cluster, distill, lowrank, prune, quant  # noqa: F401  (importing registers their stages)
+from . import eval  # noqa: F401,A004  (registers the latency measurements techniques look up: HALP's tables)
 from .saving import load, save
 
 __version__ = "0.1.0"

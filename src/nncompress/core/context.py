@@ -24,6 +24,7 @@ class Context:
     edits:    the structural edits (layer swaps, removed channels or blocks), recorded through
               `ctx.edits.swap(...)` / `ctx.edits.add(...)`; `nncompress.load` replays exactly these
     progress: show progress bars
+    cache_dir: where measurements that only depend on this machine (latency tables) are kept; None: nowhere
     """
 
     targets: Targets = dataclasses.field(default_factory=Targets)
@@ -34,3 +35,4 @@ class Context:
     edits: Edits = dataclasses.field(default_factory=Edits)
     progress: bool = False
     log: Callable[[str], None] = lambda msg: None
+    cache_dir: str | None = None

@@ -7,13 +7,14 @@ Knows nothing of techniques; imports only `nncompress.core`.
 2048
 """
 from .latency import Latency, measure_latency, measure_onnx_latency, num_threads
+from .latency_table import LatencyTable, build_table
 from .measure import (batch_size, call_model, count_macs, count_nonzero_params, count_params, evaluating,
                       file_bytes, move_inputs)
 from .metrics import accuracy, embed, embedding_fidelity
 from .report import Report, StageMetrics, human_bytes, pareto_png, run_info
 
 __all__ = [
-    "Latency", "measure_latency", "measure_onnx_latency", "num_threads", "batch_size", "call_model",
+    "Latency", "LatencyTable", "build_table", "measure_latency", "measure_onnx_latency", "num_threads", "batch_size", "call_model",
     "count_macs", "count_nonzero_params", "count_params", "evaluating", "file_bytes", "move_inputs",
     "accuracy", "embed", "embedding_fidelity", "Report", "StageMetrics", "human_bytes", "pareto_png", "run_info",
 ]

@@ -150,10 +150,14 @@ class Report:
         run = self.run
         facts = [f"threads: {run.get('threads', NM)}", f"device: {run.get('device', NM)}"]
         facts += [f"{k} {run[k]}" for k in ("torch", "onnxruntime", "nncompress", "python") if run.get(k)]
+        if run.get("malloc"):
+            facts.append(f"malloc: {run['malloc']}")
         facts += [str(run[k]) for k in ("cpu", "date") if run.get(k)]
         legend = ("n/m: not measured. File size: every byte needed to load the stage (weights + manifest). "
                   "Measured speedup: baseline median / stage median, same runtime, batch "
-                  "and threads in this run. MAC speedup: baseline MACs / stage MACs, theoretical.")
+                  "and threads in this run. MAC speedup: baseline MACs / stage MACs, theoretical."
+                  + (" malloc steady: glibc's mmap threshold fixed, as in a long-running process (no page "
+                     "faults per call)." if run.get("malloc") == "steady" else ""))
         notes = "".join(f"\n- {w}" for w in run.get("warnings", []))
         return " · ".join(facts) + "\n\n" + legend + (f"\n\nNotes:{notes}" if notes else "")
 
@@ -174,6 +178,8 @@ def run_info(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
         except Exception:  # not installed: say nothing rather than guess
             pass
     info["python"] = platform.python_version()
+    from .latency import steady_allocator
+    info["malloc"] = "steady" if steady_allocator() else "default"
     cpu = _cpu_name()
     if cpu:
         info["cpu"] = cpu

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -24,6 +25,7 @@ from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_
 from ..core.errors import DataError
 from ..graph import build_graph
 from .importance import NEEDS, collect_stats
+from .latency import LatencyTarget, parse_target, prune_to_latency
 from .structural import apply_record, remove_groups
 
 
@@ -41,6 +43,10 @@ class PruneConfig(TrainConfig):
     overrides:    per-group ratios by glob on the group's producing module, e.g. {"stem.*": 0.0}
     keep_macs / keep_params: a budget instead of `ratio`: keep this fraction of MACs / params (met on
                   the real pruned model's counts; a budget no pruning can meet is an error)
+    target_latency: a budget instead of `ratio`: a measured speedup ("2x") or ms per batch ("12ms") on
+                  the target `latency` describes (runtime, batch, threads, device); group widths are
+                  chosen by a knapsack of importance against a latency table measured there (HALP),
+                  then the pruned model is timed and the plan tightened until the target is met
     steps, epochs: the iterative schedule: `steps` prune steps, each followed by `epochs` of fine-tune
     penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
     calib_batches: batches used by data-driven criteria
@@ -55,6 +61,8 @@ class PruneConfig(TrainConfig):
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
     keep_macs: float | None = None
     keep_params: float | None = None
+    target_latency: str | None = None
+    latency: LatencyTarget = dataclasses.field(default_factory=LatencyTarget)
     steps: int = 1
     epochs: int = 0
     penalty: Literal["none", "group_lasso", "l1_bn"] = "none"
@@ -78,7 +86,10 @@ class PruneConfig(TrainConfig):
         for name in ("keep_macs", "keep_params"):
             v = getattr(self, name)
             check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
-        check(not (self.keep_macs and self.keep_params), "keep_params", "give keep_macs or keep_params, not both")
+        budgets = [n for n in ("keep_macs", "keep_params", "target_latency") if getattr(self, n)]
+        check(len(budgets) <= 1, budgets[-1] if budgets else "", f"give one budget, not {' and '.join(budgets)}")
+        if self.target_latency is not None:
+            parse_target(self.target_latency)
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.penalty_epochs >= 0, "penalty_epochs", f"must be >= 0, got {self.penalty_epochs}")
         check(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", f"must be in [0, 1], got {self.penalty_alpha}")
@@ -100,9 +111,15 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     budget = config.keep_macs or config.keep_params
     original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
     removed = 0
+    timed = [] if config.target_latency else None
     for step in range(1, config.steps + 1):
         with plain_view(model) as view:  # quantized / clustered layers are pruned through their plain view
-            if budget:
+            if timed is not None:
+                plan, record = prune_to_latency(model, score_groups(model, config, ctx, inputs), config, ctx,
+                                                timing_inputs(model, ctx, config.latency.batch),
+                                                remove_groups, step / config.steps)
+                timed.append(record)
+            elif budget:
                 plan = _plan_for_budget(model, config, ctx, inputs, budget ** (step / config.steps))
             elif config.scope == "local":  # cumulative ratio of the original widths: k steps end at one-shot's
                 plan = plan_from_scores(score_groups(model, config, ctx, inputs), config,
@@ -115,6 +132,11 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
         if config.epochs:
             _finetune(model, config, ctx)
     ctx.record["channels_removed"] = removed
+    if timed:
+        total = math.prod(t["measured_speedup"] for t in timed)  # each step timed against the one before
+        ctx.record["latency"] = timed[0] if len(timed) == 1 else {
+            "target": config.target_latency, "measured_speedup": round(total, 3),
+            "met": all(t["met"] for t in timed), "steps": timed}
     return model.eval()
 
 
@@ -251,6 +273,17 @@ def example_inputs(model: nn.Module, ctx: Context):
         raise DataError(f"{type(model).__name__}: pruning traces the model and needs example inputs; pass "
                         "Context(data=...) or set model.input_shape")
     return torch.zeros(2, *shape)
+
+
+def timing_inputs(model: nn.Module, ctx: Context, batch: int):
+    """A batch of `batch` samples to time the model on: the recipe's data, or zeros of `model.input_shape`."""
+    if ctx.data is not None:
+        return ctx.data.example_batch(batch)
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise DataError(f"{type(model).__name__}: target_latency times the model and needs example inputs; "
+                        "pass Context(data=...) or set model.input_shape")
+    return torch.zeros(batch, *shape)
 
 
 def count_macs(model: nn.Module, inputs) -> int:

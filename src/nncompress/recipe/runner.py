@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import Context, TrainConfig, apply, fit
+from ..core import Context, TrainConfig, apply, fit, history
 from ..core.errors import DataError, NNCompressError
 from ..eval.report import Report, pareto_png
 from ..export.atomic import atomic_path, atomic_write_text, remove_stale_temps
@@ -98,13 +98,17 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, tr
     if not run.report.stages:
         log(f"measuring baseline ({recipe.model.name} on {recipe.data.name})")
         run.measure(measurer, model, "baseline", "baseline", 0.0)
-    ctx = Context(data=data, teacher=teacher, device=torch.device(recipe.measure.device), progress=progress, log=log)
+    ctx = Context(data=data, teacher=teacher, device=torch.device(recipe.measure.device), progress=progress, log=log,
+                  cache_dir=str(cache))
     for stage in recipe.stages[run.stages_done:]:
         log(f"stage {stage.label}: {stage.config.kind}")
         seed_stage(recipe.seed, stage.index, data)
         start = time.perf_counter()
         model = apply(model, stage.config, targets=stage.targets, context=ctx)
         model.eval()
+        note = _latency_note(stage.label, history(model)[-1].get("record", {}))
+        if note:
+            measurer.warnings.append(note)
         run.measure(measurer, model, stage.label, stage.config.kind, time.perf_counter() - start)
     report = run.report
     report.run = measurer.run_info(recipe)
@@ -113,6 +117,17 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, tr
     atomic_write_text(run.path / "report.md", report.to_markdown() + "\n")
     pareto_png(report, run.path / "pareto.png")
     return RunResult(run.path, report, model)
+
+
+def _latency_note(label: str, record: dict[str, Any]) -> str | None:
+    """What a stage with a latency target measured while compressing, for the report's notes."""
+    lat = record.get("latency")
+    if not lat:
+        return None
+    where = f"{lat.get('runtime', 'torch')}, batch {lat.get('batch', '?')}, {lat.get('threads', '?')} threads"
+    verdict = "met" if lat.get("met") else "NOT met (the closest plan found is kept)"
+    return (f"{label}: target_latency {lat['target']} ({where}): measured {lat['measured_speedup']:.2f}x "
+            f"while pruning, {verdict}; the table columns are this run's own measurement")
 
 
 def _starting_point(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool,
