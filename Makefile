@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition clean
+	bench-deep-compression-80 bench-composition bench-latency-prune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
-bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition
+bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition \
+	bench-latency-prune
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -76,6 +77,10 @@ bench-deep-compression-80: $(VENV)/.bench
 # issue 10: every ordered pair of transforms on a tiny MLP, CNN and BERT (compose or typed refusal)
 bench-composition: $(VENV)/.bench
 	$(BIN)/python benchmarks/composition.py --out BENCHMARKS.md
+
+# issue 11: latency-aware pruning (HALP) vs MAC-driven, and latency-table accuracy
+bench-latency-prune: $(VENV)/.bench
+	$(BIN)/python benchmarks/latency_prune.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,8 +10,8 @@ scaled with the volume of the layers' outputs, which is what they read and write
 cached on disk, keyed by the layer's shape, runtime, threads, device and machine, so a second table
 for the same layers costs nothing.
 
-Layers timed alone do not add up to the model timed whole (each call's own overhead, caches, the
-framework's fixed cost per op), so a table is calibrated on whole-model measurements at other widths:
+Each layer's time is net of the cost of an empty call (an identity timed the same way). Layers timed
+alone still do not add up to the model timed whole (caches, the framework's fixed cost per op), so a table is calibrated on whole-model measurements at other widths:
 `fit([(widths, ms), ...])` sets `ms = a * layers + b * rest + c` by least squares (pulled towards
 a = b = 1, c = 0 when the points are few). Its prediction error on a model it was not fitted on is
 what a table's accuracy means.
@@ -205,6 +205,7 @@ class LatencyTable:
         the full model at `full_ms` is always one). `prior` pulls towards a = b = 1, c = 0, weighted
         relative to the full model's latency, so one or two points only nudge the table."""
         import numpy as np
+        from scipy.optimize import nnls
 
         self.points += [(self.widths_of(w) if isinstance(w, nn.Module) else dict(w), float(ms)) for w, ms in points]
         full = {n: (t.spec.in_ch, t.spec.out_ch) for n, t in self.layers.items()}
@@ -216,7 +217,8 @@ class LatencyTable:
         lam = prior * self.full_ms
         rows += [[lam, 0, 0], [0, lam, 0], [0, 0, prior]]
         ys += [lam, lam, 0.0]
-        coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+        # non-negative: a layer or an op never makes the model faster, a fixed cost is never negative
+        coef, _ = nnls(np.array(rows), np.array(ys))
         self.coef = tuple(float(v) for v in coef)
 
     def to_json(self) -> str:
@@ -296,6 +298,27 @@ def _measure_layer(spec: LayerSpec, c_in: int, c_out: int, runtime: Runtime, thr
     return measure_onnx_latency(path, x, warmup=warmup, repeats=repeats, threads=threads).median_ms
 
 
+def _call_overhead(spec: LayerSpec, runtime: Runtime, threads: int, device: str, warmup: int, repeats: int,
+                   scratch: Path) -> float:
+    """What timing one call costs with no work in it (an identity on the layer's input): the part of a
+    layer timed alone that the layer does not add inside the model."""
+    x = spec.build(spec.in_ch, spec.out_ch)[1]
+    if runtime == "torch":
+        return measure_latency(nn.Identity(), x, warmup=warmup, repeats=repeats, threads=threads,
+                               device=device).median_ms
+    path = scratch / "identity.onnx"
+    with quiet_loggers("torch.onnx", "onnxscript"), torch.no_grad():
+        torch.onnx.export(_Copy(), (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"])
+    return measure_onnx_latency(path, x, warmup=warmup, repeats=repeats, threads=threads).median_ms
+
+
+class _Copy(nn.Module):
+    """The smallest graph ONNX export keeps (a bare identity exports to a graph with no node)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
 def build_table(model: nn.Module, inputs: Any, *, runtime: Runtime = "torch", threads: int | None = None,
                 device: str = "cpu", step: int = 8, points: int = 6, warmup: int = 3, repeats: int = 15,
                 cache_dir: str | Path | None = None, full_model_onnx: str | Path | None = None) -> LatencyTable:
@@ -323,6 +346,11 @@ def build_table(model: nn.Module, inputs: Any, *, runtime: Runtime = "torch", th
         for name, spec in specs.items():
             ins = widths(spec.in_ch, step, points) if not spec.depthwise else widths(spec.out_ch, step, points)
             outs = widths(spec.out_ch, step, points)
+            key = f"overhead|{spec.input_shape}"
+            overhead = cache.get(key)
+            if overhead is None:
+                overhead = _call_overhead(spec, runtime, threads, device, warmup, repeats, Path(scratch))
+                cache.put(key, overhead)
             grid = []
             for c_in in ins:
                 row = []
@@ -335,7 +363,7 @@ def build_table(model: nn.Module, inputs: Any, *, runtime: Runtime = "torch", th
                     if ms is None:
                         ms = _measure_layer(spec, c_in, c_out, runtime, threads, device, warmup, repeats, Path(scratch))
                         cache.put(key, ms)
-                    row.append(ms)
+                    row.append(max(ms - overhead, 0.05 * ms))  # the layer's own work, not the timing call's
                 grid.append(row)
             if spec.depthwise:  # one free width: the diagonal, copied along rows so `at(w, w)` reads it
                 diag = [grid[i][i] for i in range(len(ins))]
@@ -346,7 +374,7 @@ def build_table(model: nn.Module, inputs: Any, *, runtime: Runtime = "torch", th
         full = measure_latency(model, inputs, warmup=warmup, repeats=repeats, threads=threads, device=device).median_ms
     else:
         full = measure_onnx_latency(full_model_onnx, inputs, warmup=warmup, repeats=repeats, threads=threads).median_ms
-    rest = full - sum(t.full_ms for t in layers.values())
+    rest = max(full - sum(t.full_ms for t in layers.values()), 0.0)
     return LatencyTable(runtime, device, threads, batch, machine, layers, full, rest)
 
 

@@ -232,6 +232,9 @@ def _scoring(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+# Criteria whose scores estimate the loss change of removing a channel: comparable across groups as
+# they are (a latency knapsack trades them against milliseconds); the others are normalised per group.
+LOSS_UNITS = frozenset({"taylor", "fisher", "hessian"})
 NEEDS = {"taylor": "grad", "fisher": "grad_sq", "activation": "activations", "hessian": "hessian"}
 
 

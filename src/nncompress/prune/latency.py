@@ -6,8 +6,8 @@ the table's budget until it is met.
     PruneConfig(importance="taylor", target_latency="2x", latency=LatencyTarget(batch=1, threads=2))
 
 The greedy step removes, from the group where it costs least importance per millisecond saved, the
-next `round_to` channels of lowest importance (scores normalised per group by their mean |score|, as
-global scope does); a layer's latency depends on both its input and output widths, so the saving of
+next channels of lowest importance (loss-change criteria as they are, magnitudes normalised per group
+by their mean |score| as global scope does); a layer's latency depends on both its input and output widths, so the saving of
 every candidate step is re-read from the table at the widths the model has at that point.
 
 >>> knapsack_order([1.0, 3.0], [2.0, 2.0])        # equal savings: the cheaper importance goes first
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Config, ConfigError, Context, check, lookup
+from .importance import LOSS_UNITS
 
 __all__ = ["LatencyTarget", "parse_target", "plan_for_latency", "knapsack_order"]
 
@@ -156,8 +157,9 @@ def plan_for_latency(model: nn.Module, scored: list[tuple[Any, torch.Tensor]], t
         if not ties:
             continue  # a group the table does not see (its layers' widths cannot be varied) saves nothing
         s = s.float()
-        states.append(_GroupState(g, torch.argsort(s, stable=True).tolist(), s / s.abs().mean().clamp_min(1e-12),
-                                  0, ties))
+        if config.importance not in LOSS_UNITS:  # magnitudes differ in scale from layer to layer
+            s = s / s.abs().mean().clamp_min(1e-12)
+        states.append(_GroupState(g, torch.argsort(s, stable=True).tolist(), s, 0, ties))
     predicted = table.predict(widths)
     while predicted > target_ms:
         costs, savings, steps = [], [], []
@@ -229,9 +231,10 @@ def prune_to_latency(model: nn.Module, scored: list, config: Any, ctx: Context, 
         ms = measure([model, *trials], inputs, runtime=spec.runtime, threads=spec.threads, device=spec.device)
         return [(t, m, ms[0]) for t, m in zip(trials, ms[1:])]
 
-    # calibrate the table on the model pruned uniformly at three depths (ms scaled to the table's baseline)
-    table.fit([(t, m * now_ms / base) for t, m, base in timed([uniform_plan(scored, f, config)
-                                                                for f in (0.25, 0.5, 0.75)])])
+    # calibrate the table on the model pruned uniformly at three depths, the deepest as far as the
+    # groups allow, so the table knows the floor (ms scaled to the table's baseline)
+    depths = (config.max_ratio / 3, config.max_ratio * 2 / 3, config.max_ratio)
+    table.fit([(t, m * now_ms / base) for t, m, base in timed([uniform_plan(scored, f, config) for f in depths])])
     if unit == "ms" and value >= now_ms:
         raise ConfigError("target_latency", f"{value:g} ms is no faster than the model already runs "
                           f"({now_ms:.3g} ms at batch {spec.batch} on {spec.runtime}); aim lower")
