@@ -389,10 +389,7 @@ def table_provider(model: nn.Module, inputs: Any, *, runtime: Runtime = "torch",
         return build_table(model, inputs, runtime=runtime, threads=threads, device=device, step=step,
                            cache_dir=cache_dir)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "model.onnx"
-        with quiet_loggers("torch.onnx", "onnxscript"), torch.no_grad():
-            torch.onnx.export(model.eval(), (inputs,), str(path), dynamo=False, input_names=["input"],
-                              output_names=["output"])
+        path = _export(model, inputs, Path(d) / "model.onnx")
         return build_table(model, inputs, runtime=runtime, threads=threads, step=step, cache_dir=cache_dir,
                            full_model_onnx=path)
 
@@ -407,9 +404,23 @@ def latency_provider(models: list[nn.Module], inputs: Any, *, runtime: Runtime =
     with tempfile.TemporaryDirectory() as d:
         paths = []
         for i, m in enumerate(models):
-            paths.append(Path(d) / f"m{i}.onnx")
-            with quiet_loggers("torch.onnx", "onnxscript"), torch.no_grad():
-                torch.onnx.export(m.eval(), (inputs,), str(paths[-1]), dynamo=False, input_names=["input"],
-                                  output_names=["output"])
+            paths.append(_export(m, inputs, Path(d) / f"m{i}.onnx"))
         return [lat.median_ms for lat in compare_onnx_latency(paths, inputs, warmup=5, repeats=repeats,
                                                               threads=threads)]
+
+
+def _export(model: nn.Module, inputs: Any, path: Path) -> Path:
+    """The model's fp32 ONNX file, for timing in onnxruntime; a model that does not export is a
+    typed error that points at the torch runtime."""
+    if isinstance(inputs, dict):
+        raise DataError("latency runtime onnxruntime: times models that take one tensor; for models fed a dict "
+                        "(transformers) use runtime torch")
+    try:
+        with quiet_loggers("torch.onnx", "onnxscript"), torch.no_grad():
+            torch.onnx.export(model.eval(), (inputs,), str(path), dynamo=False, input_names=["input"],
+                              output_names=["output"])
+    except Exception as e:  # torch raises many kinds; the user needs one line and the way out
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{type(model).__name__}: cannot export to ONNX to time it in onnxruntime ({first}); "
+                        "use latency runtime torch") from None
+    return path
