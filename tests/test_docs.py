@@ -39,7 +39,9 @@ def test_example_recipes_are_valid(path):
     assert load_recipe(path).stages
 
 
-SLOW_EXAMPLES = {"minilm_prune_kd_int8.yaml"}  # all-MiniLM-L6-v2 end to end: ~2 min on 2 cores (CI runs it)
+# the slow tier (CI runs it too): all-MiniLM-L6-v2 end to end (~2 min on 2 cores), and the two
+# longest CNN pipelines (~35 s and ~14 s), so the default tier stays under 3 minutes
+SLOW_EXAMPLES = {"minilm_prune_kd_int8.yaml", "deep_compression_mnist1d.yaml", "progressive_qat_mnist1d.yaml"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=pytest.mark.slow if p.name in SLOW_EXAMPLES else ())
