@@ -1,6 +1,7 @@
 """The `nncompress` command: parses arguments, prints, sets exit codes; nothing else.
 
-Exit codes: 0 success; 2 a user error (bad recipe, file, data, model spec), printed as one line
+Exit codes: 0 success (for `search`, also when a stated goal is not met: the report says so and names
+the closest point found); 2 a user error (bad recipe, file, data, model spec), printed as one line
 (`--debug` shows the traceback); 1 an internal error (a bug: please report it with --debug output);
 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (128 + the signal's number, as shells report it).
 Both signals stop a run the same clean way: one line on stderr, no half-written file, the completed
@@ -23,6 +24,8 @@ EPILOG = """examples:
   nncompress run --resume runs/ft      continue a run stopped by Ctrl-C or SIGTERM
   nncompress report runs/ft            print a finished run's report again
   nncompress sensitivity examples/finetune.yaml --unit channel --out sens --target 0.5 --threshold 0.01
+  nncompress search examples/search_digits.yaml --trials 20 --out runs/s --max-drop 0.01
+                                       multi-objective search; rerun the same command to resume
   nncompress list                      the registered stage kinds, models and data sets
 """
 
@@ -73,9 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--quiet", action="store_true", help="no progress bars or log")
     sens.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
+    _search_parser(sub)
+
     sub.add_parser("list", help="list registered stage kinds, built-in models and data sets",
                    description="List what recipes can name: stage kinds, models, data sets.")
     return p
+
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
+    srch = sub.add_parser("search", help="multi-objective search over a recipe's search space (Optuna)",
+                          description="Search the space a recipe's `search:` section declares: each trial is a "
+                          "concrete recipe measured for quality (test split), torch latency (interleaved with the "
+                          "uncompressed model) and bytes on disk; cheap proxies first, the full recipe for the "
+                          "promising. Writes OUT/report.md, report.json, pareto.png and front/NNN.yaml (runnable "
+                          "recipes). The study lives in --storage: rerun the same command to resume; several "
+                          "processes or machines may share one storage.")
+    srch.add_argument("recipe", type=Path, help="recipe YAML file with a search: section")
+    srch.add_argument("--trials", type=int, required=True, help="rung-1 trials of the whole study (a rerun continues to N)")
+    srch.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME-search)")
+    srch.add_argument("--storage", default=None, metavar="URL", help="Optuna storage: a database URL "
+                      "(sqlite:///s.db, postgresql://...) or a .db / .log file (default: OUT.study.db beside --out)")
+    goal = srch.add_mutually_exclusive_group()
+    goal.add_argument("--max-drop", default=None, metavar="X", help="the smallest and the fastest point within X of "
+                      "the baseline's quality (quality units: 0.01 = 1 point of accuracy)")
+    goal.add_argument("--target-latency", default=None, metavar="T",
+                      help="the best quality at most this latency: 5ms, or 2x (twice as fast as the baseline)")
+    goal.add_argument("--target-size", default=None, metavar="S",
+                      help="the best quality at most this size on disk: 50kB, 120000, or 4x (a quarter of the baseline)")
+    srch.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    srch.add_argument("--cache", type=Path, default=None, help="cache folder for data and pretrained weights")
+    srch.add_argument("--quiet", action="store_true", help="no progress bars or log")
+    srch.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
 TRUST_HELP = ("let a `saved:` model whose manifest names a `module:factory` import it (importing runs that "
@@ -161,6 +192,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "sensitivity":
         return _sensitivity(args)
+    if args.command == "search":
+        return _search(args)
     from .recipe import demo_recipe_path, run_recipe
     if args.command == "demo" and args.show_recipe:
         print(demo_recipe_path().read_text())
@@ -174,6 +207,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_sources(recipe, args.trust_code)
         if out is not None:
             check_out_dir(out)
+        if recipe.search is not None:
+            from .search import load_search
+            spec = load_search(path)
+            print(f"{path}: search section valid ({len(spec.dimensions)} dimensions, {len(spec.baselines)} baselines)")
         print(f"{path}: valid ({len(recipe.stages)} stages: {', '.join(s.config.kind for s in recipe.stages) or 'none'})")
         return 0
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
@@ -242,6 +279,30 @@ def _sensitivity(args: argparse.Namespace) -> int:
         for unit, r in ratios.items():
             print(f"  {_yaml_key(unit)}: {r:g}")
     print(f"\nwritten: {args.out / 'sensitivity.csv'}, {args.out / 'sensitivity.png'}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search import load_search, parse_goal, run_search
+    from .search.report import front_files
+
+    goal = parse_goal(args.max_drop, args.target_latency, args.target_size)  # checked before any work
+    spec = load_search(args.recipe)
+    out = args.out or Path("runs") / f"{spec.name}-search"
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
+    result = run_search(spec, args.trials, out, storage=args.storage, goal=goal, workers=args.workers,
+                        cache_dir=args.cache, progress=not args.quiet, log=log, trust_code=args.trust_code)
+    files = front_files(result)
+    c = result.counts
+    print(f"{c['trials']} trials ({c['distinct']} distinct points, {c['failed']} failed), {c['promoted']} promoted to "
+          f"the full recipe, {c['baselines']} baselines; Pareto front: {len(result.front)} points "
+          f"(dominating {result.dominated} of {len(result.baselines)} baselines)")
+    for role, label in result.verdict.picks:
+        print(f"{role}: {label} -> {out / 'front' / files[label]}")
+    if result.verdict.closest is not None and result.verdict.closest.label in files:
+        print(f"closest: {result.verdict.closest.label} -> {out / 'front' / files[result.verdict.closest.label]}")
+    print(f"goal ({result.verdict.goal.describe()}): {result.verdict.message}")
+    print(f"\nsearch directory: {out}  (report.md, pareto.png, front/NNN.yaml: run one with `nncompress run`)")
     return 0
 
 

@@ -42,7 +42,7 @@ from ..zoo.hf import load_hf_tokenizer
 from ..zoo.loaders import SAVED, build_data, build_model
 from .measure import Measurer, call_model
 from .partial import PartialRun, RunInterrupted, interrupted_note, interrupted_recipe, partial_dir  # noqa: F401
-from .schema import Recipe, check_sources
+from .schema import Recipe, Stage, check_sources
 
 
 
@@ -102,10 +102,8 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, tr
                   cache_dir=str(cache))
     for stage in recipe.stages[run.stages_done:]:
         log(f"stage {stage.label}: {stage.config.kind}")
-        seed_stage(recipe.seed, stage.index, data)
         start = time.perf_counter()
-        model = apply(model, stage.config, targets=stage.targets, context=ctx)
-        model.eval()
+        model = apply_stage(recipe, stage, model, ctx)
         note = _latency_note(stage.label, history(model)[-1].get("record", {}))
         if note:
             measurer.warnings.append(note)
@@ -117,6 +115,14 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, tr
     atomic_write_text(run.path / "report.md", report.to_markdown() + "\n")
     pareto_png(report, run.path / "pareto.png")
     return RunResult(run.path, report, model)
+
+
+def apply_stage(recipe: Recipe, stage: Stage, model: nn.Module, ctx: Context) -> nn.Module:
+    """Run one stage of `recipe` on `model` (seeded from the recipe seed and the stage's index only,
+    see `seed_stage`) and return the model in eval mode: what a run does for each stage, and what a
+    search does for each stage of a candidate recipe."""
+    seed_stage(recipe.seed, stage.index, ctx.data)
+    return apply(model, stage.config, targets=stage.targets, context=ctx).eval()
 
 
 def _latency_note(label: str, record: dict[str, Any]) -> str | None:

@@ -104,6 +104,9 @@ class Recipe:
     measure: MeasureConfig
     stages: tuple[Stage, ...]
     seed: int = 0
+    # the `search:` section as written: validated by `nncompress.search` (which runs above recipes);
+    # a run runs the stages as written, so it is not part of the resolved recipe
+    search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "model": self.model.to_dict(),
@@ -111,7 +114,7 @@ class Recipe:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
-_TOP = {"name", "seed", "model", "data", "measure", "stages"}
+_TOP = {"name", "seed", "model", "data", "measure", "stages", "search"}
 
 
 def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
@@ -137,7 +140,10 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
         raise ConfigError("stages", f"expected a list of stages, got {type(stages_raw).__name__}")
     expanded = [s for i, raw_stage in enumerate(stages_raw) for s in expand_progressive(raw_stage, f"stages[{i}]")]
     stages = tuple(parse_stage(s, i, where) for i, (s, where) in enumerate(expanded))
-    return Recipe(name=name, model=model, data=data, measure=measure, stages=stages, seed=seed)
+    search = raw.get("search")
+    if search is not None and not isinstance(search, dict):
+        raise ConfigError("search", f"expected a mapping with space (and optional, proxy, baselines), got {search!r}")
+    return Recipe(name=name, model=model, data=data, measure=measure, stages=stages, seed=seed, search=search)
 
 
 _PROGRESSIVE = {"kind", "vary", "values", "stage", "recover"}
@@ -202,6 +208,11 @@ def parse_stage(raw: Any, index: int, path: str | None = None) -> Stage:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; YAML errors (syntax, a key given twice) name the line."""
+    return parse_recipe(read_recipe_yaml(path), source=str(path))
+
+
+def read_recipe_yaml(path: str | Path) -> Any:
+    """The recipe file as plain YAML values, not yet validated; YAML errors name the line."""
     path = Path(path)
     if not path.is_file():
         raise NNCompressError(f"{path}: recipe file not found")
@@ -213,7 +224,7 @@ def load_recipe(path: str | Path) -> Recipe:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         what = problem if isinstance(e, _DuplicateKeyError) else f"malformed YAML ({problem})"
         raise ConfigError("", f"{path}:{where}: {what}") from None
-    return parse_recipe(raw, source=str(path))
+    return raw
 
 
 def _recipe_text(path: Path) -> str:
