@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition \
-	bench-latency-prune
+	bench-latency-prune bench-search
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -81,6 +81,10 @@ bench-composition: $(VENV)/.bench
 # issue 11: latency-aware pruning (HALP) vs MAC-driven, and latency-table accuracy
 bench-latency-prune: $(VENV)/.bench
 	$(BIN)/python benchmarks/latency_prune.py --out BENCHMARKS.md
+
+# issue 11: multi-objective search (per-group prune ratios x fine-tune x weight bits) vs uniform baselines
+bench-search: $(VENV)/.bench
+	$(BIN)/python benchmarks/search.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

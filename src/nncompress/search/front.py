@@ -55,6 +55,24 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return sorted(front, key=lambda p: (p.latency, p.bytes, -p.quality))
 
 
+def promising(points: list[Point], tol: float = 0.05) -> list[Point]:
+    """The points no other point dominates by more than measurement noise: a latency within `tol`
+    (relative) of another counts as equal, so two points that differ only by timing noise are both
+    kept (rung 1 uses it to choose what gets the full recipe; the reported front uses `pareto_front`).
+
+    >>> a = Point("a", 0.9, 0.50, 5.0, 100)
+    >>> twin = Point("twin", 0.9, 0.51, 5.1, 100)   # the same model, timed a little slower
+    >>> [p.label for p in promising([a, twin])], [p.label for p in pareto_front([a, twin])]
+    (['a', 'twin'], ['a'])
+    """
+    def clearly_dominates(q: Point, p: Point) -> bool:
+        not_worse = q.quality >= p.quality and q.bytes <= p.bytes and q.latency <= p.latency * (1 + tol)
+        better = q.quality > p.quality or q.bytes < p.bytes or q.latency < p.latency * (1 - tol)
+        return not_worse and better
+
+    return [p for p in points if not any(clearly_dominates(q, p) for q in points if q is not p)]
+
+
 def front_2d(points: list[Point], cost: Literal["latency", "bytes"]) -> list[Point]:
     """The points optimal for quality against one cost alone, cheapest first (what a plot panel joins)."""
     out, best = [], float("-inf")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.errors import NNCompressError
 from .evaluate import Evaluator, Objectives
-from .front import Point, pareto_front, spread
+from .front import Point, promising, spread
 from .space import SearchSpec
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency (x baseline), bytes
@@ -148,8 +148,7 @@ class Worker:
 
     def promote(self) -> list[int]:
         """Enqueue the proxy points of the rung-1 front for the full recipe; returns their trial numbers."""
-        chosen = spread([p for p in pareto_front(proxy_points(self.proxy)) if not p.info["exact"]],
-                        self.spec.promote)
+        chosen = spread([p for p in promising(proxy_points(self.proxy)) if not p.info["exact"]], self.spec.promote)
         for p in chosen:
             self._enqueue(f"trial:{p.info['trial']}", {"role": "promoted", "parent": p.info["trial"],
                                                        "point": p.info["point"]})
