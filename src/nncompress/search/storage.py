@@ -59,6 +59,9 @@ def open_storage(url: str) -> Any:
             kwargs: dict[str, Any] = {}
             if url.startswith("sqlite"):
                 kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+                file = url[len("sqlite:///"):]
+                if url.startswith("sqlite:///") and file and not file.startswith(":memory:"):
+                    Path(file).parent.mkdir(parents=True, exist_ok=True)  # as a journal file's folder is made
             for attempt in range(5):
                 try:
                     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
