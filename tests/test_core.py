@@ -164,3 +164,34 @@ def test_zero_keeper_restores_pruned_zeros_only():
         keep(model)
     assert torch.equal(model[0].weight == 0, pruned)                 # same zeros, no more, no fewer
     assert int((model[2].weight == 0).sum()) == 0                    # the dense layer was left alone
+
+
+def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
+    import doctest
+    import os
+    import signal
+
+    import nncompress.core.interrupts as interrupts
+    from nncompress.cli import _signals_interrupt
+
+    assert doctest.testmod(interrupts).failed == 0
+
+    class Store:  # stands for a database client: each call must finish once started
+        def __init__(self):
+            self.done = []
+
+        def write(self, item):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-call
+            self.done.append(item)
+
+    store = interrupts.shield_methods(Store())
+    with _signals_interrupt() as received:
+        with pytest.raises(KeyboardInterrupt):
+            store.write("a")
+        assert store.done == ["a"] and received == [signal.SIGTERM]  # completed, then raised
+    with _signals_interrupt():
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+            with interrupts.interruptible():  # the window where an interrupt lands at once
+                os.kill(os.getpid(), signal.SIGTERM)
+            store.done.append("never")  # not reached
+        assert store.done == ["a"]

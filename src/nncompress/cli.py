@@ -10,8 +10,8 @@ stages kept for `nncompress run --resume OUT`.
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -156,11 +156,13 @@ def _signals_interrupt() -> Iterator[list[int]]:
     else set (SIG_IGN under nohup, an embedding application's) is left alone; the previous handlers
     are restored on exit.
     """
+    from .core.interrupts import interrupt_now
+
     received: list[int] = []
 
     def handler(signum, frame):
         received.append(signum)
-        if len(received) == 1:
+        if len(received) == 1 and interrupt_now():  # else raised when the write under way ends
             raise KeyboardInterrupt
 
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}

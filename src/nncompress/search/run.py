@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import ConfigError, NNCompressError
+from ..core.interrupts import interrupt_now
 from ..core.logs import quiet_loggers
 from ..eval.report import run_info
 from ..recipe.runner import check_out_dir, default_cache_dir
@@ -152,9 +153,15 @@ def _spawn(spec: SearchSpec, url: str, trials: int, cache: Path, trust_code: boo
     return procs
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    if interrupt_now():  # else raised when the storage write under way ends
+        raise KeyboardInterrupt
+
+
 def worker_main(spec: SearchSpec, url: str, trials: int, cache: str, trust_code: bool, index: int) -> None:
     """A worker process: its own evaluator, the same study; SIGTERM stops it as Ctrl-C does."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
     import optuna  # noqa: F401  (see run_search)
     worker = None
     try:

@@ -7,6 +7,9 @@
   journal file, for file systems where SQLite locking is unreliable, e.g. NFS)
 
 A storage that cannot be opened is one line naming it (`StorageError`), never a driver traceback.
+Every call into the storage finishes before a Ctrl-C / SIGTERM is raised (`core.interrupts`): an
+interrupt inside a commit would leave its transaction open, and the lock it holds would stall the
+clean-up that marks the running trial interrupted.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import NNCompressError
+from ..core.interrupts import shield_methods
 from ..core.logs import quiet_loggers
 
 HEARTBEAT_S = 20        # a running trial writes its heartbeat this often...
@@ -50,7 +54,7 @@ def open_storage(url: str) -> Any:
             if url.endswith(_JOURNAL) and "://" not in url:
                 from optuna.storages.journal import JournalFileBackend, JournalStorage
                 Path(url).parent.mkdir(parents=True, exist_ok=True)
-                return JournalStorage(JournalFileBackend(url))
+                return shield_methods(JournalStorage(JournalFileBackend(url)))
             if "://" not in url:
                 if not url.endswith(_SQLITE):
                     raise StorageError(f"--storage {shown}: not a database URL (sqlite:///study.db, postgresql://...) "
@@ -64,8 +68,8 @@ def open_storage(url: str) -> Any:
                     Path(file).parent.mkdir(parents=True, exist_ok=True)  # as a journal file's folder is made
             for attempt in range(5):
                 try:
-                    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                      grace_period=GRACE_S)
+                    return shield_methods(optuna.storages.RDBStorage(
+                        url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S))
                 except Exception as e:  # noqa: BLE001 - sorted below
                     # workers starting together on a new database race to create its tables: the
                     # loser finds them made (or locked) and opens them on a second try

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import NNCompressError
+from ..core.interrupts import deferred, interruptible
 from .evaluate import Evaluator, Objectives
 from .front import Point, promising, spread
 from .space import SearchSpec
@@ -87,7 +88,7 @@ class Worker:
 
     def run_proxy(self, on_trial: Callable[[], None] = lambda: None) -> None:
         while counted(self.proxy) < self.trials:
-            self.proxy.optimize(self._proxy_trial, n_trials=1, catch=(NNCompressError,))
+            _optimize_one(self.proxy, self._proxy_trial)
             on_trial()
 
     def _proxy_trial(self, trial: Any) -> tuple[float, float, float]:
@@ -159,7 +160,7 @@ class Worker:
 
         while self.full.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
-                self.full.optimize(self._full_trial, n_trials=1, catch=(NNCompressError,))
+                _optimize_one(self.full, self._full_trial)
             except Exception as e:  # noqa: BLE001 - only the race below is absorbed
                 # SQLite cannot lock a row: two workers may pop the same queued item at once; the one
                 # that finishes second finds it done. The item is measured, so go on with the queue.
@@ -201,6 +202,18 @@ class Worker:
             raise
         trial.set_user_attr("objectives", obj.to_dict())
         return obj.values()
+
+
+def _optimize_one(study: Any, objective: Callable[[Any], Any]) -> None:
+    """One trial of `study`. Ctrl-C / SIGTERM takes effect only inside `objective`, where Optuna
+    records the trial as failed before passing the interrupt on; arriving between Optuna's own steps
+    (a trial created, its heartbeat not yet started) it would leave a trial running for ever."""
+    def guarded(trial: Any) -> Any:
+        with interruptible():
+            return objective(trial)
+
+    with deferred():
+        study.optimize(guarded, n_trials=1, catch=(NNCompressError,))
 
 
 def _same_point(study: Any, point: dict[str, Any], number: int) -> Any:
