@@ -309,3 +309,23 @@ def test_two_worker_processes_share_one_study(searched, tmp_path):
     assert reports[0]["study"] == reports[1]["study"]
     # each baseline measured once in the shared queue, whichever worker took it
     assert reports[1]["counts"]["baselines"] == 2
+
+
+def test_latency_in_onnxruntime_times_each_candidate_beside_the_uncompressed_export(searched, tmp_path):
+    _, _, cache, _ = searched
+    recipe = tmp_path / "ort.yaml"
+    recipe.write_text(RECIPE.replace("search:\n", "search:\n  runtime: onnxruntime\n"))
+    assert main(["search", str(recipe), "--trials", "2", "--out", str(tmp_path / "out"), "--cache", str(cache),
+                 "--quiet"]) == 0
+    measured = [t.user_attrs["objectives"] for t in trials_of(tmp_path / "out.study.db")
+                if "objectives" in t.user_attrs]
+    assert measured
+    for obj in measured:  # the objective is the ONNX Runtime ratio, not torch's
+        m = obj["metrics"]
+        ort = next(lat for lat in m["latencies"] if lat["runtime"] == "onnxruntime" and lat["batch"] == 64)
+        ref = next(lat for lat in m["reference"] if lat["runtime"] == "onnxruntime" and lat["batch"] == 64)
+        assert obj["latency_ms"] == ort["median_ms"] and obj["latency"] == pytest.approx(ort["median_ms"] / ref["median_ms"])
+    assert "Latency: ONNX Runtime" in (tmp_path / "out" / "report.md").read_text()
+    bad = RECIPE.replace("search:\n", "search:\n  runtime: tensorrt\n")
+    with pytest.raises(ConfigError, match="search.runtime: must be one of torch, onnxruntime"):
+        parse_search(yaml.safe_load(bad))

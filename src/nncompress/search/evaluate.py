@@ -5,16 +5,19 @@ copied for each candidate; the stages run through `recipe.runner.apply_stage`, s
 them, so `nncompress run` of the recipe a candidate stands for builds the same model. Objectives:
 
 - quality on the test split (never used to calibrate or fine-tune: stages read `train` and `calib`)
-- latency in torch at the largest `measure.batch_sizes`, timed interleaved with the uncompressed
-  model (`compare_latency`), kept as the ratio of the two medians and as milliseconds
+- latency at the largest `measure.batch_sizes` in the search's runtime (torch eager, or ONNX Runtime
+  on the model's export: int8 QDQ for a quantized model, so its int8 kernels are timed), interleaved
+  with the uncompressed model, kept as the ratio of the two medians and as milliseconds
 - bytes on disk of every file of the saved checkpoint (weights + manifest)
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,9 +30,6 @@ from ..eval.report import StageMetrics
 from ..recipe.measure import Measurer
 from ..recipe.runner import apply_stage, prepare, seed_everything
 from ..recipe.schema import Recipe
-
-RUNTIME = "torch"
-
 
 @dataclasses.dataclass
 class Objectives:
@@ -59,7 +59,7 @@ class Evaluator:
     against that model. Built once per worker process."""
 
     def __init__(self, recipe: Recipe, cache: Path, *, progress: bool = False,
-                 log: Callable[[str], None] = lambda msg: None, trust_code: bool = False):
+                 log: Callable[[str], None] = lambda msg: None, trust_code: bool = False, runtime: str = "torch"):
         seed_everything(recipe.seed)
         self.model, self.data = prepare(recipe, cache, progress, log, trust_code)
         # distillation freezes the teacher it is given: candidates start from copies of `model`, and
@@ -67,8 +67,13 @@ class Evaluator:
         self.teacher = copy.deepcopy(self.model).eval()
         self.cache = cache
         self.batch = max(recipe.measure.batch_sizes)
-        measure = dataclasses.replace(recipe.measure, batch_sizes=(self.batch,), onnx=False)
+        self.runtime = runtime
+        measure = dataclasses.replace(recipe.measure, batch_sizes=(self.batch,), onnx=runtime == "onnxruntime")
         self.measurer = Measurer(measure, self.data, self.teacher, Path(tempfile.gettempdir()))
+        # the uncompressed model's export, timed beside every candidate's in ONNX Runtime: kept until
+        # this evaluator goes
+        self._reference_dir = Path(tempfile.mkdtemp(prefix="nncompress-search-ref-"))
+        weakref.finalize(self, shutil.rmtree, self._reference_dir, True)
 
     def build(self, recipe: Recipe) -> nn.Module:
         """The compressed model of `recipe`: its stages applied, in order, to a copy of the prepared model."""
@@ -84,24 +89,31 @@ class Evaluator:
         start = time.perf_counter()
         model = self.build(recipe)
         built = time.perf_counter() - start
+        if self.measurer.config.onnx and self.measurer.baseline_onnx is None:
+            self.reference()  # ONNX Runtime times each candidate beside the uncompressed model's export
         row = self._measure(model, label, built)
-        return _objectives(row, time.perf_counter() - start)
+        why = [w for w in self.measurer.warnings if w.startswith(f"{label}:")]
+        return _objectives(row, self.runtime, time.perf_counter() - start, why)
 
     def reference(self) -> StageMetrics:
         """The uncompressed model, measured the same way (its latency timed alone)."""
-        return self._measure(self.teacher, "baseline", 0.0)
+        self.measurer.out = self._reference_dir
+        return self.measurer.measure(self.teacher, "baseline", "baseline", 0.0)
 
     def _measure(self, model: nn.Module, label: str, seconds: float) -> StageMetrics:
         with tempfile.TemporaryDirectory(prefix="nncompress-search-") as tmp:
             self.measurer.out = Path(tmp)
-            return self.measurer.measure(model, label, "search" if label != "baseline" else "baseline", seconds)
+            return self.measurer.measure(model, label, "search", seconds)
 
 
-def _objectives(row: StageMetrics, seconds: float) -> Objectives:
-    lat = row.latency(RUNTIME, row.latencies[0].batch)
-    ref = row.reference_latency(RUNTIME, lat.batch)
+def _objectives(row: StageMetrics, runtime: str, seconds: float, why: list[str]) -> Objectives:
+    lat = row.latency(runtime, row.latencies[0].batch)
+    ref = row.reference_latency(runtime, lat.batch) if lat is not None else None
     if row.quality is None or row.file_bytes is None or ref is None or lat.median_ms <= 0:
         raise NNCompressError(f"{row.stage}: not every objective was measured (quality {row.quality}, "
-                              f"bytes {row.file_bytes}); the candidate cannot be ranked")
+                              f"bytes {row.file_bytes}, {runtime} latency "
+                              f"{'yes' if lat is not None else 'no: ' + ('; '.join(why) or 'not timed')}); "
+                              "the candidate cannot be ranked")
     return Objectives(quality=row.quality, latency=lat.median_ms / ref.median_ms, latency_ms=lat.median_ms,
                       bytes=row.file_bytes, metrics=row.to_dict(), seconds=round(seconds, 3))
+

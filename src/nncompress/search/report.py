@@ -58,8 +58,8 @@ def to_markdown(result: SearchResult, wall_s: float) -> str:
              _table(r, r.front, files), "",
              f"## Uniform baselines, measured in the same study: the front dominates {r.dominated} of "
              f"{len(r.baselines)}", "", _baseline_table(r), "",
-             "Quality on the test split (never used to calibrate or fine-tune). Latency: torch, batch "
-             f"{_batch(r)}, median of the candidate over the median of the uncompressed model timed in the same "
+             "Quality on the test split (never used to calibrate or fine-tune). Latency: "
+             f"{_runtime(r)}, batch {_batch(r)}, median of the candidate over the median of the uncompressed model timed in the same "
              "interleaved rounds (1.000x = the baseline); ms: the candidate's own median. Bytes: every file of "
              "the saved checkpoint. Dominated: a front point at least as good in all three and better in one.",
              "", "![pareto](pareto.png)"]
@@ -105,7 +105,7 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
     pct = r.reference.info.get("quality_name") == "accuracy"
     scale = 100.0 if pct else 1.0
     for k, (cost, xlabel, xs) in enumerate((
-            ("latency", f"latency, torch b={_batch(r)} (x the uncompressed model, interleaved)", lambda p: p.latency),
+            ("latency", f"latency, {r.spec.runtime} b={_batch(r)} (x the uncompressed model, interleaved)", lambda p: p.latency),
             ("bytes", "size on disk (kB)", lambda p: p.bytes / 1e3))):
         ax = fig.add_subplot(1, 2, k + 1)
         ax.scatter([xs(p) for p in r.proxy], [p.quality * scale for p in r.proxy], s=14, facecolors="none",
@@ -175,6 +175,10 @@ def _replace(new: Path, out: Path) -> None:
 
 def _caps(r: SearchResult) -> str:
     return ", ".join(f"{k} <= {v}" for k, v in r.spec.caps.items()) or "none (every trial is the full recipe)"
+
+
+def _runtime(r: Any) -> str:
+    return "ONNX Runtime (int8 QDQ export of quantized models)" if r.spec.runtime == "onnxruntime" else "torch eager"
 
 
 def _batch(r: SearchResult) -> Any:

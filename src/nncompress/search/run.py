@@ -73,7 +73,7 @@ def run_search(spec: SearchSpec, trials: int, out: str | Path, *, storage: str |
         store = open_storage(url)
         proxy, full = open_studies(spec, store, trials)
         log(f"study {proxy.study_name} in {display_url(url)}: {counted(proxy)} of {trials} trials done")
-        evaluator = Evaluator(recipe, cache, progress=progress, log=log, trust_code=trust_code)
+        evaluator = Evaluator(recipe, cache, progress=progress, log=log, trust_code=trust_code, runtime=spec.runtime)
         reference = evaluator.reference()
         _probe(spec, evaluator, proxy)
         worker = Worker(spec, evaluator, proxy, full, trials, log, heartbeat=_heartbeat(store))
@@ -168,7 +168,7 @@ def worker_main(spec: SearchSpec, url: str, trials: int, cache: str, trust_code:
         with quiet_loggers(*QUIET):
             store = open_storage(url)
             proxy, full = open_studies(spec, store, trials, seed_offset=index)
-            evaluator = Evaluator(spec.as_written(), Path(cache), trust_code=trust_code)
+            evaluator = Evaluator(spec.as_written(), Path(cache), trust_code=trust_code, runtime=spec.runtime)
             worker = Worker(spec, evaluator, proxy, full, trials, heartbeat=_heartbeat(store))
             worker.run_proxy()
             worker.wait_for_others(proxy)

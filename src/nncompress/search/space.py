@@ -12,6 +12,7 @@ written"); the section names which of their fields vary, by YAML path, and over 
       proxy: {epochs: 0}                              # rung 1: each stage field so named capped there
       promote: 6                                      # proxy-front points that get the full recipe
       sampler: tpe                                    # or nsga2
+      runtime: torch                                  # latency timed in torch eager, or onnxruntime
       baselines:                                      # measured in the same run, drawn beside the front
         - {name: prune 0.5, set: {"stages[0].ratio": 0.5}, drop: ["stages[1]"]}
 
@@ -56,7 +57,8 @@ from ..recipe.schema import Recipe, parse_recipe
 
 PRIMITIVE = (type(None), bool, int, float, str)
 SAMPLERS = ("tpe", "nsga2")
-_SECTION = {"space", "optional", "proxy", "promote", "sampler", "baselines"}
+_SECTION = {"space", "optional", "proxy", "promote", "sampler", "baselines", "runtime"}
+RUNTIMES = ("torch", "onnxruntime")
 _BASELINE = {"name", "set", "drop"}
 _RANGE = {"low", "high", "step", "log"}
 _STAGE = re.compile(r"stages\[(\d+)\]")
@@ -125,6 +127,7 @@ class SearchSpec:
     promote: int
     sampler: str
     baselines: tuple[Baseline, ...]
+    runtime: str = "torch"  # where the latency objective is timed: torch eager or ONNX Runtime (CPU)
 
     @property
     def name(self) -> str:
@@ -227,7 +230,10 @@ def parse_search(raw: Any) -> SearchSpec:
     sampler = section.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ConfigError("search.sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    spec = SearchSpec(dict(raw), tuple(dims), caps, promote, sampler, ())
+    runtime = section.get("runtime", "torch")
+    if runtime not in RUNTIMES:
+        raise ConfigError("search.runtime", f"must be one of {', '.join(RUNTIMES)} (where latency is timed), got {runtime!r}")
+    spec = SearchSpec(dict(raw), tuple(dims), caps, promote, sampler, (), runtime)
     baselines = _baselines(section["baselines"], spec, n_stages) if "baselines" in section else _one_factor(spec)
     spec = dataclasses.replace(spec, baselines=tuple(baselines))
     _validate(spec, recipe)
