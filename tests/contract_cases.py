@@ -14,7 +14,7 @@ from nncompress.distill import FinetuneConfig, ProgressiveConfig
 from nncompress.formats import IntFormat
 from nncompress.lowrank import LowRankConfig
 from nncompress.prune import NM, DropLayersConfig, GroupConvConfig, LotteryConfig, PruneConfig, SparsityConfig
-from nncompress.quant import GPTQConfig, QATConfig, QuantizeConfig, QuantSpec, SmoothQuantConfig
+from nncompress.quant import Choice, GPTQConfig, MixedPrecisionConfig, QATConfig, QuantizeConfig, QuantSpec, SmoothQuantConfig
 from nncompress.quant.native import Int8DynamicConfig
 from nncompress.zoo.hf import hf_from_config
 from nncompress.zoo.models import mlp, mnist1d_cnn
@@ -68,6 +68,10 @@ STAGES = {"mlp": ("net.0", "net.2"), "cnn": ("stem", "layers.0"), "bert": ("mode
 
 W8A8 = QuantizeConfig(activation=QuantSpec(format=IntFormat(bits=8, signed=False, symmetric=False)), calib_batches=1)
 W4 = QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=4)))
+MIXED_CANDIDATES = (Choice(weight=W4.weight), Choice(weight=W8A8.weight), Choice())
+# the tiny MLP / CNN cannot pay a manifest entry per quantized layer out of a bytes budget (each entry
+# outweighs the layer): a third of their float bit operations; the BERT a file 1.1x smaller
+MIXED_BUDGET = {"mlp": {"max_bops": 458752}, "cnn": {"max_bops": 20698453}, "bert": {"size_ratio": 1.1}}
 
 
 def transforms(model: str) -> dict[str, Config]:
@@ -79,6 +83,7 @@ def transforms(model: str) -> dict[str, Config]:
         "gptq": GPTQConfig(calib_batches=1),
         "qat": QATConfig(weight=QuantSpec(format=IntFormat(bits=4)), epochs=1, max_steps=1),
         "int8_dynamic": Int8DynamicConfig(),
+        "mixed_precision": MixedPrecisionConfig(candidates=MIXED_CANDIDATES, calib_batches=1, **MIXED_BUDGET[model]),
         "smoothquant": SmoothQuantConfig(calib_batches=1),
         "lowrank": LowRankConfig(rank=4),
         "cluster": ClusterConfig(bits=3, iters=10),

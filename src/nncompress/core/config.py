@@ -15,11 +15,30 @@ nncompress.core.errors.ConfigError: stages[0].ratio: expected a number, got 'x'
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from .errors import ConfigError
+
+
+_TARGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(x|ms)\s*$")
+
+
+def parse_target(text: str) -> tuple[float, str]:
+    """`"2x"` -> (2.0, "x"), a speedup; `"12.5ms"` -> (12.5, "ms"), milliseconds per batch.
+
+    >>> parse_target("2x"), parse_target(" 12.5 ms")
+    ((2.0, 'x'), (12.5, 'ms'))
+    """
+    m = _TARGET.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError("target_latency", f"expected a speedup like '2x' or milliseconds like '12ms', got {text!r}")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "x" and value <= 1.0:
+        raise ConfigError("target_latency", f"a speedup target must be above 1x, got {text!r}")
+    return value, unit
 
 
 def check(condition: bool, field: str, message: str) -> None:

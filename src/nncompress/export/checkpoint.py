@@ -28,7 +28,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from ..core.errors import ConfigError, ModelLoadError
-from ..core.registry import lookup, names
+from ..core.registry import lookup, names, register
 
 from .codecs import decode_tensor, encode_int_codes, encode_tensor
 
@@ -96,6 +96,27 @@ def write_checkpoint(model: nn.Module, directory: str | Path, source: dict[str, 
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":"), default=str), encoding="utf-8")
     return directory
+
+
+# ------------------------------------------------------------------------------------ for techniques
+# Techniques do not import export: a budget in bytes looks these two up (namespace "measure").
+
+@register("state_bytes", namespace="measure")
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the weights file `write_checkpoint` would write for `module` alone (every tensor with
+    its codec, the header included): what one layer in a given format costs on disk."""
+    from safetensors.torch import save as safetensors_bytes
+
+    tensors, codecs = encode_state(module.state_dict(), True, storage_hints(module))
+    return len(safetensors_bytes(tensors, metadata={"format": FORMAT, "codecs": json.dumps(codecs)}))
+
+
+@register("checkpoint_bytes", namespace="measure")
+def checkpoint_size(model: nn.Module, history: list[dict[str, Any]], source: dict[str, Any] | None = None) -> int:
+    """Every byte (weights + manifest) of `model` saved with `history`, written to a temporary folder."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = write_checkpoint(model, Path(d) / "ck", source or {"name": "-"}, history)
+        return checkpoint_bytes(folder)["total"]
 
 
 @contextlib.contextmanager

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from ..core import Config, ConfigError, Context, check, lookup
+from ..core.config import parse_target  # noqa: F401  (re-exported: the prune doc names it here)
 from .importance import LOSS_UNITS
 
 __all__ = ["LatencyTarget", "parse_target", "plan_for_latency", "knapsack_order"]
@@ -56,24 +56,6 @@ class LatencyTarget(Config):
         check(self.step >= 1, "step", f"must be >= 1, got {self.step}")
         check(0.0 <= self.tolerance < 1.0, "tolerance", f"must be in [0, 1), got {self.tolerance}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-
-
-_TARGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(x|ms)\s*$")
-
-
-def parse_target(text: str) -> tuple[float, str]:
-    """`"2x"` -> (2.0, "x"), a speedup; `"12.5ms"` -> (12.5, "ms"), milliseconds per batch.
-
-    >>> parse_target("2x"), parse_target(" 12.5 ms")
-    ((2.0, 'x'), (12.5, 'ms'))
-    """
-    m = _TARGET.match(str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError("target_latency", f"expected a speedup like '2x' or milliseconds like '12ms', got {text!r}")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "x" and value <= 1.0:
-        raise ConfigError("target_latency", f"a speedup target must be above 1x, got {text!r}")
-    return value, unit
 
 
 def knapsack_order(costs: list[float], savings: list[float]) -> list[int]:

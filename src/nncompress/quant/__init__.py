@@ -9,7 +9,8 @@ SmoothQuant (`smoothquant`, run before `quantize`) moves activation outliers int
 
     model = nncompress.apply(model, SmoothQuantConfig(alpha=0.5), context=nncompress.Context(data=data))
 
-Importing this package registers the transforms `quantize`, `gptq`, `qat`, `smoothquant` and `int8_dynamic`, the observers
+Importing this package registers the transforms `quantize`, `gptq`, `qat`, `smoothquant`, `int8_dynamic` and
+`mixed_precision` (per-layer formats under a budget), the observers
 `minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`, and the checkpoint storage hints
 (`storage`: quantized weights saved as bit-packed integer codes).
 """
@@ -25,6 +26,7 @@ from .smoothquant import (SmoothedLinear, SmoothGroup, SmoothQuantConfig, activa
 from .qat import QATConfig, frozen_weight_quant, kd_loss, refresh_weight_scales
 from .storage import WeightCodes, dequantize_codes, storage_hints, weight_codes
 from . import native  # noqa: F401,E402  (registers int8_dynamic: torch-native int8 Linear)
+from .mixed import Choice, MixedLatency, MixedPrecisionConfig, plan_stages, plan_yaml, solve_plan  # noqa: E402
 
 __all__ = [
     "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig", "gptq_quantize", "refresh_weight_scales", "kd_loss",
@@ -36,4 +38,5 @@ __all__ = [
     "WeightCodes", "weight_codes", "dequantize_codes", "storage_hints",
     "SmoothQuantConfig", "SmoothedLinear", "SmoothGroup", "smoothing_scales",
     "weight_input_max", "migrate_into_norm", "activation_maxima", "find_smooth_groups",
+    "Choice", "MixedLatency", "MixedPrecisionConfig", "plan_stages", "plan_yaml", "solve_plan",
 ]

@@ -1,0 +1,179 @@
+"""Mixed precision under a budget: the solver is exact, the budget holds on disk, the plan is a recipe."""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import nncompress
+from nncompress.core import ConfigError, Context, TargetError, history
+from nncompress.export.checkpoint import checkpoint_bytes
+from nncompress.formats import IntFormat, PerGroup
+from nncompress.quant import Choice, MixedPrecisionConfig, QuantSpec, plan_yaml, solve_plan
+from nncompress.quant.mixed_costs import bops_per_layer
+from nncompress.recipe.schema import parse_stage
+from nncompress.zoo.loaders import build_data, build_model
+
+from helpers import TinyData
+
+W4 = Choice(weight=QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=32)))
+W8 = Choice(weight=QuantSpec(format=IntFormat(bits=8)))
+CANDIDATES = (W4, W8, Choice())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_data({"name": "digits"})
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64}})
+    return model.eval()
+
+
+def mixed(model, data, **budget):
+    cfg = MixedPrecisionConfig(candidates=CANDIDATES, **budget)
+    return nncompress.apply(copy.deepcopy(model), cfg, context=Context(data=data))
+
+
+def brute_force(cost, use, budget):
+    best = None
+    for plan in itertools.product(*[range(cost.shape[1])] * cost.shape[0]):
+        u = sum(use[l, c] for l, c in enumerate(plan))
+        if u <= budget and np.isfinite(cost[np.arange(len(plan)), plan]).all():
+            total = sum(cost[l, c] for l, c in enumerate(plan))
+            if best is None or total < best[0] - 1e-12:
+                best = (total, list(plan))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_milp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cost, use = rng.random((6, 3)), rng.integers(1, 20, (6, 3)).astype(float)
+    cost[rng.random((6, 3)) < 0.15] = np.inf                   # some formats some layers may not take
+    cost[np.arange(6), rng.integers(0, 3, 6)] = rng.random(6)  # but every layer takes one
+    for budget in (use.min(1).sum(), use.mean() * 6, use.max(1).sum(), use.min(1).sum() - 1):
+        want = brute_force(cost, use, budget)
+        got = solve_plan(cost, use, budget)
+        if want is None:
+            assert got is None
+            continue
+        assert sum(use[l, c] for l, c in enumerate(got)) <= budget
+        assert sum(cost[l, c] for l, c in enumerate(got)) == pytest.approx(want[0], rel=1e-9, abs=1e-12)
+
+
+def test_tighter_budget_never_costs_less():
+    rng = np.random.default_rng(7)
+    cost, use = rng.random((8, 3)), rng.integers(1, 30, (8, 3)).astype(float)
+    totals = []
+    for budget in np.linspace(use.min(1).sum(), use.max(1).sum(), 12):
+        plan = solve_plan(cost, use, budget)
+        totals.append(sum(cost[l, c] for l, c in enumerate(plan)))
+    assert all(a >= b - 1e-12 for a, b in zip(totals, totals[1:]))
+
+
+def test_size_budget_holds_on_disk_and_reloads_exactly(tmp_path, digits, mlp):
+    nncompress.save(mlp, tmp_path / "fp32")
+    before = checkpoint_bytes(tmp_path / "fp32")["total"]
+    distortions = []
+    for ratio in (2, 3, 5):
+        q = mixed(mlp, digits, size_ratio=ratio)
+        record = history(q)[-1]["record"]
+        nncompress.save(q, tmp_path / f"r{ratio}")
+        assert checkpoint_bytes(tmp_path / f"r{ratio}")["total"] <= before / ratio
+        again = nncompress.load(tmp_path / f"r{ratio}")
+        x = digits.example_batch(32)
+        with torch.no_grad():
+            assert torch.equal(again(x), q(x))
+        distortions.append(record["predicted_distortion"])
+        assert sum(record["counts"].values()) == 3
+    assert distortions == sorted(distortions)  # a tighter budget never gives a lower total sensitivity
+
+
+def test_max_bytes_budget_and_plan_recipe_reproduces_the_weights(tmp_path, digits, mlp):
+    q = mixed(mlp, digits, max_bytes=70_000)
+    nncompress.save(q, tmp_path / "m")
+    assert checkpoint_bytes(tmp_path / "m")["total"] <= 70_000
+    stages = yaml.safe_load(plan_yaml(history(q)[-1]["record"]["stages"]))["stages"]
+    assert stages and all(s["kind"] == "quantize" for s in stages)
+    again = copy.deepcopy(mlp)
+    for i, raw in enumerate(stages):
+        stage = parse_stage(raw, i)
+        again = nncompress.apply(again, stage.config, targets=stage.targets, context=Context(data=digits))
+    a, b = q.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreachable_budget_names_the_field_and_the_closest_point(digits, mlp):
+    with pytest.raises(ConfigError, match=r"size_ratio.*out of reach.*closest plan.*takes [\d,]+ bytes"):
+        mixed(mlp, digits, size_ratio=50)
+    with pytest.raises(ConfigError, match=r"max_bops.*out of reach.*closest plan"):
+        mixed(mlp, digits, max_bops=10)
+
+
+def test_bops_budget_is_met_exactly(digits, mlp):
+    float_bops = sum(bops_per_layer(m, (1, m.out_features), None, None) for m in mlp.modules()
+                     if isinstance(m, nn.Linear))
+    q = mixed(mlp, digits, max_bops=float_bops / 5)
+    record = history(q)[-1]["record"]
+    assert record["predicted"] <= float_bops / 5
+    layers = {n: m for n, m in mlp.named_modules() if isinstance(m, nn.Linear)}
+    bits = {"W4 g32": 4, "W8": 8, "float": 32}
+    spent = sum(m.out_features * m.in_features * bits[record["plan"][n]] * 32 for n, m in layers.items())
+    assert spent == record["predicted"]
+
+
+def test_nothing_quantizable_is_a_typed_error(digits):
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    with pytest.raises(TargetError, match="mixed_precision"):
+        nncompress.apply(model, MixedPrecisionConfig(size_ratio=2), context=Context(data=digits))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="budget"):
+        MixedPrecisionConfig()
+    with pytest.raises(ConfigError, match="size_ratio"):
+        MixedPrecisionConfig(max_bytes=10, size_ratio=2)
+    with pytest.raises(ConfigError, match="candidates"):
+        MixedPrecisionConfig(candidates=(Choice(),), size_ratio=2)
+
+
+def test_fisher_predicts_the_measured_distortion_of_a_linear_layer():
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    data = TinyData(x, torch.zeros(256, dtype=torch.long))
+    net = nn.Sequential(nn.Linear(64, 32))
+    records = {}
+    for sensitivity in ("distortion", "fisher"):
+        cfg = MixedPrecisionConfig(candidates=CANDIDATES, size_ratio=1.5, sensitivity=sensitivity, calib_batches=1)
+        q = nncompress.apply(copy.deepcopy(net), cfg, context=Context(data=data))
+        records[sensitivity] = history(q)[-1]["record"]["layer_sensitivity"]["0"]
+    # one linear layer: the output Fisher is exactly sum_n x x^T; its diagonal misses only the cross terms
+    # of independent rounding noise, which average out
+    for label in ("W4 g32", "W8"):
+        assert records["fisher"][label] == pytest.approx(records["distortion"][label], rel=0.2)
+
+
+def test_recipe_yaml_stage_round_trips():
+    raw = yaml.safe_load("""
+kind: mixed_precision
+size_ratio: 6
+candidates:
+  - {weight: {format: {kind: int, bits: 4}, granularity: {kind: per_group, axis: 1, size: 128}}}
+  - {weight: {format: {kind: int, bits: 8}}}
+  - {}
+""")
+    stage = parse_stage(raw, 0)
+    assert stage.config.size_ratio == 6 and stage.config.candidates[2].is_float
+    assert parse_stage(stage.to_dict(), 0) == stage
+
+
+def test_latency_budget_is_refused_until_the_format_table_exists():
+    with pytest.raises(ConfigError, match="target_latency.*max_bytes, size_ratio or max_bops"):
+        MixedPrecisionConfig(target_latency="2x")
