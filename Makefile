@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-mixed-precision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
-bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-pipelines bench-composition \
-	bench-latency-prune bench-search
+bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
+	bench-composition bench-latency-prune bench-search
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -55,6 +55,11 @@ bench-quantize-int8: $(VENV)/.bench
 
 bench-quantize-lowbit: $(VENV)/.bench
 	$(BIN)/python benchmarks/quantize_lowbit.py --out BENCHMARKS.md
+
+# issue 11 part 3: MiniLM mixed precision under a file budget vs uniform W4 / W8, and ONNX Runtime INT8
+# with the most sensitive layers kept float vs ORT's quantize_static / quantize_dynamic and NNCF
+bench-mixed-precision: $(VENV)/.bench
+	$(BIN)/python benchmarks/mixed_precision.py --out BENCHMARKS.md
 
 # issue 6: distillation, low-rank factorization and Deep Compression, one after the other
 bench-pipelines: bench-distill bench-distill-scarce bench-lowrank bench-deep-compression bench-deep-compression-80

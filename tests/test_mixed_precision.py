@@ -177,3 +177,37 @@ candidates:
 def test_latency_budget_is_refused_until_the_format_table_exists():
     with pytest.raises(ConfigError, match="target_latency.*max_bytes, size_ratio or max_bops"):
         MixedPrecisionConfig(target_latency="2x")
+
+
+RECIPE = """\
+name: mixed
+seed: 3
+model: {name: mlp, kwargs: {in_features: 64, hidden: [32]}}
+data: {name: digits}
+measure: {batch_sizes: [1], threads: 1, warmup: 0, repeats: 2, onnx: false}
+stages:
+"""
+MIXED_STAGE = """\
+  - kind: mixed_precision
+    max_bops: 500000
+    calib_batches: 1
+    candidates:
+      - {weight: {format: {kind: int, bits: 4}, granularity: {kind: per_group, axis: 1, size: 32}}}
+      - {weight: {format: {kind: int, bits: 8}}}
+      - {}
+"""
+
+
+def test_recipe_stage_and_its_plan_as_a_recipe_give_the_same_weights(tmp_path):
+    from nncompress.recipe import parse_recipe, run_recipe
+
+    quiet = dict(progress=False, log=lambda msg: None)
+    first = run_recipe(parse_recipe(yaml.safe_load(RECIPE + MIXED_STAGE)), tmp_path / "a",
+                       cache_dir=tmp_path / "cache", **quiet)
+    record = history(first.model)[-1]["record"]
+    assert set(record["plan"].values()) >= {"W4 g32"} and record["predicted"] <= 500000
+    plan = yaml.safe_load(plan_yaml(record["stages"]))
+    second = run_recipe(parse_recipe({**yaml.safe_load(RECIPE), "stages": plan["stages"]}), tmp_path / "b",
+                        cache_dir=tmp_path / "cache", **quiet)
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,138 @@
+"""Part 2 of benchmarks/mixed_precision.py: ONNX Runtime INT8 with the most sensitive layers kept float.
+
+Every encoder Linear's sensitivity to static W8A8 (int8 weights per channel, uint8 inputs per tensor,
+min/max on the calibration sentences) is measured alone, as the relative output distortion in torch
+(`quant.mixed_costs.output_distortion`, what `mixed_precision` solves on). Keeping the k most
+sensitive layers float, for a ladder of k, gives QDQ models (`export_qdq_onnx`); each is run in
+onnxruntime for its cosine to fp32 and timed against the fp32 ONNX session and the peers in the same
+interleaved rounds. The pick is the fastest measured model with cosine >= 0.998 on the in-domain test
+sentences. Peers: onnxruntime's quantize_static (QDQ, per channel, MinMax; defaults and MatMul only),
+quantize_dynamic (per channel), and NNCF's post-training quantization of the ONNX model
+(`nncf.quantize`, transformer preset), calibrated on the same sentences.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+import nncompress
+from nncompress.core import Context, Targets
+from nncompress.eval.latency import compare_onnx_latency
+from nncompress.eval.measure import file_bytes
+from nncompress.eval.metrics import embedding_fidelity
+from nncompress.export.onnx import export_onnx
+from nncompress.export.onnx_qdq import export_qdq_onnx
+from nncompress.formats import IntFormat
+from nncompress.quant import QuantizeConfig, QuantSpec
+from nncompress.quant.mixed_costs import fit_wrapper, output_distortion
+
+from quantize_int8 import ENCODER, Reader, onnx_embed, ort_peers
+from quantize_lowbit import table
+
+TARGET = 0.998
+W8 = QuantSpec(format=IntFormat(bits=8))
+A8 = QuantSpec(format=IntFormat(bits=8, signed=False, symmetric=False))
+
+
+def sensitivities(model: nn.Module, data, batches: int) -> list[tuple[str, float]]:
+    """(layer, relative output distortion with only that layer at W8A8), most sensitive first."""
+    names = [n for n, _ in ENCODER.select(model)]
+    options = [[fit_wrapper(model.get_submodule(n), W8, A8)] for n in names]
+    d = output_distortion(model, names, options, data.calib, batches)
+    return sorted(zip(names, d[:, 0].tolist()), key=lambda t: -t[1])
+
+
+def static_keeping(model: nn.Module, data, keep: list[str], batches: int) -> nn.Module:
+    cfg = QuantizeConfig(weight=W8, activation=A8, calib_batches=batches)
+    targets = Targets(include=ENCODER.include, exclude=tuple(keep), types=ENCODER.types)
+    return nncompress.apply(copy.deepcopy(model), cfg, targets=targets, context=Context(data=data)).eval()
+
+
+def nncf_peer(fp32: Path, data, batches: int, out: Path) -> Path | str:
+    """NNCF's PTQ of the ONNX model; the reason as a string when it cannot run."""
+    try:
+        import nncf
+        import onnx
+    except ImportError as e:
+        return f"not installed ({e})"
+    try:
+        feeds = Reader(data.calib, batches).batches
+        q = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                          subset_size=len(feeds))  # its items are batches
+        onnx.save(q, str(out))
+        return out
+    except Exception as e:  # noqa: BLE001  (a peer's failure is a row of the report, not the end of the run)
+        return f"failed: {type(e).__name__}: {str(e)[:200]}"
+
+
+def ort_rows(args, model: nn.Module, tok, data, tmp: Path, write: Callable[[dict], None]) -> dict:
+    from mixed_precision import encoded, legal_sentences
+
+    ood = encoded(tok, legal_sentences(), max_length=64)
+    ref = torch_embed(model, data.test)
+    ref_ood = torch_embed(model, ood)
+    fp32 = export_onnx(model, data.example_batch(2), tmp / "fp32.onnx")
+    sens = sensitivities(model, data, args.calib_batches)
+    out: dict[str, Any] = {"sens": sens, "rows": {}, "target": TARGET, "n": ref.shape[0], "n_ood": ref_ood.shape[0]}
+    paths: dict[str, Path] = {"fp32 ONNX": fp32}
+    for k in args.keep_float:
+        keep = [n for n, _ in sens[:k]]
+        m = static_keeping(model, data, keep, args.calib_batches)
+        paths[f"nncompress W8A8, {k} most sensitive float"] = export_qdq_onnx(
+            m, data.example_batch(8), tmp / f"ours_keep{k}.onnx", tolerance=0.15)
+        out["rows"][f"nncompress W8A8, {k} most sensitive float"] = {"ours": True, "k": k}
+    paths.update(ort_peers(fp32, data, args, tmp))
+    nn_peer = nncf_peer(fp32, data, args.calib_batches, tmp / "nncf.onnx")
+    if isinstance(nn_peer, Path):
+        paths["NNCF quantize (ONNX, transformer)"] = nn_peer
+    else:
+        out["nncf"] = nn_peer
+    for name, p in paths.items():
+        row = out["rows"].setdefault(name, {})
+        row.update(cosine=embedding_fidelity(ref, onnx_embed(p, data.test))["cosine"],
+                   cosine_ood=embedding_fidelity(ref_ood, onnx_embed(p, ood))["cosine"], bytes=file_bytes(p))
+        print(name, row, flush=True)
+    for b, x in (("1", data.example_batch(1)), ("32", data.example_batch(32))):
+        lats = compare_onnx_latency(list(paths.values()), x, warmup=args.warmup, repeats=args.repeats, threads=2)
+        for name, lat in zip(paths, lats):
+            out["rows"][name][f"ms{b}"] = lat.median_ms
+            out["rows"][name][f"x{b}"] = lats[0].median_ms / lat.median_ms
+    ok = [n for n, r in out["rows"].items() if r.get("ours") and r["cosine"] >= TARGET]
+    out["pick"] = max(ok, key=lambda n: out["rows"][n]["x32"]) if ok else None
+    write(out)
+    return out
+
+
+def torch_embed(model, loader):
+    from nncompress.eval.metrics import embed
+    return embed(model, loader)
+
+
+def render_ort(o: dict) -> str:
+    rows = []
+    for name, r in o["rows"].items():
+        mark = " **(pick)**" if name == o.get("pick") else ""
+        rows.append([name + mark, f"{r['cosine']:.4f}", f"{r['cosine_ood']:.4f}", f"{r['bytes']:,}",
+                     f"{r['ms1']:.1f} ({r['x1']:.2f}x)" if "ms1" in r else "-",
+                     f"{r['ms32']:.0f} ({r['x32']:.2f}x)" if "ms32" in r else "-"])
+    worst = ", ".join(f"{n.removeprefix('model.encoder.')} {d:.2e}" for n, d in o["sens"][:6])
+    pick = o.get("pick")
+    if pick:
+        r = o["rows"][pick]
+        said = (f"The search's pick: {pick}, cosine {r['cosine']:.4f} at {r['x32']:.2f}x (batch 32) / "
+                f"{r['x1']:.2f}x (batch 1) over fp32 ONNX.")
+    else:
+        said = f"No measured point of the ladder reached cosine >= {o['target']}."
+    nncf = f" NNCF: {o['nncf']}." if "nncf" in o else ""
+    return (f"### ONNX Runtime INT8: which layers stay float\n\nStatic W8A8 of the encoder Linear layers "
+            f"(int8 weights per channel, uint8 inputs per tensor, min/max), the k layers with the largest "
+            f"measured W8A8 output distortion kept float, exported as QDQ and run in onnxruntime; the pick is "
+            f"the fastest (batch 32) with cosine >= {o['target']} on the {o['n']} in-domain test sentences. "
+            f"Cosine out-of-domain: {o['n_ood']} legal sentences. Latency: median ms per batch, interleaved "
+            f"rounds, 2 threads, speedup vs the fp32 ONNX session of the same rounds; sequences of 64 tokens. "
+            f"Most sensitive layers (distortion): {worst}.{nncf}\n\n"
+            + table(["model", "cosine in-domain", "cosine out-of-domain", "bytes (.onnx)", "b=1 ms (speedup)",
+                     "b=32 ms (speedup)"], rows) + "\n\n" + said)
