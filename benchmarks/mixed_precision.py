@@ -186,15 +186,14 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[6.0, 7.0], help="file budgets: fp32 / ratio")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--sensitivity", choices=("distortion", "fisher"), default="distortion")
-    p.add_argument("--keep-float", type=int, nargs="+", default=[0, 1, 2, 3, 4, 6, 8, 12, 18],
-                   help="ONNX Runtime ladder: how many of the most sensitive encoder Linears stay float")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--skip-ort", action="store_true")
+    p.add_argument("--skip-size", action="store_true", help="leave out part 1 (the file budget)")
+    p.add_argument("--skip-ort", action="store_true", help="leave out part 2 (ONNX Runtime INT8)")
     p.add_argument("--quick", action="store_true", help="one budget, one calibration batch (smoke run)")
     args = p.parse_args()
     if args.quick:
-        args.ratios, args.calib_batches, args.keep_float, args.warmup, args.repeats = args.ratios[:1], 1, [0, 4, 8], 1, 3
+        args.ratios, args.calib_batches, args.warmup, args.repeats = args.ratios[:1], 1, 1, 3
     torch.set_num_threads(2)
     state: dict[str, Any] = {"size": None, "ort": None}
 
@@ -208,7 +207,8 @@ def main() -> None:
     model.eval()
     data = build_data({"name": "sentences"}, tokenizer=tok)
     with tempfile.TemporaryDirectory() as tmp:
-        size_rows(args, model, tok, data, Path(tmp), write("size"))
+        if not args.skip_size:
+            size_rows(args, model, tok, data, Path(tmp), write("size"))
         if not args.skip_ort:
             from mixed_precision_ort import ort_rows
             ort_rows(args, model, tok, data, Path(tmp), write("ort"))

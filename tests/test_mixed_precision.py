@@ -135,6 +135,19 @@ def test_nothing_quantizable_is_a_typed_error(digits):
         nncompress.apply(model, MixedPrecisionConfig(size_ratio=2), context=Context(data=digits))
 
 
+def test_a_layer_no_candidate_fits_is_named():
+    x = torch.randn(8, 24)
+    net = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    g16 = Choice(weight=QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=16)))
+    with pytest.raises(ConfigError, match=r"candidates: layer '0' takes none of the formats.*group size 16"):
+        nncompress.apply(net, MixedPrecisionConfig(candidates=(g16,), max_bops=1e9), context=Context(data=TinyData(x, None)))
+    # with float allowed, the layer that fits no quantized format stays float; the other may take it
+    out = nncompress.apply(net, MixedPrecisionConfig(candidates=(g16, Choice()), max_bops=1e9),
+                           context=Context(data=TinyData(x, None)))
+    record = history(out)[-1]["record"]
+    assert record["plan"]["0"] == "float" and "0" in record["unavailable"]
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="budget"):
         MixedPrecisionConfig()
