@@ -149,6 +149,11 @@ def render_ort(o: dict) -> str:
                 f"{r['x1']:.2f}x (batch 1) over fp32 ONNX.")
     else:
         said = f"No measured point of the ladder reached cosine >= {o['target']}."
+    peers = [n for n, r in o["rows"].items() if not r.get("ours") and n != "fp32 ONNX"]
+    reached = [n for n in peers if o["rows"][n]["cosine"] >= o["target"]]
+    said += (f" Peers reaching cosine >= {o['target']}: {', '.join(reached) if reached else 'none'} "
+             f"(best: {max(peers, key=lambda n: o['rows'][n]['cosine'])}, "
+             f"{max(o['rows'][n]['cosine'] for n in peers):.4f})." if peers else "")
     nncf = f" NNCF: {o['nncf']}." if "nncf" in o else ""
     return (f"### ONNX Runtime INT8: which layers stay float\n\nStatic W8A8 of the encoder Linear layers "
             f"(int8 weights per channel, uint8 inputs per tensor, min/max), the k layers with the largest "

@@ -69,9 +69,10 @@ STAGES = {"mlp": ("net.0", "net.2"), "cnn": ("stem", "layers.0"), "bert": ("mode
 W8A8 = QuantizeConfig(activation=QuantSpec(format=IntFormat(bits=8, signed=False, symmetric=False)), calib_batches=1)
 W4 = QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=4)))
 MIXED_CANDIDATES = (Choice(weight=W4.weight), Choice(weight=W8A8.weight), Choice())
-# the tiny MLP / CNN cannot pay a manifest entry per quantized layer out of a bytes budget (each entry
-# outweighs the layer): a third of their float bit operations; the BERT a file 1.1x smaller
-MIXED_BUDGET = {"mlp": {"max_bops": 458752}, "cnn": {"max_bops": 20698453}, "bert": {"size_ratio": 1.1}}
+# a third of each model's float bit operations (exact: no trial saves). A bytes budget is no contract
+# case: on these tiny models a manifest entry per quantized layer outweighs the layer, and after a
+# stage that already shrank the file a ratio of the new size may be out of reach (tests/test_mixed_precision.py)
+MIXED_BUDGET = {"mlp": {"max_bops": 458752}, "cnn": {"max_bops": 20698453}, "bert": {"max_bops": 33903957}}
 
 
 def transforms(model: str) -> dict[str, Config]:
@@ -107,7 +108,9 @@ def refusal(model: str, first: str | None, second: str) -> str | None:
     """The typed error (a regex of its message) expected when `second` is applied after `first` (or
     alone, `first=None`) on `model`; None when the two compose. Every refusal has its reason here."""
     if first is not None and second == "smoothquant":  # it moves scales out of norms into *float* Linears
-        wrapped = "is already quantized" if first in _QUANTIZED else {
+        # (mixed_precision on the CNN keeps its one Linear float: smoothquant then looks for norms)
+        mixed = first == "mixed_precision" and model != "cnn"
+        wrapped = "is already quantized" if first in _QUANTIZED or mixed else {
             "int8_dynamic": "is already int8", "cluster": "is already clustered",
             "smoothquant": "is already smoothed"}.get(first)
         if wrapped and not _not_applicable(model, first):
@@ -120,6 +123,8 @@ def refusal(model: str, first: str | None, second: str) -> str | None:
         return None
     if second == "int8_dynamic" and first in _QUANTIZED:  # it keeps 8-bit symmetric weight-only codes only
         return "converts weight-only QuantLinear" if first == "quantize_w8a8" else "keeps QuantLinear codes only for 8-bit"
+    if model == "bert" and first == "mixed_precision" and second == "int8_dynamic":  # its plan has 4-bit layers
+        return "keeps QuantLinear codes only for 8-bit"
     if second == "drop_layers" and first == "drop_layers":  # a stack of one layer, or no same-shape block left
         return "no removable residual block"
     if model == "bert" and first == "lowrank" == second:

@@ -262,7 +262,8 @@ def _mixed_precision(model: nn.Module, config: MixedPrecisionConfig, ctx: Contex
     sens = measure(model, names, [[None if isinstance(o, str) else o for o in row] for row in options],
                    ctx.data.calib, config.calib_batches, ctx.device)
     sens[np.array([[isinstance(o, str) for o in row] for row in options])] = np.inf
-    budget = budget_for(model, config, ctx, names, options, types, apply_plan)
+    budget = budget_for(model, config, ctx, names, options, types, apply_plan,
+                        plain={s.name: float_layer(s.layer) for s in sites})
 
     def record(plan_idx: list[int], rounds: list[dict[str, Any]]) -> dict[str, Any]:
         plan = {n: config.candidates[c] for n, c in zip(names, plan_idx)}

@@ -48,12 +48,14 @@ class Budget:
 
 
 def budget_for(model: nn.Module, config: Any, ctx: Context, names: list[str], options: list[list[Any]],
-               types: dict[str, str], apply_plan: Callable[..., nn.Module]) -> Budget:
+               types: dict[str, str], apply_plan: Callable[..., nn.Module],
+               plain: dict[str, nn.Module] | None = None) -> Budget:
+    """`plain`: each layer as a plain module (another technique's wrapper merged), for counting MACs."""
     field = config.budget_field
     if field in ("max_bytes", "size_ratio"):
         return _bytes(model, config, ctx, names, options, apply_plan)
     if field == "max_bops":
-        return _bops(model, config, ctx, names, options)
+        return _bops(model, config, ctx, names, options, plain or {})
     return _latency(model, config, ctx, names, options, apply_plan)
 
 
@@ -92,15 +94,17 @@ def _specs(layer: nn.Module) -> tuple[Any, Any]:
     return None, None
 
 
-def _bops(model: nn.Module, config: Any, ctx: Context, names: list[str], options: list[list[Any]]) -> Budget:
+def _bops(model: nn.Module, config: Any, ctx: Context, names: list[str], options: list[list[Any]],
+          plain: dict[str, nn.Module]) -> Budget:
     shapes = io_shapes(model, names, ctx.data.example_batch(1))
     rows = []
     for n, row in zip(names, options):
-        layer = model.get_submodule(n)
+        here = model.get_submodule(n)
+        layer = plain.get(n) or float_layer(here)
         out_shape = shapes[n][1] if n in shapes else (0,)  # not called on a sample (an embedding's lookup): no MACs
-        now = bops_per_layer(float_layer(layer), out_shape, *_specs(layer))
+        now = bops_per_layer(layer, out_shape, *_specs(here))
         rows.append([now if o is None else np.inf if isinstance(o, str) else
-                     bops_per_layer(float_layer(layer), out_shape, o.weight_quant.spec,
+                     bops_per_layer(layer, out_shape, o.weight_quant.spec,
                                     None if o.input_quant is None else o.input_quant.spec) for o in row])
     return Budget("max_bops", "BOPs", np.array(rows, dtype=float), 0.0, float(config.max_bops), lambda v: "")
 
