@@ -16,7 +16,8 @@ Budgets (exactly one):
   size_ratio      that many times smaller than the model's checkpoint before this stage
   max_bops        bit operations of one sample's forward (MACs x weight bits x input bits)
   target_latency  '2x' or '12ms' at `latency` (runtime, batch, threads), from a table of every layer in
-                  every format measured on this machine (`eval.format_table`)
+                  every format measured on this machine (provider "format_table"; NOT WRITTEN YET: until
+                  it is registered, a target_latency is refused with a ConfigError)
 
 Bytes are predicted per layer from what the checkpoint writer stores (each layer encoded alone in
 each format); the plan is then applied to a copy and saved, and when the real folder is larger than
