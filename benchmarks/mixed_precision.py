@@ -110,13 +110,15 @@ def size_rows(args, model, tok, data, tmp: Path, write: Callable[[dict], None]) 
     for label, spec in (("uniform W4 g128", w4(128)), ("uniform W8", W8)):
         row(label, lambda spec=spec: nncompress.apply(copy.deepcopy(model), QuantizeConfig(weight=spec),
                                                       targets=WHOLE, context=Context(data=data)))
+    kinds = ("distortion", "fisher") if args.sensitivity == "both" else (args.sensitivity,)
     for ratio in args.ratios:
         budget = int(fp32 / ratio)
-        cfg = MixedPrecisionConfig(candidates=candidates(), max_bytes=budget, calib_batches=args.calib_batches,
-                                   sensitivity=args.sensitivity)
-        row(f"mixed, file <= fp32/{ratio:g}",
-            lambda cfg=cfg: nncompress.apply(copy.deepcopy(model), cfg, targets=WHOLE, context=Context(data=data)),
-            budget=budget)
+        for kind in kinds:
+            cfg = MixedPrecisionConfig(candidates=candidates(), max_bytes=budget, calib_batches=args.calib_batches,
+                                       sensitivity=kind)
+            row(f"mixed ({kind}), file <= fp32/{ratio:g}",
+                lambda cfg=cfg: nncompress.apply(copy.deepcopy(model), cfg, targets=WHOLE, context=Context(data=data)),
+                budget=budget)
     return out
 
 
@@ -133,7 +135,8 @@ def render_size(args, s: dict) -> str:
             f"the pooler included, and the three embedding tables). Candidates W4 g128 (symmetric, groups of "
             f"128 along the fan-in), W8 (per output channel) or float; `mixed_precision` measures each "
             f"layer's output distortion in each format on {args.calib_batches} calibration batch(es) of the "
-            f"sentences corpus ({args.sensitivity}) and solves the 0/1 programme exactly (scipy `milp`), the "
+            f"sentences corpus ('distortion': measured, one layer at a time; 'fisher': predicted from the "
+            f"diagonal output Fisher and each format's weight error, no quantized forward) and solves the 0/1 programme exactly (scipy `milp`), the "
             f"budget being every byte of the saved folder (weights + manifest), checked by saving. 'file' "
             f"is every file `nncompress.save` wrote, against the dense fp32 safetensors file. Cosine: mean "
             f"to the fp32 embeddings on the {s['n']} held-out sentences of the calibration corpus "
@@ -155,11 +158,11 @@ def verdict(s: dict | None) -> str:
         ratio = s["fp32"] / r["file"]
         line = (f"{r['method']}: {ratio:.2f}x smaller than fp32 (the budget {'held' if r['file'] <= r['budget'] else 'BROKEN'}"
                 f" on disk), cosine {r['cosine']:.4f} in-domain / {r['cosine_ood']:.4f} out-of-domain")
-        for name in ("uniform W4 g128", "uniform W8"):
-            if name in by:
-                u = by[name]
-                line += (f"; {name}: {s['fp32'] / u['file']:.2f}x, {u['cosine']:.4f} / {u['cosine_ood']:.4f}")
         parts.append(line + ".")
+    for name in ("uniform W4 g128", "uniform W8"):
+        if name in by:
+            u = by[name]
+            parts.append(f"{name}: {s['fp32'] / u['file']:.2f}x, cosine {u['cosine']:.4f} / {u['cosine_ood']:.4f}.")
     mixed = [r for r in s["rows"] if r["method"].startswith("mixed")]
     if mixed and "uniform W4 g128" in by:
         w4r = by["uniform W4 g128"]
@@ -193,7 +196,8 @@ def main() -> None:
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--ratios", type=float, nargs="+", default=[6.0, 7.0], help="file budgets: fp32 / ratio")
     p.add_argument("--calib-batches", type=int, default=4)
-    p.add_argument("--sensitivity", choices=("distortion", "fisher"), default="distortion")
+    p.add_argument("--sensitivity", choices=("distortion", "fisher", "both"), default="both",
+                   help="how mixed_precision ranks layers; both: a row for each at every budget")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--skip-size", action="store_true", help="leave out part 1 (the file budget)")
