@@ -1,6 +1,7 @@
 """Mixed precision under a budget: the solver is exact, the budget holds on disk, the plan is a recipe."""
 import copy
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -111,8 +112,12 @@ def test_max_bytes_budget_and_plan_recipe_reproduces_the_weights(tmp_path, digit
 
 
 def test_unreachable_budget_names_the_field_and_the_closest_point(digits, mlp):
-    with pytest.raises(ConfigError, match=r"size_ratio.*out of reach.*closest plan.*takes [\d,]+ bytes"):
+    with pytest.raises(ConfigError, match=r"size_ratio.*out of reach.*closest plan.*measured ([\d,]+) bytes") as e:
         mixed(mlp, digits, size_ratio=50)
+    closest = int(re.search(r"measured ([\d,]+) bytes", str(e.value)).group(1).replace(",", ""))
+    # the closest point is real: a budget 300 bytes above it (the record of a met plan is longer) is met
+    q = mixed(mlp, digits, max_bytes=closest + 300)
+    assert set(history(q)[-1]["record"]["plan"].values()) == {"W4 g32"}
     with pytest.raises(ConfigError, match=r"max_bops.*out of reach.*closest plan"):
         mixed(mlp, digits, max_bops=10)
 

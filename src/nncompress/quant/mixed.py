@@ -323,9 +323,12 @@ def _solve(config: MixedPrecisionConfig, sens: np.ndarray, budget: Budget,
         if plan is None:
             if best is not None:
                 break  # corrected past what the formats allow: keep the closest measured plan
-            closest = budget.fixed + float(np.where(np.isfinite(sens), budget.use, np.inf).min(1).sum())
+            cheapest = np.where(np.isfinite(sens), budget.use, np.inf).argmin(1).tolist()
+            closest, how = budget.fixed + float(sum(budget.use[i, c] for i, c in enumerate(cheapest))), "takes"
+            if budget.measure is not None and budget.unit == "bytes":  # what it really saves as, manifest included
+                closest, how = budget.measure(record(cheapest, [])["stages"], record(cheapest, [])), "measured"
             raise ConfigError(budget.field, f"{budget.limit:,.6g} {budget.unit} is out of reach: the closest plan "
-                              f"(every layer in its cheapest candidate) takes {closest:,.6g} {budget.unit}"
+                              f"(every layer in its cheapest candidate) {how} {closest:,.6g} {budget.unit}"
                               f"{budget.closest_note(closest)}; loosen the budget or add cheaper candidates")
         predicted = budget.fixed + shift + sum(float(use[i, c]) for i, c in enumerate(plan))
         entry: dict[str, Any] = {"predicted": round(predicted, 4)}
@@ -342,11 +345,11 @@ def _solve(config: MixedPrecisionConfig, sens: np.ndarray, budget: Budget,
             best = (plan, actual)
         changed = sum(changes[i, c] for i, c in enumerate(plan))
         if budget.unit == "bytes" and changed and keep is not None:
+            raw = predicted - shift - per_layer * changed  # this plan's bytes before any correction
             if base_miss is None:  # the part of the miss that every plan pays: measured on the plan that changes nothing
                 unchanged = [keep] * len(plan)
                 base_miss = budget.measure([], record(unchanged, [])) - budget.fixed - float(budget.use[:, keep].sum())
                 shift = max(base_miss, 0.0)
-            raw = predicted - shift - per_layer * changed
             per_layer = max(per_layer, (actual - raw - shift) / changed)
         else:
             shift += max(actual - predicted, actual - budget.limit, 0.0)
