@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-mixed-precision clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
-	bench-composition bench-latency-prune bench-search
+	bench-composition bench-latency-prune bench-search bench-search-ort
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -90,6 +90,9 @@ bench-latency-prune: $(VENV)/.bench
 # issue 11: multi-objective search (per-group prune ratios x fine-tune x weight bits) vs uniform baselines
 bench-search: $(VENV)/.bench
 	$(BIN)/python benchmarks/search.py --out BENCHMARKS.md
+
+bench-search-ort: $(VENV)/.bench
+	$(BIN)/python benchmarks/search.py --variant ort --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -38,23 +38,33 @@ RATIOS = [0.0, 0.25, 0.5, 0.75]
 
 
 def recipe(args) -> dict:
+    ort = args.variant == "ort"
     uniform = [{"name": f"prune {r} + ft", "set": {"stages[0].ratio": r}, "drop": ["stages[2]"]} for r in (0.25, 0.5, 0.75)]
-    bits = [{"name": f"int{b}", "set": {"stages[2].weight.format.bits": b}, "drop": ["stages[0]", "stages[1]"]}
-            for b in (8, 4)]
-    both = [{"name": "prune 0.5 + ft + int8"}]
+    if ort:  # W8A8: int8 kernels in ONNX Runtime (QDQ export); the bit width is not searched
+        bits = [{"name": "W8A8", "drop": ["stages[0]", "stages[1]"]}]
+        both = [{"name": f"prune {r} + ft + W8A8", "set": {"stages[0].ratio": r}} for r in (0.25, 0.5)]
+        quant = {"kind": "quantize", "weight": {"format": {"kind": "int", "bits": 8}},
+                 "activation": {"format": {"kind": "int", "bits": 8}}}
+        space_bits = {}
+    else:
+        bits = [{"name": f"int{b}", "set": {"stages[2].weight.format.bits": b}, "drop": ["stages[0]", "stages[1]"]}
+                for b in (8, 4)]
+        both = [{"name": "prune 0.5 + ft + int8"}]
+        quant = {"kind": "quantize", "weight": {"format": {"kind": "int", "bits": 8}}}
+        space_bits = {"stages[2].weight.format.bits": [4, 8]}
     return {
-        "name": "search-mnist1d",
+        "name": "search-mnist1d" + ("-ort" if ort else ""),
         "model": {"name": "mnist1d_cnn", "pretrain": {"epochs": args.train_epochs, "lr": 0.003}},
         "data": "mnist1d",
         "measure": {"batch_sizes": [256], "threads": 2, "warmup": 5, "repeats": args.repeats, "onnx": False},
         "stages": [
             {"kind": "prune", "ratio": 0.5, "importance": "l2", "round_to": 8},
             {"kind": "finetune", "epochs": args.finetune_epochs, "lr": 0.001, "kd_alpha": 0.5},
-            {"kind": "quantize", "weight": {"format": {"kind": "int", "bits": 8}}},
+            quant,
         ],
         "search": {
-            "space": {**{f"stages[0].overrides[{g}]": RATIOS for g in GROUPS},
-                      "stages[2].weight.format.bits": [4, 8]},
+            "space": {**{f"stages[0].overrides[{g}]": RATIOS for g in GROUPS}, **space_bits},
+            "runtime": "onnxruntime" if ort else "torch",
             "optional": ["stages[1]", "stages[2]"],
             "proxy": {"epochs": args.proxy_epochs},
             "promote": args.promote,
@@ -69,7 +79,9 @@ def render(result, args, wall: float, load: tuple[float, float]) -> str:
     files = front_files(r)
     info = r.run_info
     lines = [
-        "## Search: per-group prune ratios x fine-tune x weight bits on the MNIST-1D CNN (`make bench-search`)", "",
+        ("## Search: per-group prune ratios x fine-tune x weight bits on the MNIST-1D CNN (`make bench-search`)"
+         if args.variant == "torch" else "## Search in ONNX Runtime: per-group prune ratios x fine-tune x W8A8 on the "
+         "MNIST-1D CNN (`make bench-search-ort`)"), "",
         f"`benchmarks/search.py --trials {args.trials}`: {c['trials']} rung-1 trials ({c['distinct']} distinct points, "
         f"proxy: fine-tune capped at {args.proxy_epochs} epoch(s)), {c['promoted']} promoted to the full recipe "
         f"({args.finetune_epochs}-epoch KD fine-tune), {c['baselines']} "
@@ -94,9 +106,12 @@ def render(result, args, wall: float, load: tuple[float, float]) -> str:
         best = [f"{q * 100:.1f}%" if q is not None else "none" for q in (row["best_within_latency"], row["best_within_bytes"])]
         lines.append(f"| {b.label} | {b.quality * 100:.1f}% | {b.latency:.3f}x | {human_bytes(b.bytes)} | "
                      f"{row['dominated_by'] or 'no'} | {best[0]} | {best[1]} |")
-    lines += ["", "Latency: torch eager, batch 256, 2 threads, median of the candidate over the median of the "
-              "uncompressed model timed in the same interleaved rounds. Quantized layers run as fake-quant in "
-              "torch (slower than fp32 there; their gain is bytes). Size: every file of the saved checkpoint.",
+    where = ("torch eager" if args.variant == "torch" else
+             "ONNX Runtime on each model's export (int8 QDQ for the W8A8 ones, so int8 kernels run)")
+    why = (" Quantized layers run as fake-quant in torch (slower than fp32 there; their gain is bytes)."
+           if args.variant == "torch" else "")
+    lines += ["", f"Latency: {where}, batch 256, 2 threads, median of the candidate over the median of the "
+              f"uncompressed model timed in the same interleaved rounds.{why} Size: every file of the saved checkpoint.",
               f"Measured {info.get('date', 'n/m')} on {info.get('cpu', 'n/m')}, torch {info.get('torch', 'n/m')}."]
     return "\n".join(lines)
 
@@ -119,6 +134,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None, help="keep the study, report and front here (default: a temp folder)")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="6 trials, 1 fine-tune epoch, few repeats (smoke run)")
+    p.add_argument("--variant", choices=("torch", "ort"), default="torch",
+                   help="ort: latency in ONNX Runtime and W8A8 quantization (int8 kernels), section search_ort")
     args = p.parse_args()
     if args.quick:
         args.trials, args.promote, args.finetune_epochs, args.repeats = 6, 2, 1, 5
@@ -131,7 +148,7 @@ def main() -> None:
     result = run_search(load_search(path), args.trials, work / "out", cache_dir=args.cache)
     wall = time.perf_counter() - start
     body = render(result, args, wall, (load_start, os.getloadavg()[0]))
-    update_section(args.out, "search", body + f"\n\nReport, plot and front recipes of this run: `{work / 'out'}`.")
+    update_section(args.out, "search" if args.variant == "torch" else "search_ort", body + f"\n\nReport, plot and front recipes of this run: `{work / 'out'}`.")
     print(body)
 
 
