@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import checkpoint_size, trained_reference, update_section  # noqa: E402
-from prune_structured import CALIB_BATCHES, CRITERIA, ce, train  # noqa: E402
+from prune_structured import CALIB_BATCHES, CRITERIA, tp_at_ratio, train  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import ConfigError, Context  # noqa: E402
@@ -74,21 +74,7 @@ def by_mac_budget(reference, data, criterion, keep):
 
 
 def tp_by_ratio(reference, data, criterion, ratio):
-    import torch_pruning as tp
-
-    m = copy.deepcopy(reference).eval()
-    imp = eval(f"tp.importance.{CRITERIA[criterion]}")
-    pruner = tp.pruner.MetaPruner(m, data.example_batch(1), importance=imp, global_pruning=True,
-                                  pruning_ratio=ratio, max_pruning_ratio=0.9, ignored_layers=[m.fc])
-    if criterion == "taylor":
-        m.zero_grad()
-        for i, batch in enumerate(data.calib):
-            if i >= CALIB_BATCHES:
-                break
-            ce(m, batch).backward()
-    pruner.step()
-    m.zero_grad(set_to_none=True)
-    return m.eval()
+    return tp_at_ratio(reference, data, criterion, ratio, data.example_batch(1)).eval()
 
 
 def matched(reference, build, lo, hi, goal, x, repeats, runtime, steps=6):

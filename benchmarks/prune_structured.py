@@ -63,35 +63,41 @@ def train(model, data, epochs, lr, seed=0):
     return model.eval()
 
 
-def tp_prune(model, data, criterion: str, keep: float, example):
-    """Torch-Pruning at the global channel ratio that meets the MAC budget (bisection, like ours)."""
+def tp_at_ratio(model, data, criterion: str, ratio: float, example):
+    """Torch-Pruning's global pruning of a copy of `model` at channel ratio `ratio`, its criterion fed
+    the same calibration batches as ours (taylor: summed gradients; hessian: their per-sample recipe)."""
     import torch_pruning as tp
 
+    m = copy.deepcopy(model).eval()
+    imp = eval(f"tp.importance.{CRITERIA[criterion]}")  # a constant of this file, not input
+    pruner = tp.pruner.MetaPruner(m, example, importance=imp, global_pruning=True, pruning_ratio=ratio,
+                                  max_pruning_ratio=0.9, ignored_layers=[m.head if hasattr(m, "head") else m.fc])
+    if criterion == "taylor":
+        m.zero_grad()
+        for i, batch in enumerate(data.calib):
+            if i >= CALIB_BATCHES:
+                break
+            ce(m, batch).backward()
+    if criterion == "hessian":  # their documented recipe: per-sample gradients, accumulated squared
+        imp.zero_grad()
+        for i, (x, y) in enumerate(data.calib):
+            if i >= HESSIAN_BATCHES:
+                break
+            for loss in F.cross_entropy(m(x), y, reduction="none"):
+                m.zero_grad()
+                loss.backward(retain_graph=True)
+                imp.accumulate_grad(m)
+    pruner.step()
+    m.zero_grad(set_to_none=True)
+    return m
+
+
+def tp_prune(model, data, criterion: str, keep: float, example):
+    """Torch-Pruning at the global channel ratio that meets the MAC budget (bisection, like ours)."""
     base = count_macs(model, example)
 
     def run(ratio):
-        m = copy.deepcopy(model).eval()
-        imp = eval(f"tp.importance.{CRITERIA[criterion]}")
-        pruner = tp.pruner.MetaPruner(m, example, importance=imp, global_pruning=True, pruning_ratio=ratio,
-                                      max_pruning_ratio=0.9, ignored_layers=[m.head if hasattr(m, "head") else m.fc])
-        if criterion == "taylor":
-            m.zero_grad()
-            for i, batch in enumerate(data.calib):
-                if i >= CALIB_BATCHES:
-                    break
-                ce(m, batch).backward()
-        if criterion == "hessian":  # their documented recipe: per-sample gradients, accumulated squared
-            imp.zero_grad()
-            for i, (x, y) in enumerate(data.calib):
-                if i >= HESSIAN_BATCHES:
-                    break
-                for loss in F.cross_entropy(m(x), y, reduction="none"):
-                    m.zero_grad()
-                    loss.backward(retain_graph=True)
-                    imp.accumulate_grad(m)
-        pruner.step()
-        m.zero_grad(set_to_none=True)
-        return m
+        return tp_at_ratio(model, data, criterion, ratio, example)
 
     lo, hi = 0.0, 0.95
     best = None
