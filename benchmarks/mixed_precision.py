@@ -200,12 +200,15 @@ def main() -> None:
                    help="how mixed_precision ranks layers; both: a row for each at every budget")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--latency-targets", nargs="*", default=["1.3x", "1.5x"],
+                   help="mixed_precision target_latency rows in onnxruntime (batch 32)")
     p.add_argument("--skip-size", action="store_true", help="leave out part 1 (the file budget)")
     p.add_argument("--skip-ort", action="store_true", help="leave out part 2 (ONNX Runtime INT8)")
     p.add_argument("--quick", action="store_true", help="one budget, one calibration batch (smoke run)")
     args = p.parse_args()
     if args.quick:
         args.ratios, args.calib_batches, args.warmup, args.repeats = args.ratios[:1], 1, 1, 3
+        args.latency_targets = args.latency_targets[:1]
     torch.set_num_threads(2)
     state: dict[str, Any] = {"size": None, "ort": None}
 

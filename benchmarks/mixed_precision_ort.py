@@ -13,6 +13,7 @@ quantize_dynamic (per channel), and NNCF's post-training quantization of the ONN
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +27,8 @@ from nncompress.eval.metrics import embedding_fidelity
 from nncompress.export.onnx import export_onnx
 from nncompress.export.onnx_qdq import export_qdq_onnx
 from nncompress.formats import IntFormat
-from nncompress.quant import QuantizeConfig, QuantSpec
+from nncompress.quant import Choice, MixedPrecisionConfig, QuantizeConfig, QuantSpec
+from nncompress.quant.mixed import MixedLatency
 from nncompress.quant.mixed_costs import fit_wrapper, output_distortion
 
 from quantize_int8 import ENCODER, Reader, onnx_embed, ort_peers
@@ -106,6 +108,9 @@ def ort_rows(args, model: nn.Module, tok, data, tmp: Path, write: Callable[[dict
         point(k)
         paths[f"nncompress W8A8, {k} most sensitive float"] = ours[k][0]
         out["rows"][f"nncompress W8A8, {k} most sensitive float"] = {"ours": True, "k": k}
+    for target in args.latency_targets:  # the same choice made by mixed_precision against a latency budget
+        name = f"nncompress mixed_precision target_latency {target}"
+        paths[name], out["rows"][name] = latency_target(model, data, target, args.calib_batches, tmp)
     paths.update(ort_peers(fp32, data, args, tmp))
     nn_peer = nncf_peer(fp32, data, args.calib_batches, tmp / "nncf.onnx")
     if isinstance(nn_peer, Path):
@@ -126,6 +131,22 @@ def ort_rows(args, model: nn.Module, tok, data, tmp: Path, write: Callable[[dict
     out["pick"] = max(ok, key=lambda n: out["rows"][n]["x32"]) if ok else None
     write(out)
     return out
+
+
+def latency_target(model: nn.Module, data, target: str, batches: int, tmp: Path) -> tuple[Path, dict]:
+    """`mixed_precision` with candidates W8A8 / float under `target_latency` in onnxruntime at batch 32,
+    2 threads: the plan from the per-format table, measured and corrected in its rounds, then exported."""
+    cfg = MixedPrecisionConfig(candidates=(Choice(weight=W8, activation=A8), Choice()), target_latency=target,
+                               latency=MixedLatency(runtime="onnxruntime", batch=32, threads=2), calib_batches=batches)
+    start = time.perf_counter()
+    m = nncompress.apply(copy.deepcopy(model), cfg, targets=ENCODER,
+                         context=Context(data=data, cache_dir=str(tmp / "latency_cache")))
+    rec = nncompress.history(m)[-1]["record"]
+    seconds = time.perf_counter() - start
+    path = export_qdq_onnx(m, data.example_batch(8), tmp / f"mixed_{target}.onnx", tolerance=0.15)
+    print("target_latency", target, rec["counts"], rec["rounds"], f"{seconds:.0f}s", flush=True)
+    return path, {"ours": True, "target": target, "float": rec["counts"].get("float", 0), "rounds": rec["rounds"],
+                  "budget_ms": rec["budget"]["limit"], "seconds": seconds}
 
 
 def torch_embed(model, loader):
@@ -155,6 +176,13 @@ def render_ort(o: dict) -> str:
              f"(best: {max(peers, key=lambda n: o['rows'][n]['cosine'])}, "
              f"{max(o['rows'][n]['cosine'] for n in peers):.4f})." if peers else "")
     nncf = f" NNCF: {o['nncf']}." if "nncf" in o else ""
+    for name, r in o["rows"].items():
+        if "target" in r:
+            rounds = "; ".join(f"predicted {x['predicted']:.1f} ms, measured {x['measured']:.1f} ms"
+                               f"{'' if x['met'] else ' (missed)'}" for x in r["rounds"])
+            said += (f" `mixed_precision target_latency: {r['target']}` (onnxruntime, batch 32, 2 threads; "
+                     f"budget {r['budget_ms']:.1f} ms) kept {r['float']} layers float, in {r['seconds']:.0f} s; its "
+                     f"rounds: {rounds}.")
     return (f"### ONNX Runtime INT8: which layers stay float\n\nStatic W8A8 of the encoder Linear layers "
             f"(int8 weights per channel, uint8 inputs per tensor, min/max), the k layers with the largest "
             f"measured W8A8 output distortion kept float, exported as QDQ and run in onnxruntime; the pick is "
@@ -163,6 +191,9 @@ def render_ort(o: dict) -> str:
             f"rounds, 2 threads, speedup vs the fp32 ONNX session of the same rounds; sequences of 64 tokens. "
             f"Most sensitive layers (distortion): {worst}. The search (bisection on k for the fewest float "
             f"layers reaching the target; cosine in onnxruntime): {searched}; then k and its two neighbours "
-            f"are timed with the peers.{nncf}\n\n"
+            f"are timed with the peers. The `mixed_precision target_latency` rows choose the float layers "
+            f"themselves: the least summed distortion whose latency, predicted from a table of every layer alone "
+            f"in fp32 and in W8A8 in onnxruntime (`eval.format_table`) and then measured on the exported "
+            f"plan, fits the target.{nncf}\n\n"
             + table(["model", "cosine in-domain", "cosine out-of-domain", "bytes (.onnx)", "b=1 ms (speedup)",
                      "b=32 ms (speedup)"], rows) + "\n\n" + said)

@@ -13,7 +13,9 @@ import nncompress
 from nncompress.core import ConfigError, Context, TargetError, history
 from nncompress.export.checkpoint import checkpoint_bytes
 from nncompress.formats import IntFormat, PerGroup
+from nncompress.export.onnx_qdq import export_qdq_onnx, optimized_op_counts
 from nncompress.quant import Choice, MixedPrecisionConfig, QuantSpec, plan_yaml, solve_plan
+from nncompress.quant.mixed import MixedLatency
 from nncompress.quant.mixed_costs import bops_per_layer
 from nncompress.recipe.schema import parse_stage
 from nncompress.zoo.loaders import build_data, build_model
@@ -192,9 +194,44 @@ candidates:
     assert parse_stage(stage.to_dict(), 0) == stage
 
 
-def test_latency_budget_is_refused_until_the_format_table_exists():
-    with pytest.raises(ConfigError, match="target_latency.*max_bytes, size_ratio or max_bops"):
+W8A8 = Choice(weight=QuantSpec(format=IntFormat(bits=8)),
+              activation=QuantSpec(format=IntFormat(bits=8, signed=False, symmetric=False)))
+ORT = MixedLatency(runtime="onnxruntime", batch=64, threads=1)
+
+
+def test_a_latency_target_is_refused_where_no_format_runs_faster():
+    with pytest.raises(ConfigError, match="latency.runtime.*fake quantization in torch eager"):
         MixedPrecisionConfig(target_latency="2x")
+    with pytest.raises(ConfigError, match="candidates.*needs a W8A8 candidate"):
+        MixedPrecisionConfig(candidates=CANDIDATES, target_latency="2x", latency=ORT)
+
+
+@pytest.fixture(scope="module")
+def wide_mlp():
+    torch.manual_seed(0)
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [512, 512]}})
+    return model.eval()
+
+
+def test_an_onnxruntime_latency_target_is_planned_from_the_format_table_and_measured(digits, wide_mlp, tmp_path):
+    cfg = MixedPrecisionConfig(candidates=(W8A8, W4, Choice()), target_latency="1.2x", latency=ORT)
+    out = nncompress.apply(copy.deepcopy(wide_mlp), cfg, context=Context(data=digits, cache_dir=str(tmp_path)))
+    r = history(out)[-1]["record"]
+    assert r["budget"]["field"] == "target_latency" and r["budget"]["unit"] == "ms"
+    # W4 has no int8 kernel in onnxruntime: never chosen; all float cannot be 1.2x faster: some layer is int8
+    assert set(r["plan"].values()) <= {"W8A8", "float"} and "W8A8" in r["plan"].values()
+    assert all(isinstance(x["met"], bool) and x["measured"] > 0 and x["predicted"] > 0 for x in r["rounds"]), r["rounds"]
+    assert [s["targets"]["include"] for s in r["stages"]] == [[n for n, c in r["plan"].items() if c == "W8A8"]]
+    # the plan as it deploys: every W8A8 layer an int8 kernel in onnxruntime
+    path = export_qdq_onnx(out, digits.example_batch(4), tmp_path / "plan.onnx")
+    assert optimized_op_counts(path)["QGemm"] == list(r["plan"].values()).count("W8A8")
+    assert list((tmp_path / "latency").glob("*.json"))   # the table's measurements are cached
+
+
+def test_an_unreachable_latency_target_names_the_closest_plan(digits, wide_mlp, tmp_path):
+    cfg = MixedPrecisionConfig(candidates=(W8A8, Choice()), target_latency="100x", latency=ORT)
+    with pytest.raises(ConfigError, match=r"target_latency: .* ms is out of reach: the closest plan .* ms \([0-9.]+x"):
+        nncompress.apply(copy.deepcopy(wide_mlp), cfg, context=Context(data=digits, cache_dir=str(tmp_path)))
 
 
 RECIPE = """\

@@ -8,7 +8,7 @@ import torch
 from onnx import numpy_helper
 
 import nncompress
-from nncompress.core import Context, UnsupportedOpError
+from nncompress.core import Context, Targets, UnsupportedOpError
 from nncompress.export.onnx import onnx_run
 from nncompress.export.onnx_qdq import export_qdq_onnx, optimized_op_counts, qdq_op_counts
 from nncompress.formats import IntFormat, PerGroup
@@ -59,6 +59,20 @@ def test_onnxruntime_agrees_with_the_fake_quant_model(mlp_qdq, digits):
             worst = max(worst, float(np.abs(ref - got).max() / np.abs(ref).max()))
     assert agree / total >= 0.99
     assert worst < 0.02   # int32 bias rounding and rare activation ties only
+
+
+def test_a_lone_int8_gemm_before_a_relu_runs_as_qgemm(digits, tmp_path):
+    """onnxruntime fuses Gemm + Relu into a float FusedGemm before its QDQ pass; the exporter writes
+    that Relu as Max(x, 0) so the int8 layer still becomes a QGemm, with the same numbers."""
+    torch.manual_seed(0)
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [32, 32]}})
+    q = nncompress.apply(model, W8A8, targets=Targets(include=("net.2",)), context=Context(data=digits)).eval()
+    path = export_qdq_onnx(q, digits.example_batch(4), tmp_path / "lone.onnx")   # verified inside
+    ops = optimized_op_counts(path)
+    assert ops["QGemm"] == 1 and ops["Max"] == 1   # without the Max: a FusedGemm on dequantized weights
+    x = digits.example_batch(16)
+    with torch.no_grad():
+        assert np.allclose(onnx_run(path, x), q(x).numpy(), atol=2e-2 * float(q(x).abs().max()))
 
 
 def test_conv_layers_become_qlinearconv(tmp_path):

@@ -10,6 +10,7 @@ from .core import (CompositionError, Config, ConfigError, Context, NNCompressErr
                    history, merge, names, register)
 from . import cluster, distill, lowrank, prune, quant  # noqa: F401  (importing registers their stages)
 from . import eval  # noqa: F401,A004  (registers the latency measurements techniques look up: HALP's tables)
+from .export import deployed  # noqa: F401  (registers the per-format latency table mixed_precision looks up)
 from .saving import load, save
 
 __version__ = "0.1.0"

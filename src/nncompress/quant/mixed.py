@@ -15,14 +15,16 @@ Budgets (exactly one):
   max_bytes       every byte of the saved checkpoint (weights + manifest)
   size_ratio      that many times smaller than the model's checkpoint before this stage
   max_bops        bit operations of one sample's forward (MACs x weight bits x input bits)
-  target_latency  '2x' or '12ms' at `latency` (runtime, batch, threads), from a table of every layer in
-                  every format measured on this machine (provider "format_table"; NOT WRITTEN YET: until
-                  it is registered, a target_latency is refused with a ConfigError)
+  target_latency  '2x' or '12ms' in onnxruntime at `latency` (batch, threads), from a table of every
+                  layer in every format measured alone on this machine (provider "format_table"); formats
+                  count where nncompress exports an int8 kernel (W8A8), others are left out. A torch
+                  target is refused: fake quantization in eager mode is never faster than float.
 
 Bytes are predicted per layer from what the checkpoint writer stores (each layer encoded alone in
 each format); the plan is then applied to a copy and saved, and when the real folder is larger than
 the budget (headers, this stage's manifest entry) the solver's budget shrinks by the excess and it
-solves again (`rounds`). A torch latency budget is measured and corrected the same way. An
+solves again (`rounds`). A latency budget is measured the same way: the plan applied to a copy,
+exported as it deploys (QDQ) and timed against the float model in onnxruntime. An
 unreachable budget raises `ConfigError` naming the field and the closest point (every layer in its
 cheapest format). Sensitivity: `mixed_costs`.
 
@@ -52,7 +54,7 @@ from ..core.config import parse_target
 from ..core.objectives import require_data
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
 from .fake_quant import QuantSpec
-from .mixed_budget import Budget, budget_for
+from .mixed_budget import Budget, budget_for, ort_format
 from .mixed_costs import fisher_distortion, fit_wrapper, output_distortion
 from .ptq import QUANT_LAYERS, QuantizeConfig, float_layer, quant_sites
 
@@ -163,20 +165,18 @@ class MixedPrecisionConfig(Config):
         check(self.max_bops is None or self.max_bops > 0, "max_bops", f"must be > 0, got {self.max_bops}")
         if self.target_latency is not None:
             parse_target(self.target_latency)
-            # the per-format latency table (provider "format_table") is not written yet: say so, not a KeyError
-            check(_has_format_table(), "target_latency", "a latency budget needs the per-format latency table, "
-                  "which this version does not have yet; use max_bytes, size_ratio or max_bops")
+            check(self.latency.runtime == "onnxruntime", "latency.runtime", "a quantize stage runs as fake "
+                  "quantization in torch eager, never faster than float, so a torch latency target has no plan; "
+                  "time the plan where int8 kernels run: latency: {runtime: onnxruntime} with W8A8 candidates")
+            check(any(ort_format(c) == "int8_static" for c in self.candidates), "candidates",
+                  "none runs faster in onnxruntime: a latency target needs a W8A8 candidate (int8 weights per "
+                  "channel or tensor, 8-bit inputs per tensor), the format nncompress exports to int8 kernels")
         check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
 
     @property
     def budget_field(self) -> str:
         return next(f for f in BUDGETS if getattr(self, f) is not None)
-
-
-def _has_format_table() -> bool:
-    from ..core import names
-    return "format_table" in names("measure")
 
 
 # ------------------------------------------------------------------------------------ the solver

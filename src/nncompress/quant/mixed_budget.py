@@ -5,11 +5,11 @@ priced in the budget's unit, plus how to measure a whole plan once applied to a 
   the rest of the model as the checkpoint before the stage minus its layers; measured by saving the
   applied copy with its history and this stage's entry (provider "checkpoint_bytes").
 - bops: MACs of one sample x weight bits x input bits (`bops_per_layer`); exact, nothing to measure.
-- latency: a table of each layer in each format timed alone on the target (provider "format_table",
-  `eval.format_table`); the rest is the model timed whole minus its layers. In torch the applied copy
-  is then timed against the model (provider "latency", interleaved). In onnxruntime a format counts only
-  where nncompress exports an int8 kernel for it (float, and W8A8 through `export_qdq_onnx`); the
-  applied copy is a fake-quant model there, so it is not timed (the record says so).
+- latency (onnxruntime): a table of each layer in each format timed alone on the target (provider
+  "format_table", `eval.format_table`); the rest is the model timed whole minus its layers. A format
+  counts only where nncompress exports an int8 kernel for it (float, and W8A8 through
+  `export_qdq_onnx`). The applied copy is exported as it deploys and timed against the float model in
+  interleaved rounds (provider "deployed_latency").
 """
 from __future__ import annotations
 
@@ -127,13 +127,11 @@ def _latency(model: nn.Module, config: Any, ctx: Context, names: list[str], opti
              apply_plan: Callable[..., nn.Module]) -> Budget:
     spec = config.latency
     inputs = ctx.data.example_batch(spec.batch)
-    torch_rt = spec.runtime == "torch"
-    formats: dict[str, dict[str, Any]] = {}
+    formats: dict[str, dict[str, nn.Module]] = {}
     for n, row in zip(names, options):
         here = model.get_submodule(n)
-        formats[n] = {"current": here if torch_rt else "fp32"}
-        formats[n].update({c.label: (here if o is None else o) if torch_rt else ort_format(c)
-                           for c, o in zip(config.candidates, row) if not isinstance(o, str)})
+        formats[n] = {c.label: here if o is None else o for c, o in zip(config.candidates, row)
+                      if not isinstance(o, str) and ort_format(c) is not None}
     table = lookup("format_table", "measure")(model, inputs, formats, runtime=spec.runtime, threads=spec.threads,
                                               cache_dir=ctx.cache_dir)
     use = np.array([[_ms(table, n, c.label) for c in config.candidates] for n in names], dtype=float)
@@ -143,12 +141,12 @@ def _latency(model: nn.Module, config: Any, ctx: Context, names: list[str], opti
 
     def measure(stages: list[dict[str, Any]], record: dict[str, Any]) -> float:
         trial, _ = _trial(model, config, ctx, stages, record, apply_plan)
-        base, ms = lookup("latency", "measure")([model, trial], inputs, runtime="torch", threads=spec.threads)
+        base, ms = lookup("deployed_latency", "measure")([model, trial], inputs, runtime=spec.runtime,
+                                                          threads=spec.threads)
         return ms / base * table.full_ms  # on the table's scale: the ratio is what two interleaved medians mean
 
     return Budget("target_latency", "ms", use, table.full_ms - current, float(limit),
-                  lambda v: f" ({table.full_ms / v:.2f}x; the model runs {table.full_ms:.3g} ms now)",
-                  measure if torch_rt else None)
+                  lambda v: f" ({table.full_ms / v:.2f}x; the model runs {table.full_ms:.3g} ms now)", measure)
 
 
 def _ms(table: Any, name: str, label: str) -> float:
