@@ -42,7 +42,7 @@ from nncompress.eval.measure import file_bytes  # noqa: E402
 from nncompress.eval.metrics import embed, embedding_fidelity  # noqa: E402
 from nncompress.export.checkpoint import checkpoint_bytes  # noqa: E402
 from nncompress.formats import IntFormat  # noqa: E402
-from nncompress.quant import Choice, MixedPrecisionConfig, QuantizeConfig, QuantSpec  # noqa: E402
+from nncompress.quant import Choice, GPTQConfig, MixedPrecisionConfig, QuantizeConfig, QuantSpec  # noqa: E402
 from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 
 WHOLE = Targets(types=(nn.Linear, nn.Embedding))
@@ -77,8 +77,9 @@ def folder_bytes(path: Path) -> int:
     return checkpoint_bytes(path)["total"]
 
 
-def candidates() -> tuple[Choice, ...]:
-    return (Choice(weight=w4(128)), Choice(weight=W8), Choice())
+def candidates(method: str = "rtn") -> tuple[Choice, ...]:
+    """W4 g128 (rounded to nearest, or by GPTQ), W8 per channel, float."""
+    return (Choice(weight=w4(128), method=method), Choice(weight=W8), Choice())
 
 
 def size_rows(args, model, tok, data, tmp: Path, write: Callable[[dict], None]) -> dict:
@@ -110,13 +111,18 @@ def size_rows(args, model, tok, data, tmp: Path, write: Callable[[dict], None]) 
     for label, spec in (("uniform W4 g128", w4(128)), ("uniform W8", W8)):
         row(label, lambda spec=spec: nncompress.apply(copy.deepcopy(model), QuantizeConfig(weight=spec),
                                                       targets=WHOLE, context=Context(data=data)))
+    gptq = GPTQConfig(weight=w4(128), calib_batches=args.calib_batches)  # embeddings: round to nearest
+    row("uniform W4 g128 GPTQ", lambda: nncompress.apply(copy.deepcopy(model), gptq, targets=WHOLE,
+                                                         context=Context(data=data)))
     kinds = ("distortion", "fisher") if args.sensitivity == "both" else (args.sensitivity,)
+    runs = [(kind, "rtn") for kind in kinds] + [("distortion", "gptq")]
     for ratio in args.ratios:
         budget = int(fp32 / ratio)
-        for kind in kinds:
-            cfg = MixedPrecisionConfig(candidates=candidates(), max_bytes=budget, calib_batches=args.calib_batches,
-                                       sensitivity=kind)
-            row(f"mixed ({kind}), file <= fp32/{ratio:g}",
+        for kind, method in runs:
+            cfg = MixedPrecisionConfig(candidates=candidates(method), max_bytes=budget,
+                                       calib_batches=args.calib_batches, sensitivity=kind)
+            name = f"mixed ({kind})" if method == "rtn" else "mixed (distortion, W4 by GPTQ)"
+            row(f"{name}, file <= fp32/{ratio:g}",
                 lambda cfg=cfg: nncompress.apply(copy.deepcopy(model), cfg, targets=WHOLE, context=Context(data=data)),
                 budget=budget)
     return out
@@ -136,7 +142,10 @@ def render_size(args, s: dict) -> str:
             f"128 along the fan-in), W8 (per output channel) or float; `mixed_precision` measures each "
             f"layer's output distortion in each format on {args.calib_batches} calibration batch(es) of the "
             f"sentences corpus ('distortion': measured, one layer at a time; 'fisher': predicted from the "
-            f"diagonal output Fisher and each format's weight error, no quantized forward) and solves the 0/1 programme exactly (scipy `milp`), the "
+            f"diagonal output Fisher and each format's weight error, no quantized forward) and solves the 0/1 "
+            f"programme exactly (scipy `milp`); 'W4 by GPTQ': the W4 candidate is rounded by GPTQ (each layer's "
+            f"Hessian from the float model on the same calibration batches, its distortion measured as GPTQ "
+            f"leaves it; embeddings have no Hessian and round to nearest), as is 'uniform W4 g128 GPTQ'. The "
             f"budget being every byte of the saved folder (weights + manifest), checked by saving. 'file' "
             f"is every file `nncompress.save` wrote, against the dense fp32 safetensors file. Cosine: mean "
             f"to the fp32 embeddings on the {s['n']} held-out sentences of the calibration corpus "
@@ -159,10 +168,17 @@ def verdict(s: dict | None) -> str:
         line = (f"{r['method']}: {ratio:.2f}x smaller than fp32 (the budget {'held' if r['file'] <= r['budget'] else 'BROKEN'}"
                 f" on disk), cosine {r['cosine']:.4f} in-domain / {r['cosine_ood']:.4f} out-of-domain")
         parts.append(line + ".")
-    for name in ("uniform W4 g128", "uniform W8"):
+    for name in ("uniform W4 g128", "uniform W4 g128 GPTQ", "uniform W8"):
         if name in by:
             u = by[name]
             parts.append(f"{name}: {s['fp32'] / u['file']:.2f}x, cosine {u['cosine']:.4f} / {u['cosine_ood']:.4f}.")
+    g = by.get("uniform W4 g128 GPTQ")
+    rtn7 = [r for r in s["rows"] if r["method"].startswith("mixed (distortion)") and s["fp32"] / r["file"] >= 7]
+    g7 = [r for r in s["rows"] if "GPTQ" in r["method"] and r["method"].startswith("mixed") and s["fp32"] / r["file"] >= 7]
+    if g and g7:
+        parts.append(f"At 7x, mixed precision with GPTQ as the W4 rounding keeps cosine {g7[0]['cosine']:.4f} / "
+                     f"{g7[0]['cosine_ood']:.4f}, against {rtn7[0]['cosine']:.4f} for mixed with round-to-nearest "
+                     f"and {g['cosine']:.4f} for uniform W4 GPTQ ({s['fp32'] / g['file']:.2f}x)." if rtn7 else "")
     mixed = [r for r in s["rows"] if r["method"].startswith("mixed")]
     if mixed and "uniform W4 g128" in by:
         w4r = by["uniform W4 g128"]

@@ -113,6 +113,33 @@ def test_max_bytes_budget_and_plan_recipe_reproduces_the_weights(tmp_path, digit
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gptq_candidate_is_measured_as_gptq_rounds_it_and_the_plan_replays(tmp_path, digits, mlp):
+    gptq = Choice(weight=W4.weight, method="gptq")
+    cfg = MixedPrecisionConfig(candidates=(gptq, W4, W8, Choice()), size_ratio=5)
+    q = nncompress.apply(copy.deepcopy(mlp), cfg, context=Context(data=digits))
+    record = history(q)[-1]["record"]
+    sens = record["layer_sensitivity"]
+    # error-corrected rounding: less output distortion than rounding to nearest, on every layer of this MLP
+    assert all(sens[n]["W4 g32 gptq"] < sens[n]["W4 g32"] for n in sens)
+    assert "W4 g32" not in record["plan"].values() and "W4 g32 gptq" in record["plan"].values()
+    stages = yaml.safe_load(plan_yaml(record["stages"]))["stages"]
+    assert [s["kind"] for s in stages][0] == "gptq" and stages[0]["sequential"] is False
+    again = copy.deepcopy(mlp)  # the plan as a recipe: the same weights
+    for i, raw in enumerate(stages):
+        stage = parse_stage(raw, i)
+        again = nncompress.apply(again, stage.config, targets=stage.targets, context=Context(data=digits))
+    a, b = q.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    nncompress.save(q, tmp_path / "m")
+    x = digits.example_batch(16)
+    with torch.no_grad():
+        assert torch.equal(nncompress.load(tmp_path / "m")(x), q(x))
+    with pytest.raises(ConfigError, match="sensitivity: fisher predicts .* use sensitivity: distortion"):
+        MixedPrecisionConfig(candidates=(gptq, Choice()), size_ratio=5, sensitivity="fisher")
+    with pytest.raises(ConfigError, match="activation: gptq quantizes weights only"):
+        Choice(weight=W8.weight, activation=W8.weight, method="gptq")
+
+
 def test_unreachable_budget_names_the_field_and_the_closest_point(digits, mlp):
     with pytest.raises(ConfigError, match=r"size_ratio.*out of reach.*closest plan.*measured ([\d,]+) bytes") as e:
         mixed(mlp, digits, size_ratio=50)

@@ -24,6 +24,7 @@ quantized (or clustered, int8) layer is factorized from its values and its facto
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, ClassVar, Literal
@@ -56,7 +57,11 @@ class LowRankConfig(Config):
     hooi_iters:  tucker2 only: alternating refinement sweeps after the HOSVD start
     whiten:      Linear layers only: minimise the error of the layer's outputs on calibration data
                  instead of its weights (factorize W L, L L^T = X^T X: SVD-LLM's whitening); needs data
-    calib_batches: batches of the calibration loader used by `whiten`
+    calib_batches: batches of the calibration loader used by `whiten` and by reconstruction
+    reconstruct: "lstsq": after factorizing, the last factor of each chain is re-fit by least squares
+                 so the chain reproduces the dense layer's outputs on the calibration data, layer by
+                 layer in forward order (each on the inputs the already factorized layers before it
+                 produce; `core.reconstruct`); "auto": when the context has calibration data; "none"
     Under rank and energy a layer is factorized only when that saves weights.
     """
 
@@ -69,6 +74,7 @@ class LowRankConfig(Config):
     hooi_iters: int = 0
     whiten: bool = False
     calib_batches: int = 8
+    reconstruct: Literal["auto", "lstsq", "none"] = "auto"
 
     renamed: ClassVar[dict[str, str]] = {"param_ratio": "keep_params (the fraction kept, as in prune)",
                                          "mac_ratio": "keep_macs (the fraction kept, as in prune)"}
@@ -85,6 +91,8 @@ class LowRankConfig(Config):
             check(v is None or 0.0 < v < 1.0, name, f"must be a fraction in (0, 1) to keep, got {v}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
         check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
+        check(self.reconstruct in ("auto", "lstsq", "none"), "reconstruct",
+              f"must be auto, lstsq or none, got {self.reconstruct!r}")
         check(self.hooi_iters >= 0, "hooi_iters", f"must be >= 0, got {self.hooi_iters}")
         check(self.hooi_iters == 0 or self.method == "tucker2", "hooi_iters",
               f"refines tucker2 only; set method: tucker2 or hooi_iters: 0 (method is {self.method!r})")
@@ -153,6 +161,7 @@ def _lowrank(model: nn.Module, config: LowRankConfig, ctx: Context, sites: list[
     chosen = _choose(model, [(s.name, s.layer, meth, sp) for s, meth, sp in chosen_sites], config, ctx, skipped)
     record: dict[str, Any] = {}
     before = after = 0
+    reference = copy.deepcopy(sites[0].model) if chosen and _reconstructs(config, ctx) else None
     for site, method, spectra in chosen_sites:
         name, m = site.name, site.layer
         dense = m.weight.numel()
@@ -167,7 +176,35 @@ def _lowrank(model: nn.Module, config: LowRankConfig, ctx: Context, sites: list[
         after += _weights(m, method, ranks)
         record[name] = {"method": method, "ranks": list(ranks), "energy_lost": round(_error(spectra, ranks), 6)}
     ctx.record.update({"layers": record, "skipped": skipped, "weights_before": before, "weights_after": after})
+    if reference is not None:
+        _reconstruct(sites[0].model, reference, list(record), config, ctx)
     return sites[0].model
+
+
+def _reconstructs(config: LowRankConfig, ctx: Context) -> bool:
+    if config.reconstruct == "none":
+        return False
+    if config.reconstruct == "lstsq":
+        require_data(ctx, "lowrank.reconstruct", "calibration data")
+    return ctx.data is not None and getattr(ctx.data, "calib", None) is not None
+
+
+def _reconstruct(model: nn.Module, reference: nn.Module, layers: list[str], config: LowRankConfig,
+                 ctx: Context) -> None:
+    """Refit each chain's last factor to the dense layer's outputs (forward order); the error of each
+    chain before and after goes in the record."""
+    from ..core.reconstruct import refit_to_reference
+
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    sources = {}
+    for name in sorted(layers, key=order.__getitem__):
+        last = list(get_module(model, name).named_children())[-1][0]
+        sources[f"{name}.{last}"] = name
+    errors = refit_to_reference(model, reference, list(sources), ctx.data.calib, config.calib_batches, ctx.device,
+                                sources=sources)
+    for factor, e in errors.items():
+        ctx.record["layers"][sources[factor]].update(output_error_before=float(f"{e['before']:.4g}"),
+                                                     output_error_after=float(f"{e['after']:.4g}"))
 
 
 def _rank_path(full: tuple[int, ...], step: int) -> list[tuple[int, ...]]:

@@ -49,7 +49,12 @@ class PruneConfig(TrainConfig):
                   then the pruned model is timed and the plan tightened until the target is met
     steps, epochs: the iterative schedule: `steps` prune steps, each followed by `epochs` of fine-tune
     penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
-    calib_batches: batches used by data-driven criteria
+    calib_batches: batches used by data-driven criteria (and by reconstruction)
+    reconstruct:  after each removal, "lstsq": re-fit the layers that read the removed channels by least
+                  squares so they reproduce the unpruned model's outputs on the calibration data, layer by
+                  layer in forward order (`core.reconstruct`); "bn": only re-estimate BatchNorm
+                  statistics (cheaper, weaker); "auto": lstsq when the context has calibration data;
+                  "none": leave the kept weights as they were
     """
 
     ratio: float = 0.5
@@ -70,6 +75,7 @@ class PruneConfig(TrainConfig):
     penalty_strength: float = 1e-4
     penalty_alpha: float = 0.0
     calib_batches: int = 8
+    reconstruct: Literal["auto", "lstsq", "bn", "none"] = "auto"
 
     renamed: ClassVar[dict[str, str]] = {
         **TrainConfig.renamed, "target_macs": "keep_macs (the fraction kept, as in lowrank)", "target_params": "keep_params",
@@ -90,6 +96,8 @@ class PruneConfig(TrainConfig):
         check(len(budgets) <= 1, budgets[-1] if budgets else "", f"give one budget, not {' and '.join(budgets)}")
         if self.target_latency is not None:
             parse_target(self.target_latency)
+        check(self.reconstruct in ("auto", "lstsq", "bn", "none"), "reconstruct",
+              f"must be auto, lstsq, bn or none, got {self.reconstruct!r}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.penalty_epochs >= 0, "penalty_epochs", f"must be >= 0, got {self.penalty_epochs}")
         check(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", f"must be in [0, 1], got {self.penalty_alpha}")
@@ -112,7 +120,9 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
     removed = 0
     timed = [] if config.target_latency else None
+    refit = _reconstructs(config, ctx)
     for step in range(1, config.steps + 1):
+        reference = copy.deepcopy(model) if refit else None
         with plain_view(model) as view:  # quantized / clustered layers are pruned through their plain view
             if timed is not None:
                 plan, record = prune_to_latency(model, score_groups(model, config, ctx, inputs), config, ctx,
@@ -128,7 +138,10 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
                 done, goal = config.ratio * (step - 1) / config.steps, config.ratio * step / config.steps
                 plan = plan_from_scores(score_groups(model, config, ctx, inputs), config,
                                         1 - (1 - goal) / (1 - done))
-            removed += _remove(model, plan, ctx, view)
+            count, record = _remove(model, plan, ctx, view)
+            removed += count
+        if count and reference is not None:
+            _reconstruct(model, reference, plan, record, config, ctx)
         if config.epochs:
             _finetune(model, config, ctx)
     ctx.record["channels_removed"] = removed
@@ -140,14 +153,49 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     return model.eval()
 
 
-def _remove(model: nn.Module, plan: list, ctx: Context, view: plain_view) -> int:
+def _remove(model: nn.Module, plan: list, ctx: Context, view: plain_view) -> tuple[int, dict[str, Any]]:
     """Remove the plan's channels (in the plain view; the wrappers follow) and record the edit."""
     removed = sum(len(drop) for _, drop in plan)
+    record: dict[str, Any] = {}
     if removed:
         record = remove_groups(model, plan)
         view.cut_through(_cuts(record), record.get("modules", {}))
         ctx.edits.add("remove_channels", **_compact(record))
-    return removed
+    return removed, record
+
+
+def _reconstructs(config: PruneConfig, ctx: Context) -> bool:
+    if config.reconstruct == "none":
+        return False
+    if config.reconstruct != "auto":
+        require_data(ctx, "prune.reconstruct", "calibration data")
+    return ctx.data is not None and getattr(ctx.data, "calib", None) is not None
+
+
+def _reconstruct(model: nn.Module, reference: nn.Module, plan: list, record: dict[str, Any], config: PruneConfig,
+                 ctx: Context) -> None:
+    """lstsq: re-fit the layers that read removed channels to reproduce `reference` (the model before
+    this step), in forward order; their targets are the outputs before any norm, so the norms'
+    statistics stay valid. bn: re-estimate BatchNorm statistics only. Layers inside another
+    technique's wrapper are left as they are (only plain Linear / Conv are solved)."""
+    from ..core.reconstruct import recalibrate_norms, refit_to_reference
+
+    if config.reconstruct == "bn":
+        norms = recalibrate_norms(model, ctx.data.calib, config.calib_batches, ctx.device)
+        ctx.record.setdefault("reconstruct", []).append({"norms": norms})
+        return
+    consumers = {m.module for g, drop in plan if len(drop) for m in g.members if m.role == "in" and m.param == "weight"}
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names = sorted((n for n in consumers if n in order), key=order.__getitem__)
+    kept = {p["name"].rpartition(".")[0]: p["keep"] for p in record.get("params", [])
+            if p["name"].endswith(".weight") and int(p["dim"]) == 0}
+    errors = refit_to_reference(model, reference, names, ctx.data.calib, config.calib_batches, ctx.device,
+                                outputs={n: kept[n] for n in names if n in kept})
+    if errors:
+        ctx.record.setdefault("reconstruct", []).append({
+            "layers": len(errors),
+            "error_before": float(f"{sum(e['before'] for e in errors.values()) / len(errors):.4g}"),
+            "error_after": float(f"{sum(e['after'] for e in errors.values()) / len(errors):.4g}")})
 
 
 def _cuts(record: dict[str, Any]) -> list[tuple[str, int, list[int]]]:

@@ -6,7 +6,8 @@ disk, bit operations or latency, solved exactly as a 0/1 integer programme (scip
     model = nncompress.apply(model, cfg, targets=Targets(types=("Linear", "Embedding")), context=Context(data=data))
     print(plan_yaml(nncompress.history(model)[-1]["record"]["stages"]))
 
-`Choice()` (no weight spec) keeps a layer as it is (float). The plan is run as plain `quantize`
+`Choice()` (no weight spec) keeps a layer as it is (float); `Choice(weight=w4, method="gptq")` rounds
+with GPTQ (a `gptq` stage), its sensitivity measured on the GPTQ-rounded layer. The plan is run as plain `quantize`
 stages, one per format with its layers as `targets.include`, through the `quantize` transform itself:
 save / load replay it unchanged, and `record["stages"]` is that recipe, YAML to read, edit and run
 (`plan_yaml`); applying it gives the same model, bit for bit.
@@ -49,13 +50,14 @@ import numpy as np
 import torch.nn as nn
 import yaml
 
-from ..core import Config, ConfigError, Context, Site, Targets, check, layer_transform, transform_for
+from ..core import Config, ConfigError, Context, Site, Targets, check, layer_transform, lookup
 from ..core.config import parse_target
 from ..core.objectives import require_data
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
 from .fake_quant import QuantSpec
 from .mixed_budget import Budget, budget_for, ort_format
-from .mixed_costs import fisher_distortion, fit_wrapper, output_distortion
+from .gptq import GPTQConfig
+from .mixed_costs import fisher_distortion, fit_gptq, fit_wrapper, layer_hessians, output_distortion
 from .ptq import QUANT_LAYERS, QuantizeConfig, float_layer, quant_sites
 
 __all__ = ["Choice", "MixedLatency", "MixedPrecisionConfig", "solve_plan", "plan_stages", "plan_yaml", "apply_plan"]
@@ -65,16 +67,25 @@ BUDGETS = ("max_bytes", "size_ratio", "max_bops", "target_latency")
 
 @dataclasses.dataclass(frozen=True)
 class Choice(Config):
-    """One format a layer may take: a weight spec and optionally an input spec (PTQ, method rtn);
-    neither keeps the layer as it is (float)."""
+    """One format a layer may take: a weight spec and optionally an input spec; neither keeps the
+    layer as it is (float). `method`: how the weights get onto the grid, "rtn" (round to nearest, a
+    `quantize` stage) or "gptq" (error-corrected rounding from the layer's input Hessian, a `gptq`
+    stage; weight-only, integer formats)."""
 
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
+    method: Literal["rtn", "gptq"] = "rtn"
 
     def __post_init__(self) -> None:
         check(self.weight is not None or self.activation is None, "activation",
               "a float layer has no input format; give a weight spec too, or neither to keep the layer float")
-        if self.weight is not None:
+        check(self.method in ("rtn", "gptq"), "method", f"must be 'rtn' or 'gptq', got {self.method!r}")
+        check(self.method == "rtn" or self.weight is not None, "method", "a float layer has no rounding method")
+        check(self.method == "rtn" or self.activation is None, "activation",
+              "gptq quantizes weights only; drop the input format or use method rtn")
+        if self.method == "gptq":
+            GPTQConfig(weight=self.weight)  # the same checks as a gptq stage
+        elif self.weight is not None:
             QuantizeConfig(weight=self.weight, activation=self.activation)  # the same checks as a quantize stage
 
     @property
@@ -86,15 +97,27 @@ class Choice(Config):
         """`float`, `W4 g128`, `W8A8`, ...: for records and reports."""
         if self.weight is None:
             return "float"
-        return _spec_label("W", self.weight) + ("" if self.activation is None else _spec_label("A", self.activation))
+        label = _spec_label("W", self.weight) + ("" if self.activation is None else _spec_label("A", self.activation))
+        return label if self.method == "rtn" else f"{label} gptq"
 
     def stage(self, names: list[str], types: list[str], calib_batches: int) -> dict[str, Any]:
-        """This format as a plain `quantize` stage on the layers `names`."""
-        out: dict[str, Any] = {"kind": "quantize", "targets": {"include": list(names), "types": sorted(set(types))},
+        """This format as a plain `quantize` (or `gptq`) stage on the layers `names`."""
+        out: dict[str, Any] = {"kind": "quantize" if self.method == "rtn" else "gptq",
+                               "targets": {"include": list(names), "types": sorted(set(types))},
                                "weight": self.weight.to_dict()}
+        if self.method == "gptq":  # every layer's Hessian from the float model, as its sensitivity was measured
+            out.update(calib_batches=calib_batches, sequential=False)
+        elif self.activation is not None:
+            out.update(calib_batches=calib_batches)
         if self.activation is not None:
-            out.update(activation=self.activation.to_dict(), calib_batches=calib_batches)
+            out.update(activation=self.activation.to_dict())
         return out
+
+    def fit(self, layer: nn.Module, hessian: Any = None) -> Any:
+        """`layer` (float, left as it is) in this format: its wrapper, or why the format does not fit it."""
+        if self.method == "gptq":
+            return fit_gptq(layer, self.weight, hessian)
+        return fit_wrapper(layer, self.weight, self.activation)
 
 
 def _spec_label(role: str, spec: QuantSpec) -> str:
@@ -171,6 +194,9 @@ class MixedPrecisionConfig(Config):
             check(any(ort_format(c) == "int8_static" for c in self.candidates), "candidates",
                   "none runs faster in onnxruntime: a latency target needs a W8A8 candidate (int8 weights per "
                   "channel or tensor, 8-bit inputs per tensor), the format nncompress exports to int8 kernels")
+        check(self.sensitivity != "fisher" or all(c.method == "rtn" for c in self.candidates), "sensitivity",
+              "fisher predicts from each weight's own rounding error; GPTQ lowers the output error by correlated "
+              "corrections that prediction cannot see: use sensitivity: distortion with a gptq candidate")
         check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
 
@@ -238,12 +264,12 @@ def plan_yaml(stages: list[dict[str, Any]]) -> str:
 
 
 def apply_plan(model: nn.Module, stages: list[dict[str, Any]], ctx: Context) -> nn.Module:
-    """Run the plan's stages through the `quantize` transform (edits recorded in `ctx.edits`)."""
+    """Run the plan's stages through their transforms, `quantize` or `gptq` (edits recorded in `ctx.edits`)."""
     for stage in stages:
         fields = {k: v for k, v in stage.items() if k not in ("kind", "targets")}
-        config = QuantizeConfig.from_dict(fields)
+        transform = lookup(stage["kind"])
         sub = dataclasses.replace(ctx, targets=Targets.from_dict(stage["targets"]), record={})
-        model = transform_for(config).fn(model, config, sub)
+        model = transform.fn(model, transform.config.from_dict(fields), sub)
     return model
 
 
@@ -258,7 +284,7 @@ def _mixed_precision(model: nn.Module, config: MixedPrecisionConfig, ctx: Contex
     model = sites[0].model.eval()
     names = [s.name for s in sites]
     types = {s.name: type(float_layer(s.layer)).__name__ for s in sites}
-    options, unavailable = _options(sites, config)
+    options, unavailable = _options(sites, config, ctx)
     measure = output_distortion if config.sensitivity == "distortion" else fisher_distortion
     sens = measure(model, names, [[None if isinstance(o, str) else o for o in row] for row in options],
                    ctx.data.calib, config.calib_batches, ctx.device)
@@ -288,13 +314,15 @@ def _mixed_precision(model: nn.Module, config: MixedPrecisionConfig, ctx: Contex
     return model.eval()
 
 
-def _options(sites: list[Site], config: MixedPrecisionConfig) -> tuple[list[list[Any]], dict[str, dict[str, str]]]:
+def _options(sites: list[Site], config: MixedPrecisionConfig, ctx: Context
+             ) -> tuple[list[list[Any]], dict[str, dict[str, str]]]:
     """options[l][c]: the layer's wrapper in format c, None for float (the layer as it is), or why it
     does not fit; a layer that fits no candidate is a ConfigError naming it."""
     options, unavailable = [], {}
+    hessians = layer_hessians(sites[0].model, [s.name for s in sites], ctx.data.calib, config.calib_batches,
+                              ctx.device) if any(c.method == "gptq" for c in config.candidates) else {}
     for s in sites:
-        row = [None if c.is_float else fit_wrapper(float_layer(s.layer), c.weight, c.activation)
-               for c in config.candidates]
+        row = [None if c.is_float else c.fit(float_layer(s.layer), hessians.get(s.name)) for c in config.candidates]
         bad = {c.label: o for c, o in zip(config.candidates, row) if isinstance(o, str)}
         if len(bad) == len(row):
             raise ConfigError("candidates", f"layer {s.name!r} takes none of the formats ({next(iter(bad.values()))}); "

@@ -24,6 +24,7 @@ what lets the solver sum them.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,9 +35,10 @@ from torch import Tensor
 from ..core import ConfigError, set_module
 from ..core.calibration import feed, first_tensor, gradient_sums, take
 from .fake_quant import QuantSpec, QuantWrapper, wrap
+from .gptq import GPTQConfig, _gptq_capable, _hessians, _quantize_layer
 from .ptq import calibrate
 
-__all__ = ["fit_wrapper", "output_distortion", "fisher_distortion", "bops_per_layer", "bits_of"]
+__all__ = ["fit_wrapper", "fit_gptq", "layer_hessians", "output_distortion", "fisher_distortion", "bops_per_layer", "bits_of"]
 
 
 def fit_wrapper(layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantWrapper | str:
@@ -45,6 +47,23 @@ def fit_wrapper(layer: nn.Module, weight: QuantSpec | None, activation: QuantSpe
         activation = None  # an embedding reads token ids: its input is never quantized
     try:
         return wrap(layer, weight, activation).eval()
+    except (ConfigError, RuntimeError) as e:
+        return str(e)
+
+
+def layer_hessians(model: nn.Module, names: Sequence[str], loader: Any, batches: int, device: Any = None
+                   ) -> dict[str, Tensor]:
+    """GPTQ's input Hessian of each named layer that GPTQ can take, from one calibration pass over the
+    model as it is (every candidate of a layer is fitted on the same float inputs)."""
+    capable = [n for n in names if _gptq_capable(model.get_submodule(n))]
+    return _hessians(model, capable, loader, batches, device) if capable else {}
+
+
+def fit_gptq(layer: nn.Module, weight: QuantSpec, hessian: Tensor | None) -> QuantWrapper | str:
+    """A copy of `layer` quantized by GPTQ with `hessian` (round to nearest where GPTQ cannot run: an
+    embedding, a grouped convolution), or why the format does not fit it."""
+    try:
+        return _quantize_layer(copy.deepcopy(layer), hessian, GPTQConfig(weight=weight)).eval()
     except (ConfigError, RuntimeError) as e:
         return str(e)
 
@@ -117,7 +136,7 @@ def fisher_distortion(model: nn.Module, names: Sequence[str], options: list[list
             for j, w in enumerate(options[i]):
                 if w is None or fisher is None:
                     continue
-                noise = (w.quantized_weight() - w.base.weight).double().pow(2)
+                noise = (w.quantized_weight() - weights[name]).double().pow(2)  # to the float weight (GPTQ moves base)
                 out[i, j] = float((fisher.double() * noise).sum()) / max(norm[0], 1e-30)
     return out
 
