@@ -216,7 +216,7 @@ def main() -> None:
                    help="how mixed_precision ranks layers; both: a row for each at every budget")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--latency-targets", nargs="*", default=["1.3x", "1.5x"],
+    p.add_argument("--latency-targets", nargs="*", default=["1.3x", "1.4x", "1.5x"],
                    help="mixed_precision target_latency rows in onnxruntime (batch 32)")
     p.add_argument("--skip-size", action="store_true", help="leave out part 1 (the file budget)")
     p.add_argument("--skip-ort", action="store_true", help="leave out part 2 (ONNX Runtime INT8)")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 import nncompress
-from nncompress.core import Context, Targets
+from nncompress.core import ConfigError, Context, Targets
 from nncompress.eval.latency import compare_onnx_latency
 from nncompress.eval.measure import file_bytes
 from nncompress.eval.metrics import embedding_fidelity
@@ -110,7 +110,10 @@ def ort_rows(args, model: nn.Module, tok, data, tmp: Path, write: Callable[[dict
         out["rows"][f"nncompress W8A8, {k} most sensitive float"] = {"ours": True, "k": k}
     for target in args.latency_targets:  # the same choice made by mixed_precision against a latency budget
         name = f"nncompress mixed_precision target_latency {target}"
-        paths[name], out["rows"][name] = latency_target(model, data, target, args.calib_batches, tmp)
+        try:
+            paths[name], out["rows"][name] = latency_target(model, data, target, args.calib_batches, tmp)
+        except ConfigError as e:  # out of reach: said so, with the closest plan measured
+            out.setdefault("unreached", []).append(f"{target}: {e}")
     paths.update(ort_peers(fp32, data, args, tmp))
     nn_peer = nncf_peer(fp32, data, args.calib_batches, tmp / "nncf.onnx")
     if isinstance(nn_peer, Path):
@@ -176,9 +179,12 @@ def render_ort(o: dict) -> str:
              f"(best: {max(peers, key=lambda n: o['rows'][n]['cosine'])}, "
              f"{max(o['rows'][n]['cosine'] for n in peers):.4f})." if peers else "")
     nncf = f" NNCF: {o['nncf']}." if "nncf" in o else ""
+    for line in o.get("unreached", []):
+        said += f" `mixed_precision target_latency` {line}."
     for name, r in o["rows"].items():
         if "target" in r:
-            rounds = "; ".join(f"predicted {x['predicted']:.1f} ms, measured {x['measured']:.1f} ms"
+            rounds = "; ".join(f"{'every layer int8: ' if x.get('plan') == 'cheapest' else ''}predicted "
+                               f"{x['predicted']:.1f} ms, measured {x['measured']:.1f} ms"
                                f"{'' if x['met'] else ' (missed)'}" for x in r["rounds"])
             said += (f" `mixed_precision target_latency: {r['target']}` (onnxruntime, batch 32, 2 threads; "
                      f"budget {r['budget_ms']:.1f} ms) kept {r['float']} layers float, in {r['seconds']:.0f} s; its "

@@ -293,3 +293,28 @@ def test_recipe_stage_and_its_plan_as_a_recipe_give_the_same_weights(tmp_path):
                         cache_dir=tmp_path / "cache", **quiet)
     a, b = first.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_budget_the_table_thinks_unreachable_is_measured_before_it_is_refused():
+    """The solver's loop on a latency budget whose per-layer prediction is pessimistic (as onnxruntime's
+    shared QuantizeLinear makes it): the cheapest plan is measured, found within reach, the budget is
+    corrected by the miss and a plan that keeps more layers float is chosen and measured."""
+    from nncompress.quant.mixed import _solve
+    from nncompress.quant.mixed_budget import Budget
+
+    use = np.array([[1.0, 1.5]] * 3)                        # int8 / float, predicted ms per layer
+    sens = np.array([[0.3, 0.0], [0.2, 0.0], [0.1, 0.0]])   # distortion of int8; float is free
+    real = lambda plan: 0.6 * sum(use[i, c] for i, c in enumerate(plan))   # the model runs 40% faster
+
+    def record(plan, rounds):
+        return {"stages": list(plan)}
+
+    budget = Budget("target_latency", "ms", use, 0.0, 2.9, lambda v: "", lambda stages, rec: real(stages))
+    cfg = MixedPrecisionConfig(candidates=(W8A8, Choice()), target_latency="1.2x",
+                               latency=MixedLatency(runtime="onnxruntime"))
+    plan, rounds = _solve(cfg, sens, budget, record)
+    assert rounds[0]["plan"] == "cheapest" and rounds[0]["predicted"] == 3.0 and rounds[0]["met"]
+    assert plan == [1, 1, 0] and rounds[-1]["met"] and rounds[-1]["measured"] == pytest.approx(2.4)
+    budget.limit = 1.0   # out of reach even measured: refused, naming what the cheapest plan measured
+    with pytest.raises(ConfigError, match=r"out of reach: the closest plan .* measured 1\.8 ms"):
+        _solve(cfg, sens, budget, record)

@@ -345,6 +345,7 @@ def _solve(config: MixedPrecisionConfig, sens: np.ndarray, budget: Budget,
     keep = next((j for j, c in enumerate(config.candidates) if c.is_float), None)
     rounds: list[dict[str, Any]] = []
     best = None
+    tolerance = config.latency.tolerance if budget.unit == "ms" else 0.0
     for _ in range(config.rounds):
         use = budget.use + per_layer * changes
         plan = solve_plan(sens, use, budget.limit - budget.fixed - shift)
@@ -353,8 +354,17 @@ def _solve(config: MixedPrecisionConfig, sens: np.ndarray, budget: Budget,
                 break  # corrected past what the formats allow: keep the closest measured plan
             cheapest = np.where(np.isfinite(sens), budget.use, np.inf).argmin(1).tolist()
             closest, how = budget.fixed + float(sum(budget.use[i, c] for i, c in enumerate(cheapest))), "takes"
-            if budget.measure is not None and budget.unit == "bytes":  # what it really saves as, manifest included
-                closest, how = budget.measure(record(cheapest, [])["stages"], record(cheapest, [])), "measured"
+            if budget.measure is not None and not rounds:  # the prediction may be pessimistic: measure it
+                predicted, closest, how = closest, budget.measure(record(cheapest, [])["stages"],
+                                                                  record(cheapest, [])), "measured"
+                rounds.append({"predicted": round(predicted, 4), "measured": round(float(closest), 4),
+                               "met": bool(closest <= budget.limit * (1 + tolerance)), "plan": "cheapest"})
+                if rounds[-1]["met"] and budget.unit != "ms":
+                    return cheapest, rounds
+                if rounds[-1]["met"]:  # within reach after all: correct the whole budget by the miss and solve again
+                    best = (cheapest, closest)
+                    shift += closest - predicted
+                    continue
             raise ConfigError(budget.field, f"{budget.limit:,.6g} {budget.unit} is out of reach: the closest plan "
                               f"(every layer in its cheapest candidate) {how} {closest:,.6g} {budget.unit}"
                               f"{budget.closest_note(closest)}; loosen the budget or add cheaper candidates")
@@ -365,7 +375,7 @@ def _solve(config: MixedPrecisionConfig, sens: np.ndarray, budget: Budget,
         # measured with the record it will carry (this round's figures filled in as if met)
         actual = budget.measure(record(plan, [])["stages"],
                                 record(plan, rounds + [{**entry, "measured": round(budget.limit, 4), "met": True}]))
-        met = actual <= budget.limit * (1 + (config.latency.tolerance if budget.unit == "ms" else 0.0))
+        met = actual <= budget.limit * (1 + tolerance)
         rounds.append({**entry, "measured": round(float(actual), 4), "met": met})
         if met:
             return plan, rounds
