@@ -350,7 +350,7 @@ def layer_cnn_rows(args, tmp, cnn: dict) -> tuple[list[dict], dict]:
 
 def layer_minilm_rows(args, tmp, mini: tuple, heads_rows: list[dict]) -> list[dict]:
     """drop_layers on MiniLM (no fine-tune), plus our heads+FFN rows as the same-MACs reference."""
-    reference, data, ref_emb, _ = mini
+    reference, data, ref_emb, base = mini
     rows = []
     for count in args.layer_counts:
         for criterion, contiguous in LAYER_CRITERIA:
@@ -360,7 +360,8 @@ def layer_minilm_rows(args, tmp, mini: tuple, heads_rows: list[dict]) -> list[di
             pruned = nncompress.apply(copy.deepcopy(reference).eval(), config, context=Context(data=data))
             prune_s = time.perf_counter() - start
             name = f"{criterion}{' contiguous' if contiguous else ''}"
-            row = minilm_row("drop_layers", count, name, reference, ref_emb, pruned, prune_s, data, args, tmp)
+            row = minilm_row("drop_layers", count, name, reference, ref_emb, pruned, prune_s, data, args, tmp,
+                             base["ood"])
             removed = history(pruned)[-1]["record"]["removed"]
             rows.append({**row, "removed": ", ".join(r.rpartition(".")[2] for r in removed)})
             print(rows[-1], flush=True)
@@ -370,7 +371,7 @@ def layer_minilm_rows(args, tmp, mini: tuple, heads_rows: list[dict]) -> list[di
             start = time.perf_counter()
             pruned = minilm_ours(reference, data, ratio)
             ours.append(minilm_row("nncompress", ratio, "heads+FFN", reference, ref_emb, pruned,
-                                   time.perf_counter() - start, data, args, tmp))
+                                   time.perf_counter() - start, data, args, tmp, base["ood"]))
     return rows + ours
 
 
@@ -398,14 +399,16 @@ def layers_section(args, tmp, cnn: dict, mini: tuple, heads_rows: list[dict]) ->
     base = mini[3]
     # fewest removed MACs first; the sort is stable, so equal MACs keep the criteria order
     mrows = sorted(layer_minilm_rows(args, tmp, mini, heads_rows), key=lambda r: -r["macs"])
-    mheader = ["method", "criterion", "removed", "layers", "heads/layer", "FFN width", "cosine", "overlap@10",
+    mheader = ["method", "criterion", "removed", "layers", "heads/layer", "FFN width", "cosine",
+               "cosine out-of-domain", "overlap@10",
                "params", "MACs (x fewer)", "file bytes", "speedup b=1", "speedup b=32", "prune time (s)"]
     mlines = [_row(mheader), _row(["---"] * len(mheader))]
     for r in mrows:
         heads = r["tool"] != "drop_layers"
         mlines.append(_row([f"heads+FFN {r['ratio']:.0%}" if heads else f"drop {r['ratio']} layers",
                             "l2" if heads else r["scope"], "-" if heads else r["removed"], str(r["layers"]),
-                            str(r["heads"]), str(r["ffn"]), f"{r['cosine']:.4f}", f"{r['overlap']:.1%}",
+                            str(r["heads"]), str(r["ffn"]), f"{r['cosine']:.4f}", f"{r['cosine_ood']:.4f}",
+                            f"{r['overlap']:.1%}",
                             f"{r['params']:,}", f"{r['macs']:,} ({base['macs'] / r['macs']:.2f}x)",
                             f"{r['bytes']:,}", f"{r['speedup_b1']:.2f}x", f"{r['speedup_b32']:.2f}x",
                             f"{r['prune_s']:.1f}"]))
