@@ -43,11 +43,22 @@ from torch import Tensor
 from .errors import DataError
 from .feeding import batch_inputs, evaluating, feed, take
 from .hooks import capturing, output_of
+from .objectives import require_data
 
-__all__ = ["regression_stats", "refit_to_reference", "recalibrate_norms", "refittable"]
+__all__ = ["regression_stats", "refit_to_reference", "recalibrate_norms", "refittable", "reconstruction_on"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 DAMP = 0.1  # measured: MiniLM FFN 50% out-of-domain cosine 0.80 at 0.01, 0.84 at 0.1; the CNN within 0.2 pt
+
+
+def reconstruction_on(mode: str, ctx: Any, field: str) -> bool:
+    """Whether a technique's `reconstruct` option (auto / none / a method) refits: "auto" when the
+    context has calibration data, a named method always (a ConfigError on `field` without data)."""
+    if mode == "none":
+        return False
+    if mode != "auto":
+        require_data(ctx, field, "calibration data")
+    return ctx.data is not None and getattr(ctx.data, "calib", None) is not None
 
 
 def refittable(module: nn.Module) -> bool:

@@ -35,6 +35,7 @@ import torch.nn as nn
 from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform
 from ..core.objectives import require_data
 from ..core.calibration import calibrate, io_shapes
+from ..core.reconstruct import reconstruction_on, refit_to_reference
 from .layers import CONV_TYPES, LowRankConv, LowRankLinear, full_ranks, weight_params
 from .rank import allocate, energy_rank, ladder, round_rank
 from .svd import mode_singular_values, residual_energy, singular_values, spatial_matrix, whitening
@@ -161,7 +162,7 @@ def _lowrank(model: nn.Module, config: LowRankConfig, ctx: Context, sites: list[
     chosen = _choose(model, [(s.name, s.layer, meth, sp) for s, meth, sp in chosen_sites], config, ctx, skipped)
     record: dict[str, Any] = {}
     before = after = 0
-    reference = copy.deepcopy(sites[0].model) if chosen and _reconstructs(config, ctx) else None
+    reference = copy.deepcopy(sites[0].model) if chosen and reconstruction_on(config.reconstruct, ctx, "lowrank.reconstruct") else None
     for site, method, spectra in chosen_sites:
         name, m = site.name, site.layer
         dense = m.weight.numel()
@@ -181,20 +182,10 @@ def _lowrank(model: nn.Module, config: LowRankConfig, ctx: Context, sites: list[
     return sites[0].model
 
 
-def _reconstructs(config: LowRankConfig, ctx: Context) -> bool:
-    if config.reconstruct == "none":
-        return False
-    if config.reconstruct == "lstsq":
-        require_data(ctx, "lowrank.reconstruct", "calibration data")
-    return ctx.data is not None and getattr(ctx.data, "calib", None) is not None
-
-
 def _reconstruct(model: nn.Module, reference: nn.Module, layers: list[str], config: LowRankConfig,
                  ctx: Context) -> None:
     """Refit each chain's last factor to the dense layer's outputs (forward order); the error of each
     chain before and after goes in the record."""
-    from ..core.reconstruct import refit_to_reference
-
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     sources = {}
     for name in sorted(layers, key=order.__getitem__):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..core.objectives import objective, require_data
 from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_view, register
 from ..core.errors import DataError
+from ..core.reconstruct import recalibrate_norms, reconstruction_on, refit_to_reference
 from ..graph import build_graph
 from .importance import NEEDS, collect_stats
 from .latency import LatencyTarget, parse_target, prune_to_latency
@@ -120,7 +121,7 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     original: dict[tuple, int] = {}  # group (by its producers) -> width before the first step
     removed = 0
     timed = [] if config.target_latency else None
-    refit = _reconstructs(config, ctx)
+    refit = reconstruction_on(config.reconstruct, ctx, "prune.reconstruct")
     for step in range(1, config.steps + 1):
         reference = copy.deepcopy(model) if refit else None
         with plain_view(model) as view:  # quantized / clustered layers are pruned through their plain view
@@ -164,22 +165,12 @@ def _remove(model: nn.Module, plan: list, ctx: Context, view: plain_view) -> tup
     return removed, record
 
 
-def _reconstructs(config: PruneConfig, ctx: Context) -> bool:
-    if config.reconstruct == "none":
-        return False
-    if config.reconstruct != "auto":
-        require_data(ctx, "prune.reconstruct", "calibration data")
-    return ctx.data is not None and getattr(ctx.data, "calib", None) is not None
-
-
 def _reconstruct(model: nn.Module, reference: nn.Module, plan: list, record: dict[str, Any], config: PruneConfig,
                  ctx: Context) -> None:
     """lstsq: re-fit the layers that read removed channels to reproduce `reference` (the model before
     this step), in forward order; their targets are the outputs before any norm, so the norms'
     statistics stay valid. bn: re-estimate BatchNorm statistics only. Layers inside another
     technique's wrapper are left as they are (only plain Linear / Conv are solved)."""
-    from ..core.reconstruct import recalibrate_norms, refit_to_reference
-
     if config.reconstruct == "bn":
         norms = recalibrate_norms(model, ctx.data.calib, config.calib_batches, ctx.device)
         ctx.record.setdefault("reconstruct", []).append({"norms": norms})
