@@ -240,6 +240,7 @@ def wide_mlp():
     return model.eval()
 
 
+@pytest.mark.slow  # ~5 s: exports and times in onnxruntime (the solver's loop is tested below, in the default tier)
 def test_an_onnxruntime_latency_target_is_planned_from_the_format_table_and_measured(digits, wide_mlp, tmp_path):
     cfg = MixedPrecisionConfig(candidates=(W8A8, W4, Choice()), target_latency="1.2x", latency=ORT)
     out = nncompress.apply(copy.deepcopy(wide_mlp), cfg, context=Context(data=digits, cache_dir=str(tmp_path)))
@@ -255,6 +256,7 @@ def test_an_onnxruntime_latency_target_is_planned_from_the_format_table_and_meas
     assert list((tmp_path / "latency").glob("*.json"))   # the table's measurements are cached
 
 
+@pytest.mark.slow
 def test_an_unreachable_latency_target_names_the_closest_plan(digits, wide_mlp, tmp_path):
     cfg = MixedPrecisionConfig(candidates=(W8A8, Choice()), target_latency="100x", latency=ORT)
     with pytest.raises(ConfigError, match=r"target_latency: .* ms is out of reach: the closest plan .* ms \([0-9.]+x"):
