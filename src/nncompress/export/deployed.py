@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..core import register
 from ..eval.format_table import FormatTable, build_format_table
-from ..eval.latency import compare_latency, compare_onnx_latency
+from ..eval.latency import compare_onnx_latency
+from ..eval.latency_table import latency_provider
 from ..quant.fake_quant import QuantWrapper
 from .onnx import Exporter, export_onnx
 from .onnx_qdq import export_qdq_onnx
@@ -63,8 +64,8 @@ def format_table(model: nn.Module, inputs: Any, formats: Mapping[str, Mapping[st
 def deployed_latency(models: list[nn.Module], inputs: Any, *, runtime: Runtime = "torch", threads: int | None = None,
                      repeats: int = 30) -> list[float]:
     """Median ms per batch of each model as it deploys, timed in interleaved rounds."""
-    if runtime == "torch":
-        return [lat.median_ms for lat in compare_latency(models, inputs, warmup=5, repeats=repeats, threads=threads)]
+    if runtime == "torch":  # as they are: the plain latency provider's interleaved rounds
+        return latency_provider(models, inputs, runtime="torch", threads=threads, repeats=repeats)
     with tempfile.TemporaryDirectory() as d:
         paths = [export_deployed(m, inputs, Path(d) / f"m{i}.onnx") for i, m in enumerate(models)]
         return [lat.median_ms for lat in compare_onnx_latency(paths, inputs, warmup=5, repeats=repeats,
