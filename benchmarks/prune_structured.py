@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import sys
 import tempfile
 import time
@@ -45,7 +47,8 @@ from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 CRITERIA = {"l2": "GroupMagnitudeImportance(p=2)", "taylor": "GroupTaylorImportance()",
             "fpgm": "FPGMImportance()", "bn_scale": "BNScaleImportance()",
             # closest peer to our exact per-channel HVP criterion: grouped OBD (diagonal empirical Fisher)
-            "hessian": "GroupHessianImportance()"}
+            "hessian": "GroupHessianImportance()",
+            "obs": None}  # structured OBS on the consumers (ours only: the criterion made for reconstruction)
 # Second-order criteria see one calibration batch (128 samples) in both tools: Torch-Pruning's needs a
 # backward pass per sample at every bisection step, ours one Hessian-vector product per channel.
 HESSIAN_BATCHES = 1
@@ -154,6 +157,25 @@ def minilm_plain(model, data, ratio: float, ffn_only: bool = False):
     return minilm_ours(model, data, ratio, ffn_only, reconstruct="none")
 
 
+OURS_OBS = "nncompress, obs"  # structured OBS, ranked globally, at the MACs the uniform rows keep
+OURS_OBS_384 = "nncompress, obs, 384 calib."  # the same, calibrated on the 384 training sentences
+
+
+def minilm_obs(model, data, ratio: float, ffn_only: bool = False, calib_all: bool = False):
+    """`importance="obs"`, scope global: each layer's width found from the consumers' output errors, under
+    the MAC budget the uniform l2 rows meet (a uniform prune without refit, counted, gives `keep_macs`)."""
+    targets = Targets(include=("*.intermediate.dense",)) if ffn_only else None
+    example = data.example_batch(1)
+    uniform = minilm_ours(model, data, ratio, ffn_only, reconstruct="none")
+    keep = count_macs(uniform, example) / count_macs(model, example)
+    if calib_all:
+        data = dataclasses.replace(data, calib=data.train)
+    batches = len(data.calib)
+    return nncompress.apply(copy.deepcopy(model).eval(),
+                            PruneConfig(keep_macs=keep, importance="obs", scope="global", calib_batches=batches),
+                            targets=targets, context=Context(data=data))
+
+
 def minilm_tp(model, data, ratio: float, ffn_only: bool = False):
     """Torch-Pruning's HF BERT recipe (examples/transformers/prune_hf_bert.py): whole heads of q/k/v at
     head_pruning_ratio, FFN neurons at pruning_ratio, the hidden (residual) width left alone."""
@@ -186,12 +208,12 @@ def minilm_tp(model, data, ratio: float, ffn_only: bool = False):
 def minilm_row(tool, ratio, scope, reference, ref_emb, pruned, prune_s, data, args, tmp, ood):
     fid = embedding_fidelity(ref_emb, embed(pruned, data.test), k=10)
     fid_ood = embedding_fidelity(ood[1], embed(pruned, ood[0]), k=10)
-    layer = pruned.model.encoder.layer[0]
+    layers = pruned.model.encoder.layer
     size = checkpoint_size(pruned, Path(tmp) / f"minilm-{tool}-{ratio}-{scope}")
     row = {"tool": tool, "ratio": ratio, "scope": scope, "cosine": fid["cosine"], "overlap": fid["overlap_at_k"],
            "cosine_ood": fid_ood["cosine"],
-           "layers": len(pruned.model.encoder.layer), "heads": layer.attention.self.num_attention_heads,
-           "ffn": layer.intermediate.dense.out_features,
+           "layers": len(pruned.model.encoder.layer), "heads": _span(l.attention.self.num_attention_heads for l in layers),
+           "ffn": _span(l.intermediate.dense.out_features for l in layers),
            "params": count_params(pruned), "macs": count_macs(pruned, data.example_batch(1)),
            "bytes": size, "prune_s": prune_s}
     for b in (1, 32):
@@ -221,7 +243,9 @@ def minilm_rows(args, tmp, mini) -> tuple[list[dict], str]:
     failed, rows = "", []
     for ratio in (MINILM_RATIOS[:1] if args.quick else MINILM_RATIOS):
         for scope in ("heads+FFN", "FFN only"):
-            for tool, fn in (("nncompress", minilm_ours), (OURS_PLAIN, minilm_plain), ("torch-pruning", minilm_tp)):
+            for tool, fn in (("nncompress", minilm_ours), (OURS_PLAIN, minilm_plain), (OURS_OBS, minilm_obs),
+                             (OURS_OBS_384, functools.partial(minilm_obs, calib_all=True)),
+                             ("torch-pruning", minilm_tp)):
                 start = time.perf_counter()
                 try:
                     pruned = fn(reference, data, ratio, ffn_only=scope == "FFN only")
@@ -233,6 +257,12 @@ def minilm_rows(args, tmp, mini) -> tuple[list[dict], str]:
                                        time.perf_counter() - start, data, args, tmp, base["ood"]))
                 print(rows[-1], flush=True)
     return rows, failed
+
+
+def _span(values) -> str:
+    """One width, or min-max when the layers differ (obs ranked globally)."""
+    v = sorted(set(values))
+    return str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
 
 
 def minilm_table(rows, base) -> str:
@@ -254,7 +284,8 @@ def channel_section(args, tmp, cnn: dict, mini: tuple) -> tuple[str, list[dict]]
     rows = []
     for keep in (0.5, 0.25):
         for criterion in cnn["criteria"]:
-            for tool in ("nncompress", OURS_PLAIN, "torch-pruning") if criterion == "l2" else ("nncompress", "torch-pruning"):
+            tools = ("nncompress", OURS_PLAIN, "torch-pruning") if criterion == "l2" else ("nncompress", "torch-pruning")
+            for tool in tools if CRITERIA[criterion] else ("nncompress",):
                 start = time.perf_counter()
                 try:
                     pruned = (ours_prune(reference, data, criterion, keep) if tool == "nncompress"
@@ -305,7 +336,12 @@ def channel_section(args, tmp, cnn: dict, mini: tuple) -> tuple[str, list[dict]]
             f"head_pruning_ratio=r, pruning_ratio=r, the hidden-width producers in ignored_layers "
             f"(their examples/transformers/prune_hf_bert.py). Ours refits each attention output and FFN "
             f"output projection on {CALIB_BATCHES} calibration batches of the sentences corpus (the Python "
-            f"reference manual; '{OURS_PLAIN}': without). Fidelity: cosine and overlap@10 of the "
+            f"reference manual; '{OURS_PLAIN}': without). '{OURS_OBS}': `PruneConfig(keep_macs=m, "
+            f"importance=\"obs\", scope=\"global\")` with m the MACs the uniform rows keep: each head / neuron "
+            f"scored by structured Optimal Brain Surgeon on the layer that reads it (the output error left after "
+            f"the other inputs compensate), ranked across layers, so widths differ layer by layer (min-max "
+            f"shown), then the same refit; '{OURS_OBS_384}': the same calibrated on all 384 training sentences "
+            f"instead of the 128 of the calib split. Fidelity: cosine and overlap@10 of the "
             f"embeddings of the {minilm_base['n_test']} test sentences against the unpruned model's, and cosine "
             f"on {minilm_base['n_ood']} sentences of legal text (the licence agreements shipped with Python) "
             f"that calibration never saw (out-of-domain). "

@@ -25,7 +25,7 @@ from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_
 from ..core.errors import DataError
 from ..core.reconstruct import recalibrate_norms, reconstruction_on, refit_to_reference
 from ..graph import build_graph
-from .importance import NEEDS, collect_stats
+from .importance import NEEDS, RANKED_AS_IS, collect_stats
 from .latency import LatencyTarget, parse_target, prune_to_latency
 from .structural import apply_record, remove_groups
 
@@ -36,8 +36,10 @@ class PruneConfig(TrainConfig):
     (optimizer, lr, ...) apply to the fine-tune between iterative steps and to sparse training.
 
     ratio:        fraction of each group's channels to remove (scope local), or of all prunable
-                  channels (scope global, groups ranked together on mean-normalised scores)
-    importance:   registered criterion: l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, random
+                  channels (scope global, groups ranked together on mean-normalised scores; obs's
+                  output errors as they are, so the widths found differ layer by layer)
+    importance:   registered criterion: l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, obs, random
+                  (obs: structured OBS on the layers that read the group, the choice that suits reconstruction)
     round_to:     keep channel counts a multiple of this (int8 / tensor-core kernels like 8 or 16)
     min_channels: never keep fewer than this many channels in a group
     max_ratio:    cap on any one group's pruned fraction under global scope
@@ -108,7 +110,7 @@ class PruneConfig(TrainConfig):
             lookup(self.importance, namespace="importance")
         except Exception:
             raise ConfigError("importance", f"unknown criterion {self.importance!r}; known: "
-                              "l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, random") from None
+                              "l1, l2, fpgm, bn_scale, taylor, fisher, hessian, activation, obs, random") from None
 
 
 @register("prune", config=PruneConfig)
@@ -253,7 +255,7 @@ def plan_from_scores(scored: list[tuple], config: PruneConfig, ratio: float,
     ratios = [_group_ratio(g, config, ratio) for g, _ in scored]
     if config.scope == "global" and not config.overrides and scored:
         # |s| mean: a signed criterion (hessian) may have negative scores; same as s.mean() otherwise
-        normed = [s / s.abs().mean().clamp_min(1e-12) for _, s in scored]
+        normed = [s if config.importance in RANKED_AS_IS else s / s.abs().mean().clamp_min(1e-12) for _, s in scored]
         flat = torch.cat(normed)
         k = int(ratio * flat.numel())
         threshold = flat.sort().values[k - 1].item() if k > 0 else -float("inf")
@@ -287,12 +289,13 @@ def _stats(model: nn.Module, groups: list, config: PruneConfig, ctx: Context) ->
     if need is None:
         return {}
     require_data(ctx, "importance", f"calibration data for {config.importance!r}")
-    if need != "activations" and ctx.data.task != "classification":
+    if need not in ("activations", "grams") and ctx.data.task != "classification":
         raise ConfigError("importance", f"{config.importance!r} needs labelled data; for {ctx.data.task} "
-                          "models use l2, fpgm or activation")
-    producers = {m.module for g in groups for m in g.members if m.role == "out"}
+                          "models use l2, fpgm, activation or obs")
+    role = "in" if need == "grams" else "out"  # obs reads the consumers' inputs, activation the producers' outputs
+    modules = {m.module for g in groups for m in g.members if m.role == role and m.param == "weight"}
     return collect_stats(model, ctx.data.calib, _loss, "grad" if need == "grad_sq" else need,
-                         producers, config.calib_batches)
+                         modules, config.calib_batches)
 
 
 def _loss(model: nn.Module, batch) -> torch.Tensor:
