@@ -461,3 +461,36 @@ def test_save_and_load_of_a_sparse_model_keep_the_zeros(tmp_path):
     assert torch.equal(same(x), model(x))
     for (name, p), q in zip(model.named_parameters(), same.parameters()):
         assert torch.equal(p == 0, q == 0), name
+
+
+@pytest.mark.parametrize("crit", ["wanda", "sparsegpt"])
+def test_owl_gives_the_outlier_heavy_layer_the_lowest_ratio_and_keeps_the_mean(crit):
+    """The last layer gets a few weights 50x larger (outliers of |W| ||X||; downstream of nothing, so no
+    other layer's inputs change): OWL prunes it least, at ratio - lambda, the others more, and the
+    parameter-weighted mean stays the target."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[4].weight.view(-1)[::97] *= 50
+    data = _bundle(torch.randn(256, 32, generator=torch.Generator().manual_seed(0)))
+    cfg = SparsityConfig(ratio=0.5, importance=crit, layer_budgets="owl", owl_lambda=0.1)
+    out = apply(copy.deepcopy(model), cfg, context=Context(data=data))
+    rec = _record(out)
+    ratios = rec["layers"]
+    assert min(ratios, key=ratios.get) == "4"
+    assert max(ratios.values()) - min(ratios.values()) == pytest.approx(0.2, abs=0.01)
+    sizes = {n: out.get_submodule(n).weight.numel() for n in ratios}
+    mean = sum(ratios[n] * sizes[n] for n in ratios) / sum(sizes.values())
+    assert mean == pytest.approx(0.5, abs=0.005) and rec["ratio"] == pytest.approx(0.5, abs=0.005)
+    assert any(n.startswith("owl: layer ratios") for n in rec["notes"])
+    uniform = _record(apply(copy.deepcopy(model), dataclasses.replace(cfg, layer_budgets="uniform"),
+                            context=Context(data=data)))["layers"]
+    assert set(uniform.values()) == {0.5}
+
+
+@pytest.mark.parametrize("kw, field", [({"importance": "magnitude"}, "layer_budgets"),
+                                       ({"importance": "wanda", "owl_lambda": 0.6}, "owl_lambda"),
+                                       ({"importance": "wanda", "granularity": NM(2, 4)}, "layer_budgets")])
+def test_owl_config_errors_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        SparsityConfig(ratio=0.5 if "granularity" not in kw else None, layer_budgets="owl", **kw)

@@ -55,6 +55,10 @@ class SparsityConfig(TrainConfig):
                   gradual (cubic from initial_ratio, reaching `ratio` after `ramp` of the steps)
     l1:           strength of an L1 penalty on the targeted weights while fine-tuning
     sequential, dampening, block_size: wanda / sparsegpt layer-wise options
+    layer_budgets: uniform (every layer at `ratio`) | owl (outlier-weighted layer-wise sparsity, Yin et al.
+                  2024: a layer's ratio falls with its share of outlier Wanda scores, above `owl_m` times its
+                  mean, within ratio +- `owl_lambda`, the parameter-weighted mean kept at `ratio`; wanda /
+                  sparsegpt, element, one-shot)
     """
 
     renamed: ClassVar[dict[str, str]] = {
@@ -78,6 +82,9 @@ class SparsityConfig(TrainConfig):
     sequential: bool = True
     dampening: float = 0.01
     block_size: int = 128
+    layer_budgets: Literal["uniform", "owl"] = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     seed: int = 0
 
     def __post_init__(self):
@@ -109,6 +116,15 @@ class SparsityConfig(TrainConfig):
                   "sparsegpt prunes each layer on its own, element or nm; use scope: layer")
             check(self.schedule == "one_shot" and not self.soft, "schedule",
                   "sparsegpt is one-shot; use schedule: one_shot without soft")
+        check(self.layer_budgets in ("uniform", "owl"), "layer_budgets",
+              f"must be uniform or owl, got {self.layer_budgets!r}")
+        if self.layer_budgets == "owl":
+            check(self.importance in ("wanda", "sparsegpt") and isinstance(g, Element) and self.scope == "layer"
+                  and self.schedule == "one_shot" and not self.soft, "layer_budgets",
+                  "owl sets each layer's ratio for one-shot wanda / sparsegpt at element granularity, scope layer")
+            check(self.owl_m > 0, "owl_m", f"must be > 0, got {self.owl_m}")
+            check(0 <= self.owl_lambda <= min(self.target, 1 - self.target), "owl_lambda",
+                  f"must keep every layer's ratio in [0, 1]: 0 <= owl_lambda <= {min(self.target, 1 - self.target):g}")
         check(not (self.soft or self.schedule == "gradual") or self.epochs > 0, "epochs",
               "soft masks and the gradual schedule act while training; set epochs > 0")
 
@@ -193,8 +209,8 @@ def _sparsify(model: nn.Module, config: SparsityConfig, ctx: Context, sites: lis
 def _run(job: _Job) -> Masks:
     """The configured criterion and schedule; returns the final masks."""
     config = job.config
-    if config.importance in _SOLVERS or (config.importance == "wanda" and config.schedule == "one_shot"
-                                         and config.sequential and not config.soft):
+    if config.importance in _SOLVERS or config.layer_budgets == "owl" or (
+            config.importance == "wanda" and config.schedule == "one_shot" and config.sequential and not config.soft):
         return _train(job, layerwise_prune(job))
     if config.importance == "snip" and config.schedule != "gradual":
         return _train(job, snip_prune(job), _constant(config.target) if config.soft else None)
@@ -248,6 +264,7 @@ class _Job:
     generator: torch.Generator
     notes: list[str]
     loss: LossFn | None = None
+    levels: dict[str, float] = dataclasses.field(default_factory=dict)  # per-layer ratios (owl), else ratio
 
 
 def _constant(level: float) -> Callable[[int, int], float]:
@@ -337,6 +354,8 @@ def layerwise_prune(job: _Job) -> Masks:
     cfg = job.config
     hessian = cfg.importance == "sparsegpt"
     batches = _calib(job)
+    if cfg.layer_budgets == "owl":
+        job.levels = owl_levels(job, batches)
     pending = dict(job.layers)
     masks: Masks = {}
     while pending:
@@ -350,21 +369,46 @@ def layerwise_prune(job: _Job) -> Masks:
     return {n: masks[n] for n in job.layers}
 
 
+def owl_levels(job: _Job, batches) -> dict[str, float]:
+    """OWL's per-layer ratios from the dense model: D = the fraction of a layer's Wanda scores above
+    `owl_m` x their mean (outliers); ratio = 1 - D mapped linearly onto [ratio - lambda, ratio + lambda]
+    (the most outlier-heavy layer at the low end), then shifted so the parameter-weighted mean is `ratio`."""
+    cfg = job.config
+    inputs = collect_inputs(job.model, job.layers, batches, cfg.calib_batches)
+    outliers, sizes = {}, {}
+    for name, mod in job.layers.items():
+        if name not in inputs or inputs[name].count == 0:
+            continue
+        s = wanda_scores(mod.weight, inputs[name].norm())
+        outliers[name], sizes[name] = float((s > cfg.owl_m * s.mean()).float().mean()), mod.weight.numel()
+    if len(outliers) < 2:
+        return {}
+    raw = {n: 1 - d for n, d in outliers.items()}
+    lo, hi = min(raw.values()), max(raw.values())
+    spread = {n: 2 * cfg.owl_lambda * (r - lo) / (hi - lo) if hi > lo else 0.0 for n, r in raw.items()}
+    shift = cfg.target - sum(spread[n] * sizes[n] for n in spread) / sum(sizes.values())
+    levels = {n: min(max(v + shift, 0.0), 0.99) for n, v in spread.items()}
+    job.notes.append(f"owl: layer ratios {min(levels.values()):.3f}-{max(levels.values()):.3f} "
+                     f"(outliers {min(outliers.values()):.2%}-{max(outliers.values()):.2%})")
+    return levels
+
+
 def _prune_layer(job: _Job, name: str, mod: nn.Module, stats: LayerStats | None, hessian: bool) -> torch.Tensor:
     cfg, w = job.config, mod.weight
+    level = job.levels.get(name, cfg.target)
     if stats is None or stats.count == 0:
         job.notes.append(f"{name}: not reached by the calibration data; pruned by magnitude")
-        mask = masks_from_scores({"": magnitude_scores(w)}, cfg, cfg.target)[""]
+        mask = masks_from_scores({"": magnitude_scores(w)}, cfg, level)[""]
     elif hessian and isinstance(mod, nn.Linear):
         nm = (cfg.granularity.n, cfg.granularity.m) if isinstance(cfg.granularity, NM) else None
-        new, mask = sparsegpt_prune(w, stats.hessian(), cfg.target, nm, cfg.block_size, cfg.dampening)
+        new, mask = sparsegpt_prune(w, stats.hessian(), level, nm, cfg.block_size, cfg.dampening)
         with torch.no_grad():
             w.copy_(new)
     else:
         if hessian:
             job.notes.append(f"{name}: sparsegpt handles Linear layers; pruned by wanda scores")
         wanda = dataclasses.replace(cfg, importance="wanda")
-        mask = masks_from_scores({"": wanda_scores(w, stats.norm())}, wanda, cfg.target)[""]
+        mask = masks_from_scores({"": wanda_scores(w, stats.norm())}, wanda, level)[""]
     with torch.no_grad():
         w.mul_(mask)
     return mask
