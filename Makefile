@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
-	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl
+	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -43,6 +43,9 @@ bench-sam-prune: $(VENV)/.bench
 
 bench-owl: $(VENV)/.bench
 	$(BIN)/python benchmarks/owl.py --out BENCHMARKS.md
+
+bench-awq: $(VENV)/.bench
+	$(BIN)/python benchmarks/awq.py --out BENCHMARKS.md
 
 bench-prune-structured: $(VENV)/.bench
 	$(BIN)/python benchmarks/prune_structured.py --out BENCHMARKS.md

@@ -14,7 +14,7 @@ from nncompress.distill import FinetuneConfig, ProgressiveConfig
 from nncompress.formats import IntFormat
 from nncompress.lowrank import LowRankConfig
 from nncompress.prune import NM, DropLayersConfig, GroupConvConfig, LotteryConfig, PruneConfig, SparsityConfig
-from nncompress.quant import Choice, GPTQConfig, MixedPrecisionConfig, QATConfig, QuantizeConfig, QuantSpec, SmoothQuantConfig
+from nncompress.quant import AWQConfig, Choice, GPTQConfig, MixedPrecisionConfig, QATConfig, QuantizeConfig, QuantSpec, SmoothQuantConfig
 from nncompress.quant.native import Int8DynamicConfig
 from nncompress.zoo.hf import hf_from_config
 from nncompress.zoo.models import mlp, mnist1d_cnn
@@ -86,6 +86,7 @@ def transforms(model: str) -> dict[str, Config]:
         "int8_dynamic": Int8DynamicConfig(),
         "mixed_precision": MixedPrecisionConfig(candidates=MIXED_CANDIDATES, calib_batches=1, **MIXED_BUDGET[model]),
         "smoothquant": SmoothQuantConfig(calib_batches=1),
+        "awq": AWQConfig(weight=W4.weight, calib_batches=1, grid=4),
         "lowrank": LowRankConfig(rank=4),
         "cluster": ClusterConfig(bits=3, iters=10),
         "sparsify_50": SparsityConfig(ratio=0.5),
@@ -107,12 +108,12 @@ _QUANTIZED = ("quantize_w8a8", "quantize_w4", "gptq", "qat")
 def refusal(model: str, first: str | None, second: str) -> str | None:
     """The typed error (a regex of its message) expected when `second` is applied after `first` (or
     alone, `first=None`) on `model`; None when the two compose. Every refusal has its reason here."""
-    if first is not None and second == "smoothquant":  # it moves scales out of norms into *float* Linears
+    if first is not None and second in ("smoothquant", "awq"):  # they move scales into *float* Linears
         # (mixed_precision on the CNN keeps its one Linear float: smoothquant then looks for norms)
         mixed = first == "mixed_precision" and model != "cnn"
         wrapped = "is already quantized" if first in _QUANTIZED or mixed else {
             "int8_dynamic": "is already int8", "cluster": "is already clustered",
-            "smoothquant": "is already smoothed"}.get(first)
+            "smoothquant": "is already smoothed", "awq": "is already smoothed"}.get(first)
         if wrapped and not _not_applicable(model, first):
             return wrapped  # said before looking for norms: run it first, or after a merge
     for stage in (first, second):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import nncompress
 from nncompress.core import ConfigError, Context
 from nncompress.graph import build_graph
-from nncompress.prune.importance import collect_stats, obs_importance
+from nncompress.prune.importance import collect_stats, obs_importance, obs_rounds
 from nncompress.prune.structured import PruneConfig, plan_from_scores
 from nncompress.zoo.loaders import build_data, build_model
 
@@ -37,10 +37,11 @@ def _exact_errors(w: torch.Tensor, h: torch.Tensor, cols: list[list[int]], order
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "flatten"])
-def test_greedy_costs_are_the_exact_least_squares_errors_of_each_removal_prefix(kind):
-    """One channel per round (steps = width), no damping: the score of the k-th channel removed is the
+def test_greedy_errors_are_the_exact_least_squares_errors_of_each_removal_prefix(kind):
+    """One channel per round (steps = width), no damping: the errors of the first k rounds add up to the
     error of refitting the consumer on the channels left, for every k. Conv: a channel owns its kernel
-    window's columns; flatten: a channel owns its positions in the Linear that reads it (blocks)."""
+    window's columns; flatten: a channel owns its positions in the Linear that reads it (blocks). The
+    scores rank channels in the greedy order."""
     torch.manual_seed(0)
     if kind == "linear":
         model, shape, consumer = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).eval(), (64, 6), "2"
@@ -53,19 +54,19 @@ def test_greedy_costs_are_the_exact_least_squares_errors_of_each_removal_prefix(
     batches = _batches(shape)
     group = next(g for g in build_graph(model, batches[0][0]).groups() if g.prunable)
     stats = collect_stats(model, batches, _run, "grams", [consumer], max_batches=len(batches))
-    scores = obs_importance(model, group, stats, steps=group.size, damp=1e-12).double()
-    order = torch.argsort(scores).tolist()
+    rounds = obs_rounds(model, group, stats["grams"], steps=group.size, damp=1e-12)
+    order = [int(p) for p, _ in rounds]
     w = model.get_submodule(consumer).weight.detach().double()
-    window = w[0, 0].numel()
-    per = (w.shape[1] // group.size) if kind == "flatten" else window
+    per = (w.shape[1] // group.size) if kind == "flatten" else w[0, 0].numel()
     cols = [list(range(c * per, (c + 1) * per)) for c in range(group.size)]
-    exact = _exact_errors(w.reshape(w.shape[0], -1), stats["grams"][consumer].double(), cols, order)
-    got = sorted(scores.tolist())[:-1]
-    assert got == pytest.approx(exact, rel=1e-4, abs=1e-6 * exact[-1])
-    # greedy: the first removed is the cheapest single removal
-    singles = [_exact_errors(w.reshape(w.shape[0], -1), stats["grams"][consumer].double(), cols, [c, 0])[0]
-               for c in range(group.size)]
-    assert order[0] == min(range(group.size), key=singles.__getitem__)
+    w, h = w.reshape(w.shape[0], -1), stats["grams"][consumer].double()
+    exact = _exact_errors(w, h, cols, order)
+    summed = torch.tensor([e for _, e in rounds], dtype=torch.float64).cumsum(0)[:-1].tolist()
+    assert summed == pytest.approx(exact, rel=1e-4, abs=1e-6 * exact[-1])
+    singles = [_exact_errors(w, h, cols, [c, 0])[0] for c in range(group.size)]
+    assert order[0] == min(range(group.size), key=singles.__getitem__)   # the cheapest single removal first
+    scores = obs_importance(model, group, stats, steps=group.size, damp=1e-12)
+    assert torch.argsort(scores).tolist() == order
 
 
 def test_global_obs_ranks_in_output_error_and_finds_the_redundant_layer():

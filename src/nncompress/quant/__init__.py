@@ -9,7 +9,7 @@ SmoothQuant (`smoothquant`, run before `quantize`) moves activation outliers int
 
     model = nncompress.apply(model, SmoothQuantConfig(alpha=0.5), context=nncompress.Context(data=data))
 
-Importing this package registers the transforms `quantize`, `gptq`, `qat`, `smoothquant`, `int8_dynamic` and
+Importing this package registers the transforms `quantize`, `gptq`, `awq`, `qat`, `smoothquant`, `int8_dynamic` and
 `mixed_precision` (per-layer formats under a budget), the observers
 `minmax`, `moving_average_minmax`, `percentile`, `mse` and `kl`, and the checkpoint storage hints
 (`storage`: quantized weights saved as bit-packed integer codes).
@@ -19,6 +19,7 @@ from .fake_quant import (FakeQuant, GradScale, QuantConv, QuantEmbedding, QuantL
                          calibrating, dorefa_weight, format_from_dict, format_to_dict, granularity_from_dict,
                          lsq_quantize, pact_quantize, qparams, quantize_ste, quantize_values, wrap)
 from .gptq import GPTQConfig, gptq_quantize
+from .awq import AWQConfig, awq_scales, round_to_nearest
 from .observers import kl_threshold, observe
 from .ptq import QuantizeConfig, bias_correct, calibrate, quant_sensitivity
 from .smoothquant import (SmoothedLinear, SmoothGroup, SmoothQuantConfig, activation_maxima, find_smooth_groups,
@@ -29,7 +30,7 @@ from . import native  # noqa: F401,E402  (registers int8_dynamic: torch-native i
 from .mixed import Choice, MixedLatency, MixedPrecisionConfig, plan_stages, plan_yaml, solve_plan  # noqa: E402
 
 __all__ = [
-    "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig", "gptq_quantize", "refresh_weight_scales", "kd_loss",
+    "QuantSpec", "QuantizeConfig", "QATConfig", "GPTQConfig", "gptq_quantize", "AWQConfig", "awq_scales", "round_to_nearest", "refresh_weight_scales", "kd_loss",
     "FakeQuant", "QuantWrapper", "QuantLinear", "QuantConv", "QuantEmbedding", "frozen_weight_quant", "wrap", "calibrating", "calibrate", "bias_correct",
     "quant_sensitivity", "STEQuantize", "GradScale", "quantize_ste", "quantize_values", "qparams",
     "lsq_quantize", "pact_quantize", "dorefa_weight", "format_from_dict", "format_to_dict", "granularity_from_dict",

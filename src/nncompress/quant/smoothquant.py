@@ -28,7 +28,7 @@ wrappers are recorded as layer swaps, and the checkpoint brings the scales and s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -261,38 +261,57 @@ def activation_maxima(model: nn.Module, loader: Iterable, names: Iterable[str], 
 @layer_transform("smoothquant", config=SmoothQuantConfig, layers=(nn.Linear,), on_wrapped="refuse")
 def _smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Smooth the inputs of LayerNorm-fed Linears (SmoothQuant); the float model's outputs are unchanged."""
+    def scales(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, Tensor]:
+        maxima = activation_maxima(model, ctx.data.calib, [g.linears[0] for g in groups], config.calib_batches,
+                                   ctx.device)
+        return {g.linears[0]: smoothing_scales(maxima[g.linears[0]].to(model.get_submodule(g.linears[0]).weight),
+                                               weight_input_max([model.get_submodule(n) for n in g.linears]),
+                                               config.alpha)
+                for g in groups if g.linears[0] in maxima}
+
+    return smooth_groups(model, config, ctx, sites, "smoothquant", scales)
+
+
+def smooth_groups(model: nn.Module, config: Any, ctx: Context, sites: list[Site], stage: str,
+                  scales: Callable[[nn.Module, list[SmoothGroup]], dict[str, Tensor]]) -> nn.Module:
+    """The shared body of input-scale techniques (SmoothQuant, AWQ): find the norm-fed groups (and, with
+    `config.scope == "all"`, every other targeted Linear alone), ask `scales(model, groups)` for one scale
+    per group (keyed by its first Linear), fold it into the norm or wrap the Linears in `SmoothedLinear`,
+    and record what was done. `config` has calib_batches, explicit_scale and scope."""
     if ctx.data is None:
-        raise ConfigError("smoothquant", "needs calibration data for the activation maxima; "
+        raise ConfigError(stage, "needs calibration data for the activation statistics; "
                           "run it in a recipe or pass Context(data=...)")
     smoothed = [s.name for s in sites if isinstance(get_module(model, s.name.rpartition(".")[0]), SmoothedLinear)]
     if smoothed:
-        raise CompositionError(f"smoothquant: layer {smoothed[0]!r} is already smoothed; run smoothquant once, "
+        raise CompositionError(f"{stage}: layer {smoothed[0]!r} is already smoothed; run smoothquant or awq once, "
                                "or add a `merge` stage before it")
     model.eval().to(ctx.device)
     example = batch_inputs(next(iter(ctx.data.calib)))
     by_name = {s.name: s for s in sites}
     linears = set(by_name)
-    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
-        raise TargetError(f"smoothquant: the model has no {' / '.join(t.__name__ for t in NORM_TYPES)}; "
-                          f"SmoothQuant migrates scales out of the norm that feeds the Linears")
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()) and config.scope != "all":
+        raise TargetError(f"{stage}: the model has no {' / '.join(t.__name__ for t in NORM_TYPES)}; "
+                          f"the scales migrate out of the norm that feeds the Linears (or set scope: all)")
     groups, unsmoothed = find_smooth_groups(model, example, linears, ctx.device)
     if config.scope == "all" and config.explicit_scale:
         alone = [n for n, why in unsmoothed.items() if why == _NOT_NORM_FED]
         groups += [SmoothGroup("", (n,), ("not fed by a norm",)) for n in alone]
         unsmoothed = {n: why for n, why in unsmoothed.items() if n not in alone}
-    maxima = activation_maxima(model, ctx.data.calib, [g.linears[0] for g in groups], config.calib_batches,
-                               ctx.device)
-    record: list[dict[str, Any]] = []
-    for i, g in enumerate(groups):
+    kept = []
+    for g in groups:
         if not g.exclusive and not config.explicit_scale:
             unsmoothed.update({n: f"{g.norm} also feeds {', '.join(g.others)}, and explicit_scale is off"
                                for n in g.linears})
-            continue
-        if g.linears[0] not in maxima:
-            raise DataError(f"smoothquant: {g.linears[0]!r} saw no calibration input; it is not on the forward "
+        else:
+            kept.append(g)
+    found = scales(model, kept)
+    record: list[dict[str, Any]] = []
+    for g in kept:
+        if g.linears[0] not in found:
+            raise DataError(f"{stage}: {g.linears[0]!r} saw no calibration input; it is not on the forward "
                             f"path of the calibration data, exclude it with targets.exclude: [{g.linears[0]!r}]")
         layers = [model.get_submodule(n) for n in g.linears]
-        s = smoothing_scales(maxima[g.linears[0]].to(layers[0].weight), weight_input_max(layers), config.alpha)
+        s = found[g.linears[0]].to(layers[0].weight)
         if g.exclusive:
             migrate_into_norm(model.get_submodule(g.norm), layers, s)
         else:
@@ -303,5 +322,5 @@ def _smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: Context, site
                        "scale_range": [round(float(s.min()), 6), round(float(s.max()), 6)]})
     ctx.record.update({"groups": record, "unsmoothed": dict(sorted(unsmoothed.items()))})
     n_smoothed = sum(len(g["linears"]) for g in record)
-    ctx.log(f"smoothquant: {n_smoothed} Linears smoothed in {len(record)} groups, {len(unsmoothed)} left alone")
+    ctx.log(f"{stage}: {n_smoothed} Linears smoothed in {len(record)} groups, {len(unsmoothed)} left alone")
     return model
