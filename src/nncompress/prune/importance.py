@@ -345,11 +345,13 @@ def _scoring(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-# Criteria whose scores estimate the loss (or output error) a channel's removal costs: comparable across
-# groups as they are (a latency knapsack trades them against milliseconds); the others are normalised per group.
-LOSS_UNITS = frozenset({"taylor", "fisher", "hessian", "obs"})
-# Those global ranking also takes as they are; it mean-normalises the rest per group. Measured (MNIST-1D CNN,
-# 1/4 MACs, reconstructed): fisher 85.5% and hessian 96.1% unnormalised vs 97.5% normalised; MiniLM heads+FFN
+# Criteria whose scores estimate the loss change of removing a channel: comparable across groups as
+# they are (a latency knapsack trades them against milliseconds); the others are normalised per group
+# (obs too: its scores are per weight a channel carries, not per channel, so the knapsack's sum would be off).
+LOSS_UNITS = frozenset({"taylor", "fisher", "hessian"})
+# Criteria global ranking takes as they are; it mean-normalises every other one per group, the loss-unit ones
+# included. Measured (MNIST-1D CNN, 1/4 MACs, reconstructed): fisher 85.5% and hessian 96.1% unnormalised vs
+# 97.5% normalised; MiniLM heads+FFN
 # at 3/4 MACs: obs as it is 0.92 cosine out of domain vs 0.885 ranked per layer (local).
 RANKED_AS_IS = frozenset({"obs"})
 NEEDS = {"taylor": "grad", "fisher": "grad_sq", "activation": "activations", "hessian": "hessian", "obs": "grams"}
