@@ -121,3 +121,19 @@ def test_lowrank_refits_each_chain_s_last_factor_to_the_dense_layer(digits_mlp):
         ref = model(x)
         err = {how: float((m(x) - ref).pow(2).sum()) for how, m in outs.items()}
     assert err["auto"] < err["none"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_grouped_conv_is_refit_group_by_group_exactly(bias):
+    """A reference grouped conv (2 groups) is recovered exactly from random weights: each group's outputs
+    are solved from that group's inputs only (the block order of the patches and of the weight)."""
+    torch.manual_seed(0)
+    ref = nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=bias).eval()
+    small = nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=bias)).eval()
+    reference = nn.Sequential(ref)
+    data = _batches((16, 4, 10))
+    err = refit_to_reference(small, reference, ["0"], data, batches=4, damp=1e-9)
+    assert err["0"]["after"] < 1e-10 < err["0"]["before"]
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.allclose(small(x), ref(x), atol=1e-4)

@@ -62,9 +62,8 @@ def reconstruction_on(mode: str, ctx: Any, field: str) -> bool:
 
 
 def refittable(module: nn.Module) -> bool:
-    """A plain Linear, or a Conv1d / Conv2d with one group: what a least-squares refit can solve."""
-    return type(module) is nn.Linear or (type(module) in _CONVS and module.groups == 1
-                                         and not isinstance(module.padding, str))
+    """A plain Linear, Conv1d or Conv2d (grouped too: one solve per group): what a least-squares refit can solve."""
+    return type(module) is nn.Linear or (type(module) in _CONVS and not isinstance(module.padding, str))
 
 
 def _rows_in(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -143,6 +142,52 @@ def _solve(h: Tensor, c: Tensor, now: Tensor, bias: bool, damp: float) -> Tensor
     return sol if bias else torch.cat([sol, torch.zeros(1, c.shape[1], dtype=sol.dtype)], 0)
 
 
+def _groups(layer: nn.Module) -> int:
+    return getattr(layer, "groups", 1) if type(layer) in _CONVS else 1
+
+
+def _blocks_to_full(wb: Tensor, groups: int) -> Tensor:
+    """A grouped conv's [W b]^T ((I/G) k + 1, O) as the block-diagonal (I k + 1, O) one over every input
+    column (group j's outputs read only group j's inputs)."""
+    if groups == 1:
+        return wb
+    n, o = wb.shape[0] - 1, wb.shape[1]
+    full = torch.zeros(n * groups + 1, o, dtype=wb.dtype)
+    co = o // groups
+    for j in range(groups):
+        full[j * n:(j + 1) * n, j * co:(j + 1) * co] = wb[:n, j * co:(j + 1) * co]
+    full[-1] = wb[-1]
+    return full
+
+
+def _full_to_blocks(full: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return full
+    o = full.shape[1]
+    n, co = (full.shape[0] - 1) // groups, o // groups
+    out = torch.empty(n + 1, o, dtype=full.dtype)
+    for j in range(groups):
+        out[:n, j * co:(j + 1) * co] = full[j * n:(j + 1) * n, j * co:(j + 1) * co]
+    out[-1] = full[-1]
+    return out
+
+
+def _solve_grouped(h: Tensor, c: Tensor, now: Tensor, bias: bool, damp: float, groups: int) -> Tensor:
+    """`_solve` for each group's block (its inputs' rows and columns of H, the bias row, its outputs), assembled
+    block-diagonal; one group is the plain solve."""
+    if groups == 1:
+        return _solve(h, c, now, bias, damp)
+    n, o = (h.shape[0] - 1) // groups, c.shape[1]
+    co = o // groups
+    out = torch.zeros_like(now)
+    for j in range(groups):
+        rows = torch.cat([torch.arange(j * n, (j + 1) * n), torch.tensor([h.shape[0] - 1])])
+        cols = slice(j * co, (j + 1) * co)
+        sol = _solve(h[rows][:, rows], c[rows, cols], now[rows, cols], bias, damp)
+        out[rows, cols] = sol
+    return out
+
+
 def _error(h: Tensor, c: Tensor, yy: float, wb: Tensor) -> float:
     """sum ||A wb - Y||^2 from the sums: wb^T H wb - 2 tr(wb^T C) + yy."""
     return float((wb * (h @ wb)).sum() - 2 * (wb * c).sum() + yy)
@@ -152,7 +197,7 @@ def refit_to_reference(model: nn.Module, reference: nn.Module, names: Sequence[s
                        batches: int, device: Any = None, damp: float = DAMP,
                        outputs: Mapping[str, Sequence[int]] | None = None,
                        sources: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Refit each named layer of `model` (in the order given) by least squares to reproduce the
+    """Refit each named layer of `model` (in the order given; a grouped conv group by group) by least squares to reproduce the
     reference's layer of the same name, or `sources[name]` (a factorized layer's last factor refit to
     the dense layer it stands for) (module doc). `outputs[name]`: which of the reference layer's
     output channels the layer keeps (None: the same count, in order). Returns per layer the relative
@@ -167,16 +212,17 @@ def refit_to_reference(model: nn.Module, reference: nn.Module, names: Sequence[s
                                        (sources or {}).get(name))
         w = layer.weight.detach().flatten(1).double().cpu()
         b = layer.bias.detach().double().cpu() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        now = torch.cat([w.T, b[None]], 0)
+        now = _blocks_to_full(torch.cat([w.T, b[None]], 0), _groups(layer))
         if now.shape != c.shape:
             raise DataError(f"refit: {name} has {now.shape[1]} outputs x {now.shape[0] - 1} inputs but the reference "
                             f"gives {c.shape[1]} outputs; pass which outputs it keeps")
         before = _error(h, c, yy, now)
-        wb = _solve(h, c, now, layer.bias is not None, damp)
+        wb = _solve_grouped(h, c, now, layer.bias is not None, damp, _groups(layer))
         after = _error(h, c, yy, wb)
         scale = max(yy, 1e-30)
         out[name] = {"before": before / scale, "after": min(after, before) / scale}
         if after < before:
+            wb = _full_to_blocks(wb, _groups(layer))
             with torch.no_grad():
                 layer.weight.copy_(wb[:-1].T.reshape(layer.weight.shape).to(layer.weight.dtype))
                 if layer.bias is not None:

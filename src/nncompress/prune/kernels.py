@@ -20,6 +20,7 @@ computes what the dense conv computes with the cross-group kernels zeroed, with 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Config, ConfigError, Context, Site, Wrapper, check, layer_transform, wrapper
+from ..core.reconstruct import reconstruction_on, refit_to_reference
 
 __all__ = ["GroupConvConfig", "GroupedConv", "balanced_assign", "group_partition", "kernel_group_mask",
            "kernel_scores"]
@@ -43,6 +45,10 @@ class GroupConvConfig(Config):
     iterations: rounds of the alternating assignment per start
     restarts:   seeded random starts besides the identity partition
     seed:       for the random starts
+    reconstruct: "lstsq": re-fit each grouped conv, group by group and in forward order, by least squares so
+                its outputs on calibration data match the dense conv's (`core.reconstruct`); "auto": lstsq
+                when the context has calibration data; "none": keep the dense weights' blocks as they are
+    calib_batches: calibration batches the refit reads
     """
 
     groups: int = 2
@@ -50,11 +56,16 @@ class GroupConvConfig(Config):
     iterations: int = 10
     restarts: int = 2
     seed: int = 0
+    reconstruct: Literal["auto", "lstsq", "none"] = "auto"
+    calib_batches: int = 8
 
     def __post_init__(self):
         check(self.groups >= 2, "groups", f"must be >= 2 (1 is the dense conv), got {self.groups}")
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check(self.restarts >= 0, "restarts", f"must be >= 0, got {self.restarts}")
+        check(self.reconstruct in ("auto", "lstsq", "none"), "reconstruct",
+              f"must be auto, lstsq or none, got {self.reconstruct!r}")
+        check(self.calib_batches >= 1, "calib_batches", f"must be >= 1, got {self.calib_batches}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +252,9 @@ def _why_not(conv: nn.Module, groups: int) -> str | None:
 def _group_conv(model: nn.Module, config: GroupConvConfig, ctx: Context, sites: list[Site]) -> nn.Module:
     """Kernel-level pruning: dense convolutions -> equivalent grouped convolutions with channel permutations."""
     done, skipped, kept = {}, {}, {}
+    refit = reconstruction_on(config.reconstruct, ctx, "group_conv.reconstruct")
+    reference = copy.deepcopy(sites[0].model) if refit else None
+    orders: dict[str, list[int]] = {}
     for site in sites:
         name, conv = site.name, site.layer
         reason = _why_not(conv, config.groups)
@@ -251,11 +265,20 @@ def _group_conv(model: nn.Module, config: GroupConvConfig, ctx: Context, sites: 
         out_group, in_group = group_partition(s, config.groups, config.iterations, config.restarts, config.seed)
         done[name] = config.groups
         kept[name] = round(_kept(s, out_group, in_group) / max(float(s.sum()), 1e-30), 6)
-        site.replace(GroupedConv(conv, out_group, in_group, config.groups))
+        grouped = GroupedConv(conv, out_group, in_group, config.groups)
+        orders[f"{name}.conv"] = grouped.out_order.tolist()
+        site.replace(grouped)
     if not done:
         first = next(iter(skipped.items()))
         raise ConfigError("groups", f"no targeted conv can be split into {config.groups} groups "
                           f"(e.g. {first[0]}: {first[1]}); choose groups dividing the channel counts")
     ctx.record.update(convs=done, kept_fraction=kept, skipped=skipped)
+    model = sites[0].model
+    if reference is not None:  # each grouped conv (its outputs in group order) refit to the dense conv's outputs
+        errors = refit_to_reference(model, reference, list(orders), ctx.data.calib, config.calib_batches, ctx.device,
+                                    outputs=orders, sources={n: n.rpartition(".")[0] for n in orders})
+        if errors:
+            ctx.record["reconstruct"] = {n.rpartition(".")[0]: {k: float(f"{v:.4g}") for k, v in e.items()}
+                                         for n, e in errors.items()}
     ctx.log(f"group_conv: {len(done)} convs grouped {config.groups}-way, {len(skipped)} skipped")
-    return sites[0].model
+    return model
