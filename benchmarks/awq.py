@@ -21,15 +21,13 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import checkpoint_size, update_section  # noqa: E402
-from mixed_precision import encoded, legal_sentences  # noqa: E402
+from common import checkpoint_size, minilm_in_and_out_of_domain, update_section  # noqa: E402
 
 import nncompress  # noqa: E402
 from nncompress.core import Context, Targets, history  # noqa: E402
 from nncompress.eval.metrics import embed, embedding_fidelity  # noqa: E402
 from nncompress.formats import IntFormat, PerGroup  # noqa: E402
 from nncompress.quant import AWQConfig, GPTQConfig, QuantizeConfig, QuantSpec  # noqa: E402
-from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 
 
 def main() -> None:
@@ -38,11 +36,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="g128 only (smoke run)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    model, tok = build_model({"name": "hf:minilm"})
-    model.eval()
-    data = build_data({"name": "sentences"}, tokenizer=tok)
-    ood = encoded(tok, legal_sentences())
-    ref, ref_ood = embed(model, data.test), embed(model, ood)
+    model, data, ood, ref, ref_ood = minilm_in_and_out_of_domain()
     targets = Targets(include=("*encoder*",), types=(nn.Linear,))
     lines = [["format", "method", "cosine", "cosine out-of-domain", "alpha (min-max)", "file bytes", "time (s)"]]
     lines.append(["---"] * len(lines[0]))

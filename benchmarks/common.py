@@ -49,3 +49,18 @@ def trained_reference(tmp: str | Path, epochs: int, lr: float = 3e-3):
     reference, _ = build_model({"name": "mnist1d_cnn"})
     fit(reference, data.train, lambda m, b: F.cross_entropy(m(b[0]), b[1]), TrainConfig(epochs=epochs, lr=lr))
     return data, reference.eval()
+
+
+def minilm_in_and_out_of_domain():
+    """all-MiniLM-L6-v2 in eval mode, the sentences data, the legal sentences (another domain, never
+    calibrated on) and the model's reference embeddings on both: `(model, data, ood, ref, ref_ood)`."""
+    from mixed_precision import encoded, legal_sentences
+
+    from nncompress.eval.metrics import embed
+    from nncompress.zoo.loaders import build_data, build_model
+
+    model, tok = build_model({"name": "hf:minilm"})
+    model.eval()
+    data = build_data({"name": "sentences"}, tokenizer=tok)
+    ood = encoded(tok, legal_sentences())
+    return model, data, ood, embed(model, data.test), embed(model, ood)

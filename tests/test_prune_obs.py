@@ -11,7 +11,7 @@ from nncompress.core import ConfigError, Context
 from nncompress.graph import build_graph
 from nncompress.prune.importance import collect_stats, obs_importance, obs_rounds
 from nncompress.prune.structured import PruneConfig, plan_from_scores
-from nncompress.zoo.loaders import build_data, build_model
+from nncompress.zoo.loaders import build_data
 
 
 def _batches(shape, n=6, seed=0):
@@ -87,17 +87,8 @@ def test_global_obs_ranks_in_output_error_and_finds_the_redundant_layer():
     assert {c % 8 for c in plan["0"]} == set(range(8))    # one of each pair
 
 
-def test_obs_with_reconstruction_beats_magnitude_on_held_out_digits():
-    torch.manual_seed(0)
-    data = build_data({"name": "digits"})
-    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64, 64]}})
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for x, y in data.train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+def test_obs_with_reconstruction_beats_magnitude_on_held_out_digits(digits_mlp):
+    data, model = digits_mlp
     x = torch.cat([b[0] for b in data.test])     # never seen by calibration
     err = {}
     for crit in ("l2", "obs"):

@@ -10,7 +10,6 @@ from nncompress.core import ConfigError, Context, history
 from nncompress.core.reconstruct import recalibrate_norms, refit_to_reference
 from nncompress.eval.metrics import accuracy
 from nncompress.prune.structured import PruneConfig
-from nncompress.zoo.loaders import build_data, build_model
 
 
 def _batches(shape, n=4, seed=0):
@@ -66,20 +65,6 @@ def test_batchnorm_statistics_are_the_calibration_data_s():
         feats = torch.cat([net[0](x) for x, _ in data])          # equal batches: the mean of the means
     assert torch.allclose(net[1].running_mean, feats.mean((0, 2)), atol=1e-5)
     assert not net.training and net[1].momentum == 0.1          # the mode and the momentum come back
-
-
-@pytest.fixture(scope="module")
-def digits_mlp():
-    torch.manual_seed(0)
-    data = build_data({"name": "digits"})
-    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64, 64]}})
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for x, y in data.train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    return data, model.eval()
 
 
 def test_pruning_reconstructs_by_default_and_it_recovers_accuracy(digits_mlp, tmp_path):
