@@ -123,6 +123,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGUSR1") and argv is None:  # `kill -USR1 <pid>` prints every thread's stack (a hung run)
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.debug:
         os.environ["NNCOMPRESS_DEBUG"] = "1"  # libraries' own logs too (core.logs keeps them quiet otherwise)
     with _signals_interrupt() as received:
