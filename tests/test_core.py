@@ -184,11 +184,20 @@ def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-call
             self.done.append(item)
 
+        def _read(self):  # a library's wrapper calls private methods too (Optuna's cached storage)
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.done.append("read")
+
     store = interrupts.shield_methods(Store())
     with _signals_interrupt() as received:
         with pytest.raises(KeyboardInterrupt):
             store.write("a")
         assert store.done == ["a"] and received == [signal.SIGTERM]  # completed, then raised
+    with _signals_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            store._read()
+    assert store.done == ["a", "read"]
+    store.done.remove("read")
     with _signals_interrupt():
         with pytest.raises(KeyboardInterrupt), interrupts.deferred():
             with interrupts.interruptible():  # the window where an interrupt lands at once

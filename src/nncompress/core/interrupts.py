@@ -77,10 +77,14 @@ def interrupt_now() -> bool:
 
 
 def shield_methods(obj: Any) -> Any:
-    """Run every public method of `obj` under `deferred()` (set on the instance, so calls made by
-    code that holds `obj`, a library included, are covered); returns `obj`."""
+    """Run every method of `obj` but its dunders under `deferred()` (set on the instance, so calls made
+    by code that holds `obj`, a library included, are covered); returns `obj`.
+
+    Private methods too: a library's wrapper calls them (Optuna's cached storage reads trials through
+    `RDBStorage._get_trials`), and an interrupt while a query's rows are read leaves its SQLite cursor
+    open, holding a read lock that blocks every later commit from another connection."""
     for name in dir(type(obj)):
-        if name.startswith("_") or not callable(getattr(type(obj), name, None)):
+        if name.startswith("__") or not callable(getattr(type(obj), name, None)):
             continue
         setattr(obj, name, _shielded(getattr(obj, name)))
     return obj
