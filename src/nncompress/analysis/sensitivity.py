@@ -351,6 +351,9 @@ def _evaluator(model: nn.Module, data: Any, max_batches: int | None,
     task = getattr(data, "task", "classification")
     if task == "classification":
         return "accuracy", lambda m: accuracy(m, batches, device)
+    if task == "language_model":
+        raise DataError("sensitivity: language-model data is judged by perplexity (lower is better), which the "
+                        "analysis does not rank yet; compare stages with `nncompress run` for now")
     if task != "embedding":
         raise DataError(f"sensitivity: unknown task {task!r}; expected 'classification' or 'embedding'")
     reference = embed(model, batches, device).flatten(1).double()  # (N, D)

@@ -5,7 +5,8 @@
     fit(model, ctx.data.train, loss, TrainConfig(epochs=1))
 
 Classification data (batches `(x, y)`): cross-entropy on the labels, plus, with `kd_alpha > 0`,
-Hinton's T^2-scaled KL to the teacher's softened logits. Embedding data (dict batches, no labels):
+Hinton's T^2-scaled KL to the teacher's softened logits. Language-model data (batches `(input_ids,
+targets)`, logits (B, T, V)) is the same with every token a row (`tokens_as_rows`). Embedding data (dict batches, no labels):
 distance to the teacher's embeddings (1 - cosine, or MSE); without a teacher in the context, to the
 model as it is when the objective is built. `features` adds a term computed from captured
 intermediate outputs of student and teacher (feature distillation).
@@ -29,7 +30,8 @@ from .calibration import batch_inputs, capturing, feed, first_tensor, move
 from .context import Context
 from .errors import ConfigError, DataError
 
-__all__ = ["require_data", "objective", "Objective", "kd_logits_loss", "kd_loss", "embedding_distill_loss"]
+__all__ = ["require_data", "objective", "Objective", "kd_logits_loss", "kd_loss", "embedding_distill_loss",
+           "tokens_as_rows"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -76,6 +78,19 @@ def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor,
     return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()
 
 
+def tokens_as_rows(out: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Next-token prediction as classification: logits (B, T, V) with targets (B, T) become rows
+    (B*T, V) and (B*T,); anything else is returned as it is.
+
+    >>> [tuple(t.shape) for t in tokens_as_rows(torch.zeros(2, 3, 5), None, torch.zeros(2, 3)) if t is not None]
+    [(6, 5), (6,)]
+    """
+    if out.dim() == 3 and labels.dim() == 2:
+        return out.flatten(0, 1), None if teacher is None else teacher.flatten(0, 1), labels.flatten()
+    return out, teacher, labels
+
+
 def check_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
     """Labels must index the model's classes: a `DataError` saying which, not torch's IndexError."""
     if labels.dtype.is_floating_point or labels.dim() != 1:
@@ -116,6 +131,7 @@ class Objective:
         if self.embedding:
             loss = embedding_distill_loss(out, t_out, self.embedding_loss)
         else:
+            out, t_out, y = tokens_as_rows(out, t_out, y)
             check_labels(y, out)
             loss = kd_loss(out, t_out, y, self.kd_alpha, self.temperature)
         if self.feature_term is not None:

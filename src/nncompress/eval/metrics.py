@@ -1,4 +1,5 @@
-"""Quality metrics: top-1 accuracy of a classifier, and how faithfully a compressed encoder embeds.
+"""Quality metrics: top-1 accuracy of a classifier, how faithfully a compressed encoder embeds, and a
+language model's perplexity.
 
 >>> import torch
 >>> ref = torch.eye(4)
@@ -7,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -45,6 +47,37 @@ def accuracy(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
     if total == 0:
         raise DataError("accuracy: the loader yielded no samples; give a non-empty test loader")
     return correct / total
+
+
+def perplexity(model: nn.Module, loader: Iterable, device: str = "cpu") -> dict[str, float]:
+    """A causal LM's perplexity over `(input_ids, targets)` batches: exp of the mean negative
+    log-likelihood per target token (lower is better). The model returns logits (B, T, V).
+
+    Returns {"perplexity", "nll" (nats per token), "tokens"}.
+
+    >>> uniform = nn.Embedding(4, 4)  # logits all zero: every token equally likely among 4
+    >>> _ = nn.init.zeros_(uniform.weight)
+    >>> ids = torch.zeros(2, 3, dtype=torch.long)
+    >>> round(perplexity(uniform, [(ids, ids + 1)])["perplexity"], 6)
+    4.0
+    """
+    nll, tokens = 0.0, 0
+    with evaluating(model, device), torch.inference_mode():
+        for i, batch in enumerate(loader):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError(f"perplexity: batch {i} is a {type(batch).__name__}; the loader must yield "
+                                "(input_ids, targets)")
+            logits = first_tensor(call_model(model, move_inputs(batch[0], device)), "perplexity")
+            targets = batch[1].to(logits.device)
+            if logits.dim() != 3 or logits.shape[:2] != targets.shape:
+                raise DataError(f"perplexity: batch {i} gives logits {tuple(logits.shape)} for targets "
+                                f"{tuple(targets.shape)}; the model must return (B, T, vocab) for (B, T) tokens")
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(),
+                                                           reduction="sum"))
+            tokens += targets.numel()
+    if tokens == 0:
+        raise DataError("perplexity: the loader yielded no tokens; give a non-empty test loader")
+    return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": float(tokens)}
 
 
 def embed(model: nn.Module, loader: Iterable, device: str = "cpu") -> torch.Tensor:

@@ -38,7 +38,8 @@ _RUNTIME_SHORT = {"onnxruntime": "ort"}
 class StageMetrics:
     """What one stage measured. `None` means not measured, never zero.
 
-    quality_name: "accuracy" (a fraction in [0, 1]) or "cosine" (embedding fidelity)
+    quality_name: "accuracy" (a fraction in [0, 1]), "cosine" (embedding fidelity) or "perplexity"
+                  (a language model's, lower is better: `higher_is_better`)
     delta:        quality minus the baseline's, same units; filled by `Report.add` when left None
     extra:        further quality figures, e.g. {"overlap@10": 0.93}
     file_bytes:   exact bytes on disk of every file needed to load the saved stage (weights, manifest, ...)
@@ -187,6 +188,14 @@ def run_info(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def higher_is_better(quality_name: str) -> bool:
+    """Whether a larger value of the quality named so is better (accuracy, cosine; not perplexity)."""
+    return quality_name not in LOWER_IS_BETTER
+
+
 def pareto_png(report: Report, path: str | os.PathLike) -> Path:
     """Two panels, written atomically to `path`: quality vs latency (largest batch, torch) and quality
     vs file size, one labelled point per stage that measured both; Pareto-optimal points are filled."""
@@ -209,14 +218,18 @@ def pareto_png(report: Report, path: str | os.PathLike) -> Path:
     ylabel = f"{qname} (%)" if qname == "accuracy" else qname
     where = f", {ref.threads} threads" if ref is not None else ""
     names = [s.stage for s in report.stages]
-    _panel(fig.add_subplot(1, 2, 1), lat_pts, f"latency, torch, batch {batch}{where} (ms)", ylabel, names)
-    _panel(fig.add_subplot(1, 2, 2), size_pts, "file size (kB)", ylabel, names)
+    up = higher_is_better(qname)
+    if not up:
+        ylabel += " (lower is better)"
+    _panel(fig.add_subplot(1, 2, 1), lat_pts, f"latency, torch, batch {batch}{where} (ms)", ylabel, names, up)
+    _panel(fig.add_subplot(1, 2, 2), size_pts, "file size (kB)", ylabel, names, up)
     fig.suptitle("quality vs cost per stage (filled: Pareto-optimal)")
     fig.tight_layout()
     return _atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
 
 
-def _panel(ax: Any, points: list[tuple[float, float, str]], xlabel: str, ylabel: str, stages: list[str]) -> None:
+def _panel(ax: Any, points: list[tuple[float, float, str]], xlabel: str, ylabel: str, stages: list[str],
+           up: bool = True) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -229,7 +242,7 @@ def _panel(ax: Any, points: list[tuple[float, float, str]], xlabel: str, ylabel:
         ax.text(0.5, 0.5, NM + " (not measured)", ha="center", va="center", transform=ax.transAxes)
         return
     for x, y, label in points:
-        optimal = not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2, _ in points)
+        optimal = not any(x2 <= x and (y2 >= y if up else y2 <= y) and (x2, y2) != (x, y) for x2, y2, _ in points)
         ax.scatter([x], [y], s=40, color="C0", facecolors="C0" if optimal else "none")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
 

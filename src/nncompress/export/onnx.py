@@ -98,6 +98,10 @@ def export_onnx(model: nn.Module, inputs: Inputs, path: str | os.PathLike, *, dy
 
 def _export_dynamo(model: nn.Module, inputs: Inputs, target: Path, dynamic_batch: bool, opset: int | None,
                    outputs: list[str]) -> None:
+    if dynamic_batch and batch_size(inputs) == 1:
+        # torch.export specialises a dimension of size 1 to the constant 1 wherever the graph broadcasts
+        # it (a causal LM's attention mask does): trace at batch 2, the same rows twice
+        inputs = _doubled(inputs)
     shapes = _dynamic_shapes(inputs) if dynamic_batch else None
     args, kwargs = ((inputs,), None) if isinstance(inputs, torch.Tensor) else ((), dict(inputs))
     program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False, dynamic_shapes=shapes,
@@ -147,13 +151,16 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _doubled(inputs: Inputs) -> Inputs:
+    """`inputs` at twice their batch (each batched tensor concatenated with itself)."""
+    b = batch_size(inputs)
+    double = (lambda t: torch.cat([t, t]) if _batched(t, b) else t)
+    return double(inputs) if isinstance(inputs, torch.Tensor) else {k: double(v) for k, v in inputs.items()}
+
+
 def _reference_outputs(model: nn.Module, inputs: Inputs, dynamic_batch: bool) -> list[tuple[Inputs, list[np.ndarray]]]:
     """(inputs, torch outputs) at the example batch and, for a dynamic axis, at twice that batch."""
-    cases = [inputs]
-    if dynamic_batch:
-        b = batch_size(inputs)
-        double = (lambda t: torch.cat([t, t]) if _batched(t, b) else t)
-        cases.append(double(inputs) if isinstance(inputs, torch.Tensor) else {k: double(v) for k, v in inputs.items()})
+    cases = [inputs, _doubled(inputs)] if dynamic_batch else [inputs]
     return [(x, [t.detach().cpu().numpy() for t in torch.utils._pytree.tree_leaves(call_model(model, x))
                  if isinstance(t, torch.Tensor)]) for x in cases]
 

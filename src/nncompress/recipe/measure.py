@@ -17,7 +17,7 @@ from ..core.errors import DataError, UnsupportedOpError
 from ..eval.latency import compare_latency, compare_onnx_latency
 from ..eval.measure import call_model, count_macs, count_nonzero_params, count_params
 from ..export.checkpoint import checkpoint_bytes
-from ..eval.metrics import accuracy, embed, embedding_fidelity
+from ..eval.metrics import accuracy, embed, embedding_fidelity, perplexity
 from ..eval.report import StageMetrics, run_info
 from ..export.onnx import export_onnx
 from ..export.onnx_qdq import export_qdq_onnx
@@ -25,7 +25,9 @@ from ..quant.fake_quant import QuantWrapper
 from ..saving import save
 from .schema import MeasureConfig
 
-__all__ = ["Measurer", "call_model", "inputs_of_batch"]
+__all__ = ["Measurer", "QUALITY", "call_model", "inputs_of_batch"]
+
+QUALITY = {"classification": "accuracy", "embedding": "cosine", "language_model": "perplexity"}  # by data task
 
 
 def inputs_of_batch(data, batch: int):
@@ -66,6 +68,9 @@ class Measurer:
         if self.data.task == "embedding":
             fid = embedding_fidelity(self.reference, embed(model, self.data.test, device=device))
             return "cosine", fid["cosine"], {k: v for k, v in fid.items() if k != "cosine"}
+        if self.data.task == "language_model":
+            ppl = perplexity(model, self.data.test, device=device)
+            return "perplexity", ppl["perplexity"], {"nll": ppl["nll"]}
         return "accuracy", accuracy(model, self.data.test, device=device), {}
 
     def measure(self, model: nn.Module, label: str, kind: str, seconds: float) -> StageMetrics:

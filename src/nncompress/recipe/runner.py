@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from ..core import Context, TrainConfig, apply, fit, history
 from ..core.errors import DataError, NNCompressError
+from ..core.objectives import tokens_as_rows
 from ..eval.report import Report, pareto_png
 from ..export.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from ..saving import load, save
@@ -196,6 +197,11 @@ def check_compatible(model: nn.Module, data, recipe: Recipe) -> None:
     if data.task == "classification" and data.num_classes and (out.ndim != 2 or out.shape[1] != data.num_classes):
         raise DataError(f"model {recipe.model.name!r} outputs shape {tuple(out.shape)} but data "
                         f"{recipe.data.name!r} has {data.num_classes} classes; set the model's num_classes")
+    if data.task == "language_model" and (out.ndim != 3 or out.shape[:2] != inputs.shape
+                                          or (data.num_classes and out.shape[2] != data.num_classes)):
+        raise DataError(f"model {recipe.model.name!r} outputs shape {tuple(out.shape)} for tokens "
+                        f"{tuple(inputs.shape)} but data {recipe.data.name!r} is next-token prediction over "
+                        f"{data.num_classes} tokens; the model must return logits (B, T, {data.num_classes})")
 
 
 def pretrain(model: nn.Module, data, recipe: Recipe, cache: Path, progress: bool, log) -> None:
@@ -210,15 +216,16 @@ def pretrain(model: nn.Module, data, recipe: Recipe, cache: Path, progress: bool
         log(f"pretrained weights from cache: {path}")
         load_model(model, str(path))
         return
-    if data.task != "classification":
-        raise NNCompressError("model.pretrain: only classification data has labels to train on")
+    if data.task not in ("classification", "language_model"):
+        raise NNCompressError("model.pretrain: only classification and language-model data have targets to train on")
     cfg: TrainConfig = recipe.model.pretrain
     log(f"training {recipe.model.name} on {recipe.data.name} for {cfg.epochs} epochs (cached afterwards)")
     seed_everything(recipe.seed)
 
     def loss_fn(m, batch):
         x, y = batch
-        return torch.nn.functional.cross_entropy(call_model(m, x), y)
+        out, _, y = tokens_as_rows(call_model(m, x), None, y)
+        return torch.nn.functional.cross_entropy(out, y)
 
     fit(model, data.train, loss_fn, cfg, progress=progress, desc="pretrain")
     model.eval()

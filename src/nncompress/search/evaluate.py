@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from ..core import Context
 from ..core.errors import NNCompressError
-from ..eval.report import StageMetrics
-from ..recipe.measure import Measurer
+from ..eval.report import StageMetrics, higher_is_better
+from ..recipe.measure import QUALITY, Measurer
 from ..recipe.runner import apply_stage, prepare, seed_everything
 from ..recipe.schema import Recipe
 
@@ -62,6 +62,10 @@ class Evaluator:
                  log: Callable[[str], None] = lambda msg: None, trust_code: bool = False, runtime: str = "torch"):
         seed_everything(recipe.seed)
         self.model, self.data = prepare(recipe, cache, progress, log, trust_code)
+        if not higher_is_better(QUALITY[self.data.task]):
+            raise NNCompressError(f"search: data {recipe.data.name!r} is judged by {QUALITY[self.data.task]} (lower "
+                                  "is better), which the search cannot rank yet; compare recipes with "
+                                  "`nncompress run` for now")
         # distillation freezes the teacher it is given: candidates start from copies of `model`, and
         # read (and are timed against) this separate copy, as a run does
         self.teacher = copy.deepcopy(self.model).eval()

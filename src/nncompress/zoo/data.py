@@ -38,15 +38,16 @@ class DataBundle:
     """Loaders and task description for one data set.
 
     train/test/calib: DataLoaders; calib is small and unshuffled (for calibration and statistics)
-    task:             "classification" (batches `(x, y)`) or "embedding" (batches: dicts of tensors)
-    num_classes:      the number of classes, or None (embedding, or unknown)
+    task:             "classification" (batches `(x, y)`), "embedding" (batches: dicts of tensors) or
+                      "language_model" (batches `(input_ids, targets)`, both (B, T): next-token prediction)
+    num_classes:      the number of classes (a language model's: its vocabulary), or None (embedding, unknown)
     name:             the data set's name, for reports
     """
 
     train: DataLoader
     test: DataLoader
     calib: DataLoader
-    task: Literal["classification", "embedding"] = "classification"
+    task: Literal["classification", "embedding", "language_model"] = "classification"
     num_classes: int | None = None
     name: str = ""
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..core import DataError, ModelLoadError, lookup, names, tag_source
 from ..core.errors import NNCompressError, RegistryError
+from . import lm as _lm  # noqa: F401  (registers the language-model workload: data "text", model "tiny_llama")
 from . import models as _models  # noqa: F401  (registers the built-in models)
 from .data import DataBundle, batch_inputs  # importing .data registers the built-in data
 from .hf import load_hf, load_hf_tokenizer
@@ -220,6 +221,6 @@ def _wrap(out: Any, name: str) -> DataBundle:
         raise DataError(f"data {name!r}: the train loader is empty; give it at least one batch") from None
     inputs = batch_inputs(first)  # raises DataError for a batch that is neither (x, y) nor a dict
     task = extra.get("task") or ("embedding" if isinstance(inputs, dict) else "classification")
-    if task not in ("classification", "embedding"):
-        raise DataError(f"data {name!r}: task must be 'classification' or 'embedding', got {task!r}")
+    if task not in ("classification", "embedding", "language_model"):
+        raise DataError(f"data {name!r}: task must be 'classification', 'embedding' or 'language_model', got {task!r}")
     return DataBundle(*loaders, task=task, num_classes=extra.get("num_classes"), name=name)
