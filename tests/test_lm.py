@@ -1,5 +1,6 @@
 """The causal language-model workload: byte-level text held out by topic, a small LLaMA trained on it,
 perplexity as its quality, and a recipe that compresses it end to end."""
+import copy
 import json
 
 import pytest
@@ -101,3 +102,51 @@ def test_search_and_sensitivity_say_they_cannot_rank_perplexity_yet(tmp_path):
         Evaluator(parse_recipe({**RECIPE, "stages": []}), tmp_path)
     with pytest.raises(DataError, match="perplexity"):
         _evaluator(tiny_llama(**SMALL), text(seq_len=32), 1, "cpu")
+
+
+class _Branches(torch.nn.Module):  # a ModuleList whose members do not chain: each reads the input
+    def __init__(self):
+        super().__init__()
+        self.paths = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        return sum(p(x) for p in self.paths)
+
+
+def test_block_chain_finds_the_decoder_stack_and_refuses_parallel_branches():
+    from nncompress.core.calibration import block_chain
+
+    data = text(batch_size=2, seq_len=16, calib=2)
+    model = tiny_llama(**SMALL)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    assert block_chain(model, names, data.calib) == ["model.model.layers.0", "model.model.layers.1"]
+    assert block_chain(model, ["model.lm_head"], data.calib) == []
+    assert block_chain(_Branches(), ["paths.0"], [(torch.randn(2, 4), None)]) == []
+
+
+@pytest.mark.parametrize("module, kind, fields", [
+    ("nncompress.quant.gptq", "gptq", {"weight": {"format": {"kind": "int", "bits": 4},
+                                                  "granularity": {"kind": "per_group", "size": 32}}}),
+    ("nncompress.prune.sparsity", "sparsify", {"granularity": {"kind": "nm", "n": 2, "m": 4},
+                                               "importance": "sparsegpt"}),
+])
+def test_block_by_block_calibration_gives_the_weights_of_the_layer_by_layer_passes(monkeypatch, module, kind,
+                                                                                     fields):
+    """The layer stack is calibrated one block at a time on cached inputs; inside a block, group by group.
+    That is what the passes through the whole model did, one per group: same weights, bit for bit."""
+    import importlib
+
+    from nncompress.core import Context
+    from nncompress.recipe.runner import apply_stage
+
+    torch.manual_seed(0)
+    data = text(batch_size=4, seq_len=32, calib=8)
+    model = tiny_llama(**SMALL)
+    recipe = parse_recipe({**RECIPE, "stages": [{"kind": kind, **fields, "targets": {"types": ["Linear"]}}]})
+    blockwise = apply_stage(recipe, recipe.stages[0], copy.deepcopy(model), Context(data=data))
+    monkeypatch.setattr(importlib.import_module(module), "block_chain", lambda *a, **k: [])  # the whole-model path
+    whole = apply_stage(recipe, recipe.stages[0], copy.deepcopy(model), Context(data=data))
+    a, b = blockwise.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = next(iter(data.test))[0]
+    assert not torch.equal(blockwise(x), model(x))  # it did compress

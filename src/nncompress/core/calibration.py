@@ -35,7 +35,7 @@ from .errors import DataError
 from .feeding import batch_inputs, evaluating, feed, first_arg, first_tensor, move, take
 from .hooks import capturing, collect_block_io, intercepting, output_of  # noqa: F401  (re-exported)
 
-__all__ = ["LayerStats", "calibrate", "io_shapes", "gradient_sums", "sequential_blocks", "BlockInputs",
+__all__ = ["LayerStats", "calibrate", "io_shapes", "gradient_sums", "sequential_blocks", "BlockInputs", "block_chain",
            "channel_rows", "patch_rows", "STATS",
            # feeding and hooks, re-exported: one import for a technique's calibration needs
            "batch_inputs", "move", "feed", "first_tensor", "evaluating", "capturing", "output_of", "intercepting",
@@ -146,12 +146,14 @@ class _Stop(Exception):
 
 def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[str]], *, batches: int = 8,
               device: torch.device | str | None = None, stop_early: bool = True, first_group: bool = False,
-              runner: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, LayerStats]:
+              runner: Callable[[nn.Module, Any], Any] | None = None,
+              masks: Sequence[Tensor | None] = ()) -> dict[str, LayerStats]:
     """Feed up to `batches` batches of `loader` and accumulate, for each module name in `wants`, the
     statistics it names (any of `STATS`; "shape" adds the first input / output shapes).
 
     Runs in eval mode without gradients (the mode comes back after); modules the data never reaches
-    are absent from the result. `runner(model, batch)` replaces `feed` (e.g. to run under a context).
+    are absent from the result. `runner(model, batch)` replaces `feed` (e.g. to run under a context);
+    `masks[i]` is then batch i's token mask (B, T) (padding left out of the rows), if any.
     first_group: only the first of the modules the forward reaches, with those fed that very same input
     tensor (attention's q, k and v, which can be compressed together); they share one set of sums.
     """
@@ -214,8 +216,9 @@ def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[s
         fed = 0
         for i, batch in enumerate(take(loader, batches)):
             inputs = batch_inputs(batch) if runner is None else None
-            state.update(batch=i, seen=set(), anchor=None,
-                         mask=inputs.get("attention_mask") if isinstance(inputs, Mapping) else None)
+            mask = (inputs.get("attention_mask") if isinstance(inputs, Mapping) else None) if runner is None else (
+                masks[i] if i < len(masks) else None)
+            state.update(batch=i, seen=set(), anchor=None, mask=mask)
             fed += 1
             try:
                 (runner or (lambda m, b: feed(m, b, device)))(model, batch)
@@ -270,17 +273,20 @@ class BlockInputs:
     """The calls a block received for each calibration batch: positional args and keyword args."""
 
     calls: list[tuple[tuple, dict]]
+    masks: list[Tensor | None] = dataclasses.field(default_factory=list)  # each batch's token mask (B, T)
 
     def run(self, block: nn.Module) -> list[Any]:
         with torch.no_grad():
             return [block(*a, **k) for a, k in self.calls]
 
-    def stats(self, block: nn.Module, wants: Mapping[str, Iterable[str]]) -> dict[str, LayerStats]:
+    def stats(self, block: nn.Module, wants: Mapping[str, Iterable[str]], first_group: bool = False
+              ) -> dict[str, LayerStats]:
         """`calibrate` over the block alone, fed the cached calls (names relative to the block)."""
         def runner(m: nn.Module, call: Any) -> Any:
             a, k = call
             return m(*a, **k)
-        return calibrate(block, self.calls, wants, batches=len(self.calls), runner=runner)
+        return calibrate(block, self.calls, wants, batches=len(self.calls), runner=runner, masks=self.masks,
+                         first_group=first_group)
 
     def advance(self, outputs: list[Any]) -> "BlockInputs":
         """The next block's calls: this block's output in place of its hidden-state input."""
@@ -292,7 +298,7 @@ class BlockInputs:
             else:
                 k = {**k, "hidden_states": y}
             calls.append((a, k))
-        return BlockInputs(calls)
+        return BlockInputs(calls, self.masks)
 
 
 def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable, batches: int,
@@ -310,15 +316,18 @@ def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable,
         calls.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
         raise _Stop
 
+    masks: list[Tensor | None] = []
     with first.register_forward_pre_hook(catch, with_kwargs=True), evaluating(model):
         for batch in take(loader, batches):
+            inputs = batch_inputs(batch)
+            masks.append(inputs.get("attention_mask") if isinstance(inputs, Mapping) else None)
             try:
                 feed(model, batch, device)
             except _Stop:
                 pass
     if not calls:
         raise DataError(f"calibration never reached {blocks[0]!r}; check the data matches the model")
-    inputs = BlockInputs(calls)
+    inputs = BlockInputs(calls, masks[:len(calls)])
     for name in blocks:
         block = model.get_submodule(name)
         was = block.training
@@ -326,3 +335,60 @@ def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable,
         step(name, block, inputs)
         inputs = inputs.advance(inputs.run(block))
         block.train(was)
+
+
+def block_chain(model: nn.Module, names: Sequence[str], loader: Iterable, device: Any = None) -> list[str]:
+    """The blocks of the layer stack (an `nn.ModuleList`) that holds the most of the layers `names`,
+    in order, if they form a chain: on a calibration batch, each block's hidden-state input is the
+    output of the block before it (transformers' layer stacks). [] when no stack holds any of them or
+    the blocks do not chain, so a caller falls back to calibrating through the whole model.
+
+    >>> class Stack(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    ...     def forward(self, x):
+    ...         for layer in self.layers:
+    ...             x = layer(x)
+    ...         return x
+    >>> block_chain(Stack(), ["layers.1"], [(torch.randn(2, 4), None)])
+    ['layers.0', 'layers.1', 'layers.2']
+    """
+    best: list[str] = []
+    hits = 0
+    for prefix, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2:
+            continue
+        kids = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(m))]
+        n = sum(any(name == k or name.startswith(k + ".") for k in kids) for name in names)
+        if n > hits:
+            best, hits = kids, n
+    return best if best and _chained(model, best, loader, device) else []
+
+
+def _chained(model: nn.Module, blocks: list[str], loader: Iterable, device: Any) -> bool:
+    seen_in: dict[str, Tensor | None] = {}
+    seen_out: dict[str, Tensor | None] = {}
+
+    def pre(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen_in.setdefault(name, first_arg(args, kwargs))
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            seen_out.setdefault(name, first_tensor(out))
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name in blocks:
+            block = model.get_submodule(name)
+            stack.enter_context(block.register_forward_pre_hook(pre(name), with_kwargs=True))
+            stack.enter_context(block.register_forward_hook(post(name)))
+        stack.enter_context(evaluating(model))
+        stack.enter_context(torch.no_grad())
+        for batch in take(loader, 1):
+            feed(model, batch, device)
+    pairs = zip(blocks, blocks[1:])
+    return all(seen_out.get(a) is not None and seen_in.get(b) is not None and seen_out[a].shape == seen_in[b].shape
+               and torch.equal(seen_out[a], seen_in[b]) for a, b in pairs)

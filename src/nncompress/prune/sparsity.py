@@ -28,7 +28,7 @@ from ..core import ConfigError, Context, Site, TrainConfig, check, fit, layer_tr
 from ..core.surgery import plain_sites
 from ..core import names, register
 from ..core.objectives import objective, require_data
-from ..core.calibration import LayerStats, calibrate, gradient_sums
+from ..core.calibration import BlockInputs, LayerStats, block_chain, calibrate, gradient_sums, sequential_blocks
 from .granularity import NM, Element, Pattern, Vector, granularity_from_dict, granularity_to_dict
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
@@ -358,7 +358,9 @@ def layerwise_prune(job: _Job) -> Masks:
         job.levels = owl_levels(job, batches)
     pending = dict(job.layers)
     masks: Masks = {}
-    while pending:
+    if cfg.sequential:
+        _by_blocks(job, pending, masks, batches, hessian)  # a layer stack: block by block, on cached inputs
+    while pending:  # no stack, or layers outside it
         found = collect_inputs(job.model, pending, batches, cfg.calib_batches, hessian, first_group=cfg.sequential)
         if not found or all(st.count == 0 for st in found.values()):
             for name in pending:
@@ -367,6 +369,35 @@ def layerwise_prune(job: _Job) -> Masks:
         for name, stats in found.items():
             masks[name] = _prune_layer(job, name, pending.pop(name), stats, hessian)
     return {n: masks[n] for n in job.layers}
+
+
+def _by_blocks(job: _Job, pending: dict[str, nn.Module], masks: Masks, batches, hessian: bool) -> None:
+    """The layers of `pending` that sit in a chain of blocks, pruned block by block: inside a block,
+    group by group (layers reading one tensor together), each from the block's cached inputs run
+    through the groups pruned before it. Pops what it prunes from `pending` into `masks`."""
+    path = {id(m): n for n, m in job.model.named_modules()}
+    full = {path[id(m)]: n for n, m in pending.items()}  # module path -> the job's name
+
+    def step(block_name: str, block: nn.Module, inputs: BlockInputs) -> None:
+        inside = {p[len(block_name) + 1:]: n for p, n in full.items() if p.startswith(block_name + ".")}
+        while inside:
+            found = inputs.stats(block, {r: _wants(pending[n], hessian) for r, n in inside.items()}, first_group=True)
+            if not found or all(st.count == 0 for st in found.values()):
+                for n in inside.values():
+                    masks[n] = _prune_layer(job, n, pending.pop(n), None, hessian)
+                return
+            for r, st in found.items():
+                n = inside.pop(r)
+                masks[n] = _prune_layer(job, n, pending.pop(n), st, hessian)
+
+    blocks = block_chain(job.model, list(full), batches)
+    if blocks:
+        sequential_blocks(job.model, blocks, batches, job.config.calib_batches, step)
+        job.notes.append(f"calibrated block by block ({len(blocks)} blocks)")
+
+
+def _wants(mod: nn.Module, hessian: bool) -> tuple[str, ...]:
+    return ("sqnorm", "gram") if hessian and isinstance(mod, nn.Linear) else ("sqnorm",)
 
 
 def owl_levels(job: _Job, batches) -> dict[str, float]:
@@ -519,8 +550,7 @@ def collect_inputs(model: nn.Module, layers: dict[str, nn.Module], batches, max_
     """Input statistics of `layers` (Wanda's norms, SparseGPT's Gram) over up to `max_batches` batches;
     padding tokens are left out. first_group: only the first group of layers reading one tensor."""
     names = {id(m): n for n, m in model.named_modules()}
-    wants = {names[id(m)]: ("sqnorm", "gram") if hessian and isinstance(m, nn.Linear) else ("sqnorm",)
-             for m in layers.values()}
+    wants = {names[id(m)]: _wants(m, hessian) for m in layers.values()}
     found = calibrate(model, batches, wants, batches=max_batches, first_group=first_group)
     by_module = {names[id(m)]: n for n, m in layers.items()}
     return {by_module[k]: v for k, v in found.items()}

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..core import Config, ConfigError, Context, Site, check, get_module, layer_transform, lookup
 from ..core.objectives import require_data
-from ..core.calibration import calibrate, patch_rows
+from ..core.calibration import BlockInputs, block_chain, calibrate, patch_rows, sequential_blocks
 from ..core.errors import DataError
 from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
 from .fake_quant import QuantSpec, QuantWrapper, qparams, quantize_values, wrap  # noqa: F401 (doctest)
@@ -45,7 +45,9 @@ class GPTQConfig(Config):
     damp:          dampening, as a fraction of the mean diagonal of H, added to its diagonal
     block_size:    columns updated together (lazy batch updates; a multiple of the group size)
     act_order:     quantize columns by decreasing diag(H) (with static group scales)
-    sequential:    collect each layer's inputs with the layers before it already quantized
+    sequential:    collect each layer's inputs with the layers before it already quantized: in a layer
+                   stack (a transformer's blocks) block by block, one calibration pass per block on the
+                   cached outputs of the quantized blocks before it; elsewhere layer by layer
     """
 
     weight: QuantSpec = QuantSpec(format=IntFormat(bits=4))
@@ -222,19 +224,48 @@ def _gptq_transform(model: nn.Module, config: GPTQConfig, ctx: Context, sites: l
             s.replace(layers[s.name])
     model = sites[0].model
     capable = {n: m for n, m in layers.items() if _gptq_capable(m)}
-    hs: dict[str, Tensor] = {}
-    if not config.sequential:
-        hs = _hessians(model, list(capable), ctx.data.calib, config.calib_batches, ctx.device)
-    for site in sites:
-        name, layer = site.name, layers[site.name]
-        if config.sequential and name in capable:
-            hs[name] = _hessians(model, [name], ctx.data.calib, config.calib_batches, ctx.device)[name]
+    done: set[str] = set()
+
+    def quantize(site: Site, h: Tensor | None) -> None:
         try:
-            wrapper = _quantize_layer(layer, hs.pop(name, None), config)
+            wrapper = _quantize_layer(layers[site.name], h, config)
         except ConfigError as e:
             path = e.path if e.path.startswith("weight") else f"weight.granularity.{e.path}"
-            raise ConfigError(path, f"layer {name!r}: {e.message}; or exclude it with "
-                                    f"targets.exclude: [{name!r}]") from None
+            raise ConfigError(path, f"layer {site.name!r}: {e.message}; or exclude it with "
+                                    f"targets.exclude: [{site.name!r}]") from None
         site.replace(wrapper)
+        done.add(site.name)
+
+    def block_step(block_name: str, block: nn.Module, inputs: BlockInputs) -> None:
+        """The block's layers group by group (those reading one tensor together, as q, k and v), each
+        group's Hessian from the block's cached inputs run through the groups already quantized."""
+        inside = {s.name[len(block_name) + 1:]: s for s in sites if s.name.startswith(block_name + ".")}
+        pending = {r for r, s in inside.items() if s.name in capable}
+        for r in set(inside) - pending:
+            quantize(inside[r], None)
+        while pending:
+            found = inputs.stats(block, {r: ("patch_gram",) for r in pending}, first_group=True)
+            if not found:
+                name = inside[min(pending)].name
+                raise DataError(f"gptq: layer {name!r} saw no calibration input; exclude it with "
+                                f"targets.exclude: [{name!r}]")
+            for r, st in found.items():
+                quantize(inside[r], st.hessian())
+                pending.discard(r)
+
+    blocks = block_chain(model, list(capable), ctx.data.calib, ctx.device) if config.sequential else []
+    if blocks:  # a layer stack: one calibration pass per block, on the outputs of the quantized blocks before
+        sequential_blocks(model, blocks, ctx.data.calib, config.calib_batches, block_step, ctx.device)
+    rest = [s for s in sites if s.name not in done]  # no stack, or layers outside it (a head, embeddings)
+    hs: dict[str, Tensor] = {}
+    if not config.sequential:
+        hs = _hessians(model, [s.name for s in rest if s.name in capable], ctx.data.calib, config.calib_batches,
+                       ctx.device)
+    for site in rest:
+        if config.sequential and site.name in capable:
+            hs[site.name] = _hessians(model, [site.name], ctx.data.calib, config.calib_batches, ctx.device)[site.name]
+        quantize(site, hs.pop(site.name, None))
     ctx.record["rtn"] = [n for n in layers if n not in capable]
+    if blocks:
+        ctx.record["blocks"] = len(blocks)
     return sites[0].model.eval()
