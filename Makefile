@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
-	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq
+	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -46,6 +46,16 @@ bench-owl: $(VENV)/.bench
 
 bench-awq: $(VENV)/.bench
 	$(BIN)/python benchmarks/awq.py --out BENCHMARKS.md
+
+# llm-compressor pins transformers <= 5.17 (the project runs a newer one): it gets its own environment
+PEERS := .venv-peers
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q -c constraints.txt torch llmcompressor==0.14.0.1
+	touch $(PEERS)/.installed
+
+bench-lm: $(VENV)/.bench $(PEERS)/.installed
+	$(BIN)/python benchmarks/lm.py --out BENCHMARKS.md
 
 bench-prune-structured: $(VENV)/.bench
 	$(BIN)/python benchmarks/prune_structured.py --out BENCHMARKS.md

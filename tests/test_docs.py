@@ -42,7 +42,8 @@ def test_example_recipes_are_valid(path):
 # the slow tier (CI runs it too): all-MiniLM-L6-v2 end to end (~2 min on 2 cores), and the two
 # longest CNN pipelines (~35 s and ~14 s), so the default tier stays under 3 minutes
 SLOW_EXAMPLES = {"minilm_prune_kd_int8.yaml", "deep_compression_mnist1d.yaml", "progressive_qat_mnist1d.yaml",
-                 "prune_mnist1d.yaml"}  # ~13 s: 30 timed repeats at batch 256 in torch and ORT
+                 "prune_mnist1d.yaml",  # ~13 s: 30 timed repeats at batch 256 in torch and ORT
+                 "lm_gptq_tiny_llama.yaml"}  # ~70 s: an epoch of the causal LM on 466 kB of text
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=pytest.mark.slow if p.name in SLOW_EXAMPLES else ())
@@ -62,5 +63,7 @@ def test_example_runs_end_to_end(tmp_path, path):
     if parsed.data.name == "sentences":  # a sentence encoder: token ids in, one embedding per sentence out
         ids = torch.randint(1000, 2000, (2, 12))
         assert model(ids, torch.ones_like(ids)).shape == (2, 384)
+    elif parsed.data.name == "text":  # a causal LM over bytes: logits for every position
+        assert model(torch.randint(0, 256, (2, 16))).shape == (2, 16, 256)
     else:
         assert model(torch.randn(2, *model.input_shape)).shape == (2, 10)

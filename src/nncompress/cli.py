@@ -23,6 +23,7 @@ EPILOG = """examples:
   nncompress run examples/finetune.yaml --out runs/ft
   nncompress run --resume runs/ft      continue a run stopped by Ctrl-C or SIGTERM
   nncompress report runs/ft            print a finished run's report again
+  nncompress export runs/lm/model --out lm-hf   the model as a Hugging Face folder transformers loads
   nncompress sensitivity examples/finetune.yaml --unit channel --out sens --target 0.5 --threshold 0.01
   nncompress search examples/search_digits.yaml --trials 20 --out runs/s --max-drop 0.01
                                        multi-objective search; rerun the same command to resume
@@ -59,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print a run directory's report table (from report.json).")
     rep.add_argument("run_dir", type=Path, help="a run directory written by `nncompress run`")
     rep.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+    exp = sub.add_parser("export", help="write a saved model in a format another tool loads",
+                         description="Write a model saved by nncompress (a run's model/ folder, or any folder "
+                                     "nncompress.save wrote) as a Hugging Face folder (save_pretrained layout) that "
+                                     "transformers loads alone; checked by reloading it with transformers and "
+                                     "comparing outputs. A model the format cannot express is an error, never a "
+                                     "folder with wrong weights.")
+    exp.add_argument("model_dir", type=Path, help="a folder written by nncompress.save (e.g. RUN/model)")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers' save_pretrained layout")
+    exp.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    exp.add_argument("--trust-code", action="store_true",
+                     help="allow the saved manifest to import the module:factory it names (only for folders you trust)")
 
     sens = sub.add_parser("sensitivity", help="per-layer / per-channel-group pruning sensitivity of a recipe's model",
                           description="Build (and pretrain, or load from the cache) the recipe's model and data, "
@@ -197,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "sensitivity":
         return _sensitivity(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "search":
         return _search(args)
     from .recipe import demo_recipe_path, run_recipe
@@ -319,6 +334,14 @@ def _yaml_key(name: str) -> str:
     """
     plain = name[:1].isalpha() and name.replace(".", "").replace("_", "").isalnum()
     return name if plain else f'"{name}"'
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export.hf import save_hf
+    from .saving import load
+    model = load(args.model_dir, trust_code=args.trust_code)
+    print(f"wrote {save_hf(model, args.out)} (reloaded by transformers: same outputs)")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

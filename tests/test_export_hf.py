@@ -1,0 +1,111 @@
+"""Hugging Face folders: transformers alone (no nncompress imported) loads them with the right weights,
+and a model the config cannot express is an error, never a folder that loads with wrong weights."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nncompress
+from nncompress.cli import main
+from nncompress.core import Context, Targets
+from nncompress.export.hf import ExportError, save_hf, token_inputs
+from nncompress.prune import PruneConfig
+from nncompress.quant import GPTQConfig, QuantizeConfig, QuantSpec
+from nncompress.formats import IntFormat, PerGroup
+from nncompress.zoo.lm import text, tiny_llama
+
+SMALL = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+BLOCKS = Targets(include=("*layers*",), types=(nn.Linear,))
+
+# run by a fresh interpreter that imports transformers only: loads the folder, prints the largest
+# difference from the outputs nncompress computed, and whether nncompress got imported
+ALONE = """
+import sys, torch, transformers
+folder, x, y, kind = sys.argv[1:5]
+x, y = torch.load(x), torch.load(y)
+if kind == "lm":
+    out = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=x).logits
+else:  # all-MiniLM-L6-v2's sentence embedding: mean over tokens, unit norm
+    h = transformers.AutoModel.from_pretrained(folder).eval()(**x).last_hidden_state
+    m = x["attention_mask"].unsqueeze(-1).float()
+    out = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1)
+print((out - y).abs().max().item(), "nncompress" in sys.modules)
+"""
+
+
+def loaded_alone(folder, model, inputs, kind, tmp_path):
+    torch.save(inputs, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model.eval()(**inputs) if isinstance(inputs, dict) else model.eval()(inputs), tmp_path / "y.pt")
+    out = subprocess.run([sys.executable, "-c", ALONE, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"),
+                          kind], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    diff, imported = out.stdout.split()
+    assert imported == "False"
+    return float(diff)
+
+
+def test_a_pruned_and_quantized_llama_loads_in_transformers_alone_with_its_outputs(tmp_path):
+    torch.manual_seed(0)
+    data = text(batch_size=4, seq_len=32, calib=8)
+    model = tiny_llama(**SMALL)
+    ctx = Context(data=data)
+    model = nncompress.apply(model, PruneConfig(ratio=0.5, importance="l2"), targets=BLOCKS, context=ctx)
+    w4 = QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=16))
+    model = nncompress.apply(model, GPTQConfig(weight=w4), targets=BLOCKS, context=ctx)
+    folder = save_hf(model, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    merged = nncompress.merge(model).model.model.layers[0]
+    assert config["intermediate_size"] == merged.mlp.gate_proj.out_features == 64
+    assert config["num_key_value_heads"] == merged.self_attn.k_proj.out_features // 16
+    x = token_inputs(model, batch=3, length=20)
+    assert loaded_alone(folder, model, x, "lm", tmp_path) < 1e-4
+
+
+def test_an_int8_minilm_loads_in_transformers_alone_with_its_embeddings(tmp_path):
+    """The trap: the inner model's own save_pretrained writes wrapper names that transformers ignores
+    and loads random weights without a word. save_hf writes the layers the wrappers compute."""
+    model, tok = nncompress.zoo.load_hf("minilm")
+    w8 = QuantSpec(format=IntFormat(bits=8))
+    model = nncompress.apply(model, QuantizeConfig(weight=w8), targets=Targets(include=("*encoder*",), types=(nn.Linear,)))
+    folder = save_hf(model, tmp_path / "hf")
+    batch = tok(["A sentence about compression.", "Another one, longer than the first."], padding=True,
+                return_tensors="pt")
+    x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert loaded_alone(folder, model, x, "encoder", tmp_path) < 1e-5
+
+
+def test_what_a_config_cannot_express_is_an_error_and_writes_nothing(tmp_path):
+    data = text(batch_size=4, seq_len=32, calib=8)
+    ctx = Context(data=data)
+    uneven = nncompress.apply(tiny_llama(**SMALL), PruneConfig(ratio=0.5, scope="global", importance="l2"),
+                              targets=Targets(include=("*mlp*",), types=(nn.Linear,)), context=ctx)
+    widths = {layer.mlp.gate_proj.out_features for layer in uneven.model.model.layers}
+    if len(widths) > 1:  # global ranking gave the layers different widths
+        with pytest.raises(ExportError, match="intermediate_size differs between layers"):
+            save_hf(uneven, tmp_path / "uneven")
+        assert not (tmp_path / "uneven").exists()
+    model, tok = nncompress.zoo.load_hf("minilm")  # BERT's config ties head size to hidden / heads
+    sentences = nncompress.zoo.build_data({"name": "sentences", "kwargs": {"n": 64}}, tokenizer=tok)
+    heads = nncompress.apply(model, PruneConfig(ratio=0.25, importance="l2"),
+                             targets=Targets(include=("*attention*",), types=(nn.Linear,)),
+                             context=Context(data=sentences))
+    with pytest.raises(ExportError, match="mismatched keys|cannot load"):
+        save_hf(heads, tmp_path / "heads")
+    assert not (tmp_path / "heads").exists() and not list(tmp_path.glob(".*"))
+    with pytest.raises(ExportError, match="not a transformers model"):
+        save_hf(nn.Linear(2, 2), tmp_path / "linear")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ExportError, match="exists"):
+        save_hf(tiny_llama(**SMALL), tmp_path / "taken")
+
+
+def test_cli_exports_a_saved_model(tmp_path):
+    model, _ = nncompress.zoo.build_model({"name": "tiny_llama", "kwargs": SMALL})
+    nncompress.save(model, tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 0
+    assert loaded_alone(tmp_path / "hf", model, token_inputs(model), "lm", tmp_path) < 1e-5
+    assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 2  # exists: refused
