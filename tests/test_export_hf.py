@@ -109,3 +109,39 @@ def test_cli_exports_a_saved_model(tmp_path):
     assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 0
     assert loaded_alone(tmp_path / "hf", model, token_inputs(model), "lm", tmp_path) < 1e-5
     assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 2  # exists: refused
+
+
+def test_a_compressed_minilm_is_a_sentence_transformers_folder_that_encodes_alike(tmp_path):
+    from nncompress.export.hf import save_sentence_transformers
+
+    model, tok = nncompress.zoo.load_hf("minilm")
+    w8 = QuantSpec(format=IntFormat(bits=8))
+    model = nncompress.apply(model, QuantizeConfig(weight=w8), targets=Targets(include=("*encoder*",), types=(nn.Linear,)))
+    sentences = ["The licence grants the right to copy.", "Pruning removes whole channels.", "Short."]
+    folder = save_sentence_transformers(model, tmp_path / "st", tok, sentences)
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.eval()(batch["input_ids"], batch["attention_mask"])
+    code = ("import sys, torch, sentence_transformers; m = sentence_transformers.SentenceTransformer(sys.argv[1], "
+            "device='cpu'); e = m.encode(sys.argv[2:], convert_to_tensor=True); torch.save(e, sys.argv[1] + '.pt'); "
+            "print('nncompress' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), *sentences], capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+    theirs = torch.load(str(folder) + ".pt")
+    assert (theirs - ours).abs().max() < 1e-5
+    with pytest.raises(ExportError, match="SentenceEncoder"):
+        save_sentence_transformers(tiny_llama(**SMALL), tmp_path / "lm", tok)
+
+
+def test_cli_writes_a_sentence_transformers_folder_only_for_an_encoder(tmp_path):
+    model, _ = nncompress.zoo.build_model({"name": "hf:minilm"})
+    nncompress.save(model, tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), "--format", "sentence-transformers", "--out",
+                 str(tmp_path / "st")]) == 0
+    assert (tmp_path / "st" / "modules.json").is_file() and (tmp_path / "st" / "tokenizer.json").is_file()
+    lm, _ = nncompress.zoo.build_model({"name": "tiny_llama", "kwargs": SMALL})
+    nncompress.save(lm, tmp_path / "lm")
+    assert main(["export", str(tmp_path / "lm"), "--format", "sentence-transformers", "--out",
+                 str(tmp_path / "lm-st")]) == 2
+    assert not (tmp_path / "lm-st").exists()

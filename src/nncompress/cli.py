@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "comparing outputs. A model the format cannot express is an error, never a "
                                      "folder with wrong weights.")
     exp.add_argument("model_dir", type=Path, help="a folder written by nncompress.save (e.g. RUN/model)")
-    exp.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers' save_pretrained layout")
+    exp.add_argument("--format", choices=["hf", "sentence-transformers"], default="hf",
+                     help="hf: transformers' save_pretrained layout; sentence-transformers: a folder "
+                          "SentenceTransformer(path) loads (sentence encoders such as hf:minilm)")
     exp.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
     exp.add_argument("--trust-code", action="store_true",
                      help="allow the saved manifest to import the module:factory it names (only for folders you trust)")
@@ -337,10 +339,21 @@ def _yaml_key(name: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export.hf import save_hf
+    from .core import model_source
+    from .export.hf import save_hf, save_sentence_transformers
     from .saving import load
+    from .zoo.hf import load_hf_tokenizer
     model = load(args.model_dir, trust_code=args.trust_code)
-    print(f"wrote {save_hf(model, args.out)} (reloaded by transformers: same outputs)")
+    if args.format == "hf":
+        print(f"wrote {save_hf(model, args.out)} (reloaded by transformers: same outputs)")
+        return 0
+    base = str(model_source(model).get("name", ""))
+    if not base.startswith("hf:"):
+        from .core.errors import NNCompressError
+        raise NNCompressError(f"{args.model_dir}: built from {base!r}, not a Hugging Face encoder (hf:...); "
+                              "the sentence-transformers format needs its tokenizer")
+    folder = save_sentence_transformers(model, args.out, load_hf_tokenizer(base[3:]))
+    print(f"wrote {folder} (loaded by SentenceTransformer: same embeddings)")
     return 0
 
 

@@ -18,7 +18,9 @@ alternatives, and nothing is written: never a folder that loads "successfully" w
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from ..eval.measure import call_model
 from ..core.merge import merge
 from .atomic import atomic_dir
 
-__all__ = ["ExportError", "save_hf", "hf_model_of", "token_inputs"]
+__all__ = ["ExportError", "save_hf", "save_sentence_transformers", "hf_model_of", "token_inputs"]
 
 REL_TOL = 1e-4
 _ALTERNATIVES = "save it with nncompress.save (which replays the edits on load) or export ONNX instead"
@@ -59,9 +61,82 @@ def save_hf(model: nn.Module, folder: str | os.PathLike, inputs: Any = None, ove
                give the same outputs; default: token ids drawn from the vocabulary (`token_inputs`)
     overwrite: replace an existing folder (never done silently)
     """
+    return _publish(folder, overwrite, lambda staged: _write_hf(model, staged, inputs))
+
+
+def save_sentence_transformers(model: nn.Module, folder: str | os.PathLike, tokenizer: Any,
+                               sentences: list[str] | None = None, overwrite: bool = False) -> Path:
+    """Write a `SentenceEncoder` (mean pooling, unit norm) as a sentence-transformers folder:
+    the transformer and its tokenizer at the root, then Pooling (mean) and Normalize modules. Checked
+    by `SentenceTransformer(folder)` encoding `sentences` as the nncompress model embeds them."""
+    from ..zoo.hf import SentenceEncoder
+
+    if not isinstance(model, SentenceEncoder):
+        raise ExportError(f"{type(model).__name__}: a sentence-transformers folder is written for a SentenceEncoder "
+                          f"(mean pooling, unit norm), e.g. hf:minilm; use the hf format for other models")
+    sentences = sentences or ["A sentence to embed.", "Compression keeps what the model computes, in fewer bytes."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def fill(staged: Path) -> None:
+        _write_hf(model, staged, inputs)
+        _quietly(tokenizer.save_pretrained, staged)
+        width = hf_model_of(model).config.hidden_size
+        (staged / "1_Pooling").mkdir()
+        (staged / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": width, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+        (staged / "2_Normalize").mkdir()
+        longest = min(int(getattr(tokenizer, "model_max_length", 512)),
+                      int(getattr(hf_model_of(model).config, "max_position_embeddings", 512)))
+        (staged / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": longest, "do_lower_case": False}, indent=2))
+        (staged / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], indent=2))
+        _check_sentence_transformers(model, staged, sentences, inputs)
+
+    return _publish(folder, overwrite, fill)
+
+
+def _check_sentence_transformers(model: nn.Module, staged: Path, sentences: list[str], inputs: Any) -> None:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ExportError("the sentence-transformers format is checked by loading it with sentence-transformers, "
+                          "which is not installed: pip install sentence-transformers") from None
+    with torch.no_grad():
+        expected = merge(copy.deepcopy(model).eval())(**inputs).double()
+    got = torch.as_tensor(SentenceTransformer(str(staged), device="cpu").encode(sentences, convert_to_numpy=True)
+                          ).double()
+    err = float((got - expected).norm() / expected.norm()) if got.shape == expected.shape else float("inf")
+    if not err <= REL_TOL:
+        raise ExportError(f"{type(model).__name__}: SentenceTransformer loads the folder but embeds differently "
+                          f"(relative error {err:.2e} > {REL_TOL:.0e}); {_ALTERNATIVES}")
+
+
+def _publish(folder: str | os.PathLike, overwrite: bool, fill: Any) -> Path:
+    """Fill a staging folder beside `folder` with `fill(staged)` (which writes and checks everything),
+    then move it into place: a failure leaves nothing behind."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ExportError(f"{folder} exists; choose another folder or pass overwrite=True")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".nncompress-export-", dir=folder.parent) as tmp:
+        staged = Path(tmp) / "out"
+        staged.mkdir()
+        fill(staged)
+        if folder.exists():
+            shutil.rmtree(folder)
+        with atomic_dir(folder) as out:
+            for f in staged.iterdir():
+                f.replace(out / f.name)
+    return folder
+
+
+def _write_hf(model: nn.Module, staged: Path, inputs: Any) -> None:
+    """The transformers folder of `model` in `staged` (an empty folder), reloaded and compared."""
     plain = merge(copy.deepcopy(model).eval())
     hf = hf_model_of(plain)
     inputs = token_inputs(plain) if inputs is None else inputs
@@ -69,22 +144,11 @@ def save_hf(model: nn.Module, folder: str | os.PathLike, inputs: Any = None, ove
     if odd:
         raise ExportError(f"{type(hf).__name__}: layers {', '.join(odd)} have no transformers equivalent even merged; "
                           f"{_ALTERNATIVES}")
-    config = _rewritten_config(hf)
-    hf.config = config
+    hf.config = _rewritten_config(hf)
     with torch.no_grad():
         expected = call_model(plain, inputs)
-    with tempfile.TemporaryDirectory(prefix=".nncompress-hf-", dir=folder.parent if folder.parent.exists() else None
-                                     ) as tmp:
-        staged = Path(tmp) / "hf"
-        _quietly(hf.save_pretrained, staged)
-        _check_reload(plain, hf, staged, inputs, expected)
-        if folder.exists():
-            import shutil
-            shutil.rmtree(folder)
-        with atomic_dir(folder) as out:
-            for f in staged.iterdir():
-                f.replace(out / f.name)
-    return folder
+    _quietly(hf.save_pretrained, staged)
+    _check_reload(plain, hf, staged, inputs, expected)
 
 
 def token_inputs(model: nn.Module, batch: int = 2, length: int = 16) -> Any:
