@@ -16,6 +16,7 @@ of the same weights, and measures perplexity with the same formula (benchmarks/p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -43,10 +45,13 @@ OURS = {  # label -> (scheme, stages as recipe dicts)
     "GPTQ act-order": ("W4 g128", [("gptq", {"calib_batches": 8, "act_order": True})]),
     "AWQ + GPTQ act-order": ("W4 g128", [("awq", {"calib_batches": 8}),
                                          ("gptq", {"calib_batches": 8, "act_order": True})]),
+    "GPTQ act-order, 1 window per batch": ("W4 g128", [("gptq", {"calib_batches": 128, "act_order": True})]),
     "magnitude": ("2:4", [("sparsify", {"importance": "magnitude"})]),
     "Wanda": ("2:4", [("sparsify", {"importance": "wanda", "calib_batches": 8})]),
     "SparseGPT": ("2:4", [("sparsify", {"importance": "sparsegpt", "calib_batches": 8})]),
+    "SparseGPT, 1 window per batch": ("2:4", [("sparsify", {"importance": "sparsegpt", "calib_batches": 128})]),
 }
+ONE_BY_ONE = ", 1 window per batch"  # the same 128 windows fed one at a time, as llm-compressor feeds them
 PEERS = {"gptq_w4a16": ("llm-compressor GPTQ (W4A16)", "W4 g128"),
          "wanda_24": ("llm-compressor Wanda", "2:4"),
          "sparsegpt_24": ("llm-compressor SparseGPT", "2:4")}
@@ -96,6 +101,8 @@ def run_ours(label: str, cache: Path) -> dict:
                              {"granularity": {"kind": "nm", "n": 2, "m": 4}}), **fields, "targets": BLOCKS}
            for kind, fields in stages]
     recipe, model, data, legal = prepared(cache, raw)
+    if label.endswith(ONE_BY_ONE):
+        data = dataclasses.replace(data, calib=DataLoader(data.calib.dataset, batch_size=1, shuffle=False))
     before = reset_peak()
     start = time.perf_counter()
     for stage in recipe.stages:
@@ -198,7 +205,11 @@ def _table(rows: list[dict], n_test: int, n_ood: int) -> str:
             f"of the decoder blocks compressed from the same 128 calibration windows of 128 bytes; perplexity "
             f"per byte on {n_test} windows of held-out topics and {n_ood} windows of the stdlib licences (never "
             "calibrated on). Each method in a fresh process: compress time is the compression call, memory the "
-            "growth of the peak resident set during it. llm-compressor 0.14 in its own environment (.venv-peers), "
+            "growth of the peak resident set during it (most of it the activations of the calibration batches: "
+            "nncompress feeds the data's batches of 16 windows unless told otherwise, llm-compressor one window at "
+            "a time, hence the rows with 1 window per batch; at this model size the figure also moves by tens of MB "
+            "from run to run with the allocator's high-water mark: a second run gave 119-121 MB for the 1-window "
+            "rows). llm-compressor 0.14 in its own environment (.venv-peers), "
             "same weights and windows; its file bytes are not measured (it saves in its own format). "
             "CPU, 2 threads.\n\n" + "\n".join(lines))
 

@@ -111,6 +111,7 @@ def test_cli_exports_a_saved_model(tmp_path):
     assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 2  # exists: refused
 
 
+@pytest.mark.slow  # sentence-transformers and MiniLM loaded twice: ~5 s on 2 cores
 def test_a_compressed_minilm_is_a_sentence_transformers_folder_that_encodes_alike(tmp_path):
     from nncompress.export.hf import save_sentence_transformers
 
@@ -134,6 +135,7 @@ def test_a_compressed_minilm_is_a_sentence_transformers_folder_that_encodes_alik
         save_sentence_transformers(tiny_llama(**SMALL), tmp_path / "lm", tok)
 
 
+@pytest.mark.slow  # sentence-transformers and MiniLM loaded twice: ~5 s on 2 cores
 def test_cli_writes_a_sentence_transformers_folder_only_for_an_encoder(tmp_path):
     model, _ = nncompress.zoo.build_model({"name": "hf:minilm"})
     nncompress.save(model, tmp_path / "saved")

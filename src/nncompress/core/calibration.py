@@ -290,15 +290,22 @@ class BlockInputs:
 
     def advance(self, outputs: list[Any]) -> "BlockInputs":
         """The next block's calls: this block's output in place of its hidden-state input."""
-        calls = []
-        for (a, k), out in zip(self.calls, outputs):
-            y = first_tensor(out)
-            if a and torch.is_tensor(a[0]):
-                a = (y, *a[1:])
-            else:
-                k = {**k, "hidden_states": y}
-            calls.append((a, k))
-        return BlockInputs(calls, self.masks)
+        return BlockInputs([_with_hidden(call, first_tensor(out)) for call, out in zip(self.calls, outputs)],
+                           self.masks)
+
+    def pass_through(self, block: nn.Module) -> None:
+        """Run `block` on each call and put its output in place of that call's hidden state, one call
+        at a time: the next block's inputs, holding one set of hidden states rather than two."""
+        with torch.no_grad():
+            for i, (a, k) in enumerate(self.calls):
+                self.calls[i] = _with_hidden((a, k), first_tensor(block(*a, **k)))
+
+
+def _with_hidden(call: tuple[tuple, dict], y: Tensor) -> tuple[tuple, dict]:
+    a, k = call
+    if a and torch.is_tensor(a[0]):
+        return (y, *a[1:]), k
+    return a, {**k, "hidden_states": y}
 
 
 def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable, batches: int,
@@ -333,7 +340,7 @@ def sequential_blocks(model: nn.Module, blocks: Sequence[str], loader: Iterable,
         was = block.training
         block.eval()
         step(name, block, inputs)
-        inputs = inputs.advance(inputs.run(block))
+        inputs.pass_through(block)
         block.train(was)
 
 
