@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import checkpoint_size, update_section  # noqa: E402
+from memory import peak_mb, reset_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -69,24 +70,6 @@ def prepared(cache: Path, stages: list[dict] = ()):
     seed_everything(recipe.seed)
     model, data = prepare(recipe, cache, log=lambda m: print(m, flush=True))
     return recipe, model, data, text(**{**RECIPE["data"]["kwargs"], "domain": "legal"})
-
-
-def reset_peak() -> float:
-    """Reset this process's peak resident set (Linux: /proc/self/clear_refs) and return the current
-    resident set (MB): the memory a call then adds is `peak_mb() - reset_peak()`."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def peak_mb() -> float:
-    return _status_mb("VmHWM")
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def run_ours(label: str, cache: Path) -> dict:

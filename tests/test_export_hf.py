@@ -78,6 +78,7 @@ def test_an_int8_minilm_loads_in_transformers_alone_with_its_embeddings(tmp_path
     assert loaded_alone(folder, model, x, "encoder", tmp_path) < 1e-5
 
 
+@pytest.mark.slow  # MiniLM pruned by heads, and a global LLaMA pruning: ~4 s on 2 cores
 def test_what_a_config_cannot_express_is_an_error_and_writes_nothing(tmp_path):
     data = text(batch_size=4, seq_len=32, calib=8)
     ctx = Context(data=data)
@@ -109,6 +110,9 @@ def test_cli_exports_a_saved_model(tmp_path):
     assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 0
     assert loaded_alone(tmp_path / "hf", model, token_inputs(model), "lm", tmp_path) < 1e-5
     assert main(["export", str(tmp_path / "saved"), "--out", str(tmp_path / "hf")]) == 2  # exists: refused
+    assert main(["export", str(tmp_path / "saved"), "--format", "compressed-tensors", "--out",
+                 str(tmp_path / "ct")]) == 2  # a float model: nothing to pack, said so
+    assert not (tmp_path / "ct").exists()
 
 
 @pytest.mark.slow  # sentence-transformers and MiniLM loaded twice: ~5 s on 2 cores
@@ -147,3 +151,27 @@ def test_cli_writes_a_sentence_transformers_folder_only_for_an_encoder(tmp_path)
     assert main(["export", str(tmp_path / "lm"), "--format", "sentence-transformers", "--out",
                  str(tmp_path / "lm-st")]) == 2
     assert not (tmp_path / "lm-st").exists()
+
+
+def test_w4_weights_leave_in_the_compressed_tensors_format_that_transformers_loads(tmp_path):
+    from nncompress.export.hf import save_compressed_tensors
+
+    torch.manual_seed(0)
+    data = text(batch_size=4, seq_len=32, calib=8)
+    w4 = QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=32))
+    model = nncompress.apply(tiny_llama(**SMALL), GPTQConfig(weight=w4), targets=BLOCKS, context=Context(data=data))
+    packed = save_compressed_tensors(model, tmp_path / "ct")
+    flat = save_hf(model, tmp_path / "hf")
+    qc = json.loads((packed / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    (weights,) = [g["weights"] for g in qc["config_groups"].values()]
+    assert weights["num_bits"] == 4 and weights["group_size"] == 32 and weights["strategy"] == "group"
+    size = lambda folder: sum(f.stat().st_size for f in folder.iterdir())  # noqa: E731
+    assert size(packed) < 0.6 * size(flat)  # the decoder's Linears at 4 bits (embeddings and lm_head float)
+    assert loaded_alone(packed, model, token_inputs(model, batch=3, length=20), "lm", tmp_path) < 1e-4
+    w8a8 = nncompress.apply(tiny_llama(**SMALL), QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=8)),
+                                                                activation=QuantSpec(format=IntFormat(bits=8))),
+                            targets=BLOCKS, context=Context(data=data))
+    with pytest.raises(ExportError, match="activations are quantized too"):
+        save_compressed_tensors(w8a8, tmp_path / "w8a8")
+    assert not (tmp_path / "w8a8").exists()

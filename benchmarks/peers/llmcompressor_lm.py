@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from memory import peak_mb, reset_peak  # noqa: E402  (benchmarks/memory.py: no nncompress import)
 
 
 def perplexity(model, x: torch.Tensor, y: torch.Tensor, batch: int = 16) -> float:
@@ -36,24 +40,6 @@ def byte_tokenizer():
     vocab = {f"<{i:02x}>": i for i in range(256)}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<00>")),
                                    pad_token="<00>")
-
-
-def reset_peak() -> float:
-    """Reset this process's peak resident set (Linux: /proc/self/clear_refs) and return the current
-    resident set (MB): the memory a call then adds is `peak_mb() - reset_peak()`."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def peak_mb() -> float:
-    return _status_mb("VmHWM")
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def main() -> None:

@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "comparing outputs. A model the format cannot express is an error, never a "
                                      "folder with wrong weights.")
     exp.add_argument("model_dir", type=Path, help="a folder written by nncompress.save (e.g. RUN/model)")
-    exp.add_argument("--format", choices=["hf", "sentence-transformers"], default="hf",
-                     help="hf: transformers' save_pretrained layout; sentence-transformers: a folder "
-                          "SentenceTransformer(path) loads (sentence encoders such as hf:minilm)")
+    exp.add_argument("--format", choices=["hf", "compressed-tensors", "sentence-transformers"], default="hf",
+                     help="hf: transformers' save_pretrained layout (float weights); compressed-tensors: the same "
+                          "with integer weight-only layers packed (transformers loads it with the compressed-tensors "
+                          "package); sentence-transformers: a folder SentenceTransformer(path) loads (sentence "
+                          "encoders such as hf:minilm)")
     exp.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
     exp.add_argument("--trust-code", action="store_true",
                      help="allow the saved manifest to import the module:factory it names (only for folders you trust)")
@@ -340,12 +342,13 @@ def _yaml_key(name: str) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     from .core import model_source
-    from .export.hf import save_hf, save_sentence_transformers
+    from .export.hf import save_compressed_tensors, save_hf, save_sentence_transformers
     from .saving import load
     from .zoo.hf import load_hf_tokenizer
     model = load(args.model_dir, trust_code=args.trust_code)
-    if args.format == "hf":
-        print(f"wrote {save_hf(model, args.out)} (reloaded by transformers: same outputs)")
+    if args.format in ("hf", "compressed-tensors"):
+        save = save_hf if args.format == "hf" else save_compressed_tensors
+        print(f"wrote {save(model, args.out)} (reloaded by transformers: same outputs)")
         return 0
     base = str(model_source(model).get("name", ""))
     if not base.startswith("hf:"):

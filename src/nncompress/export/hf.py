@@ -17,7 +17,9 @@ alternatives, and nothing is written: never a folder that loads "successfully" w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ from ..eval.measure import call_model
 from ..core.merge import merge
 from .atomic import atomic_dir
 
-__all__ = ["ExportError", "save_hf", "save_sentence_transformers", "hf_model_of", "token_inputs"]
+__all__ = ["ExportError", "save_hf", "save_compressed_tensors", "save_sentence_transformers", "hf_model_of", "token_inputs"]
 
 REL_TOL = 1e-4
 _ALTERNATIVES = "save it with nncompress.save (which replays the edits on load) or export ONNX instead"
@@ -62,6 +64,22 @@ def save_hf(model: nn.Module, folder: str | os.PathLike, inputs: Any = None, ove
     overwrite: replace an existing folder (never done silently)
     """
     return _publish(folder, overwrite, lambda staged: _write_hf(model, staged, inputs))
+
+
+def save_compressed_tensors(model: nn.Module, folder: str | os.PathLike, inputs: Any = None,
+                            overwrite: bool = False) -> Path:
+    """Write `model` as a transformers folder whose integer-quantized Linears are stored in the
+    compressed-tensors format (`pack-quantized`: the codes packed into int32, one scale per group or
+    channel, and a `quantization_config` in config.json), which transformers loads with the
+    compressed-tensors package. Weight-only integer specs (2-8 bits, symmetric, per group along the
+    fan-in, per channel or per tensor) are written quantized; any other layer as float. Checked by
+    transformers' reload as `save_hf` is."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ExportError("the compressed-tensors format needs the compressed-tensors package (which transformers "
+                          "also needs to load it): pip install compressed-tensors") from None
+    return _publish(folder, overwrite, lambda staged: _write_hf(model, staged, inputs, packed=True))
 
 
 def save_sentence_transformers(model: nn.Module, folder: str | os.PathLike, tokenizer: Any,
@@ -135,8 +153,10 @@ def _publish(folder: str | os.PathLike, overwrite: bool, fill: Any) -> Path:
     return folder
 
 
-def _write_hf(model: nn.Module, staged: Path, inputs: Any) -> None:
-    """The transformers folder of `model` in `staged` (an empty folder), reloaded and compared."""
+def _write_hf(model: nn.Module, staged: Path, inputs: Any, packed: bool = False) -> None:
+    """The transformers folder of `model` in `staged` (an empty folder), reloaded and compared;
+    `packed`: the integer-quantized Linears in the compressed-tensors format."""
+    quantized = _integer_linears(model) if packed else {}
     plain = merge(copy.deepcopy(model).eval())
     hf = hf_model_of(plain)
     inputs = token_inputs(plain) if inputs is None else inputs
@@ -147,8 +167,72 @@ def _write_hf(model: nn.Module, staged: Path, inputs: Any) -> None:
     hf.config = _rewritten_config(hf)
     with torch.no_grad():
         expected = call_model(plain, inputs)
-    _quietly(hf.save_pretrained, staged)
+    if quantized:
+        compressor = _pack(hf, quantized)
+        _quietly(hf.save_pretrained, staged)
+        compressor.update_config(str(staged))
+    else:
+        _quietly(hf.save_pretrained, staged)
     _check_reload(plain, hf, staged, inputs, expected)
+
+
+def _integer_linears(model: nn.Module) -> dict[str, tuple[Any, torch.Tensor]]:
+    """{name relative to the transformers model: (compressed-tensors QuantizationArgs, scale)} of every
+    weight-only integer-quantized Linear; an `ExportError` for a quantized layer the format cannot hold."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from ..formats import IntFormat, PerChannel, PerGroup, PerTensor
+    from ..quant.fake_quant import QuantWrapper
+
+    hf = hf_model_of(model)
+    out = {}
+    for name, m in hf.named_modules():
+        if not isinstance(m, QuantWrapper) or m.weight_quant is None:
+            continue
+        spec, fq = m.weight_quant.spec, m.weight_quant
+        g = spec.granularity
+        why = ("activations are quantized too (compressed-tensors here holds weight-only schemes)"
+               if m.input_quant is not None else
+               "not a Linear" if not isinstance(m.base, nn.Linear) else
+               f"{type(spec.format).__name__} is not a signed symmetric integer grid of 2-8 bits"
+               if not (isinstance(spec.format, IntFormat) and spec.format.symmetric and spec.format.signed
+                       and 2 <= spec.format.bits <= 8) else
+               "no scale (calibrate first)" if fq.scale is None else
+               f"{type(g).__name__} is not per group along the fan-in, per channel or per tensor"
+               if not (isinstance(g, (PerTensor, type(None))) or (isinstance(g, PerChannel) and g.axis == 0)
+                       or (isinstance(g, PerGroup) and g.axis in (1, -1))) else None)
+        if why:
+            raise ExportError(f"{name}: {why}; export with format hf (float weights) or {_ALTERNATIVES}")
+        strategy = ("group" if isinstance(g, PerGroup) else "channel" if isinstance(g, PerChannel) else "tensor")
+        args = QuantizationArgs(num_bits=spec.format.bits, type="int", symmetric=True, strategy=strategy,
+                                group_size=g.size if isinstance(g, PerGroup) else None)
+        out[name] = (args, fq.scale.detach().clone())
+    if not out:
+        raise ExportError(f"{type(hf).__name__}: no integer-quantized Linear to pack; export with format hf")
+    return out
+
+
+def _pack(hf: nn.Module, quantized: dict[str, tuple[Any, torch.Tensor]]) -> Any:
+    """Attach compressed-tensors schemes to the (merged, float) Linears named in `quantized`, with
+    their scales, and compress them in place (codes = round(w / scale) of the dequantized weights:
+    exactly the integer codes). Returns the compressor, which writes `quantization_config`."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+
+    by_args: dict[str, list[str]] = {}
+    for name, (args, _) in quantized.items():
+        by_args.setdefault(args.model_dump_json(), []).append(name)
+    groups = {f"group_{i}": QuantizationScheme(targets=sorted(names), weights=quantized[names[0]][0])
+              for i, names in enumerate(by_args.values())}
+    apply_quantization_config(hf, QuantizationConfig(config_groups=groups, quantization_status="frozen"))
+    modules = dict(hf.named_modules())
+    with torch.no_grad():
+        for name, (_, scale) in quantized.items():
+            modules[name].weight_scale.data.copy_(scale.reshape(modules[name].weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(hf, quantization_format="pack-quantized")
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-module progress bar
+        compressor.compress_model(hf)
+    return compressor
 
 
 def token_inputs(model: nn.Module, batch: int = 2, length: int = 16) -> Any:
