@@ -16,6 +16,7 @@ of the same weights, and measures perplexity with the same formula (benchmarks/p
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import subprocess
@@ -151,11 +152,54 @@ def main() -> None:
                           str(folder / "hf"), "--tokens", str(folder / "tokens.safetensors"), "--method", method], label)
             row.update(label=label, scheme=scheme, bytes=None)
             rows.append(row)
-    body = _table(rows, len(data.test.dataset), len(legal.test.dataset))
+    onnx_rows = onnx_w4(cache, args.quick)
+    body = _table(rows, len(data.test.dataset), len(legal.test.dataset)) + "\n\n" + onnx_rows
     if args.quick:
         body += "\n\nQUICK RUN (2 blocks, 60 training steps): not the reference figures."
     update_section(args.out, "lm", body)
     print(body)
+
+
+def onnx_w4(cache: Path, quick: bool) -> str:
+    """The GPTQ act-order W4 g128 model in ONNX Runtime: exported as float (merged) and with MatMulNBits,
+    bytes of each file, perplexity through ONNX Runtime and latency timed interleaved."""
+    import numpy as np
+
+    from nncompress.core import Context
+    from nncompress.eval.latency import compare_onnx_latency, ort_feed, ort_session
+    from nncompress.export.onnx import export_onnx
+    from nncompress.export.onnx_nbits import export_nbits_onnx
+    from nncompress.core.merge import merge
+    from nncompress.recipe.runner import apply_stage
+
+    torch.set_num_threads(2)
+    _, stages = OURS["GPTQ act-order"]
+    raw = [{"kind": k, "weight": W4, **f, "targets": BLOCKS} for k, f in stages]
+    recipe, model, data, _ = prepared(cache, raw)
+    model = apply_stage(recipe, recipe.stages[0], model, Context(data=data))
+    lines = ["| ONNX file | bytes | perplexity (ONNX Runtime) | ORT b=1 (ms) | ORT b=16 (ms) |",
+             "| --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        x = data.example_batch(2)
+        files = {"fp32 (dequantized weights)": export_onnx(merge(copy.deepcopy(model)), x, Path(tmp) / "f32.onnx"),
+                 "MatMulNBits W4 g128": export_nbits_onnx(model, x, Path(tmp) / "w4.onnx")}
+        lat = {b: compare_onnx_latency(list(files.values()), data.example_batch(b), repeats=10 if quick else 30,
+                                       threads=2) for b in (1, 16)}
+        for i, (label, path) in enumerate(files.items()):
+            session = ort_session(path, 2)
+            nll = n = 0.0
+            for xb, yb in data.test:
+                logits = torch.from_numpy(session.run(None, ort_feed(session, xb))[0])
+                nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), yb.flatten(),
+                                                               reduction="sum"))
+                n += yb.numel()
+            size = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.name.startswith(path.stem))
+            lines.append(f"| {label} | {size:,} | {np.exp(nll / n):.4f} | {lat[1][i].median_ms:.2f} | "
+                         f"{lat[16][i].median_ms:.2f} |")
+    print("\n".join(lines), flush=True)
+    return ("ONNX Runtime 4-bit: the GPTQ act-order W4 g128 model exported as float ONNX (weights dequantized) and "
+            "with every quantized Linear as a `MatMulNBits` node (`nncompress export --format onnx-nbits`); "
+            "windows of 128 bytes, medians of interleaved runs, 2 threads.\n\n" + "\n".join(lines))
 
 
 def _child(cmd: list[str], label: str) -> dict:

@@ -1,5 +1,6 @@
 """Hugging Face folders: transformers alone (no nncompress imported) loads them with the right weights,
 and a model the config cannot express is an error, never a folder that loads with wrong weights."""
+import copy
 import json
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_a_pruned_and_quantized_llama_loads_in_transformers_alone_with_its_outpu
     model = nncompress.apply(model, GPTQConfig(weight=w4), targets=BLOCKS, context=ctx)
     folder = save_hf(model, tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
-    merged = nncompress.merge(model).model.model.layers[0]
+    merged = nncompress.merge(copy.deepcopy(model)).model.model.layers[0]
     assert config["intermediate_size"] == merged.mlp.gate_proj.out_features == 64
     assert config["num_key_value_heads"] == merged.self_attn.k_proj.out_features // 16
     x = token_inputs(model, batch=3, length=20)
@@ -175,3 +176,40 @@ def test_w4_weights_leave_in_the_compressed_tensors_format_that_transformers_loa
     with pytest.raises(ExportError, match="activations are quantized too"):
         save_compressed_tensors(w8a8, tmp_path / "w8a8")
     assert not (tmp_path / "w8a8").exists()
+
+
+def test_w4_weights_run_in_onnx_runtime_as_matmulnbits(tmp_path):
+    import onnx
+
+    from nncompress.eval.latency import ort_feed, ort_session
+    from nncompress.export.onnx_nbits import export_nbits_onnx
+
+    torch.manual_seed(0)
+    data = text(batch_size=4, seq_len=32, calib=8)
+    w4 = QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=32))
+    model = nncompress.apply(tiny_llama(**SMALL), GPTQConfig(weight=w4), targets=BLOCKS, context=Context(data=data))
+    x = data.example_batch(2)
+    path = export_nbits_onnx(model, x, tmp_path / "w4.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 14  # every Linear of the two decoder blocks
+    other = next(iter(data.test))[0][:3]  # another batch size and text than the export saw
+    session = ort_session(path)
+    with torch.no_grad():
+        ours = model(other).numpy()
+    got = session.run(None, ort_feed(session, other))[0]
+    assert abs(got - ours).max() < 1e-3 * abs(ours).max()
+    rtn_g8 = nncompress.apply(tiny_llama(**SMALL), QuantizeConfig(weight=QuantSpec(
+        format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=8))), targets=BLOCKS)
+    with pytest.raises(nncompress.core.UnsupportedOpError, match="power of two >= 16"):
+        export_nbits_onnx(rtn_g8, x, tmp_path / "g8.onnx")
+    assert not (tmp_path / "g8.onnx").exists()
+
+
+def test_cli_writes_matmulnbits_onnx_from_a_saved_w4_model(tmp_path):
+    model, _ = nncompress.zoo.build_model({"name": "tiny_llama", "kwargs": SMALL})
+    w4 = QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=16))
+    nncompress.save(nncompress.apply(model, QuantizeConfig(weight=w4), targets=BLOCKS), tmp_path / "w4")
+    out = tmp_path / "w4.onnx"
+    assert main(["export", str(tmp_path / "w4"), "--format", "onnx-nbits", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["export", str(tmp_path / "w4"), "--format", "onnx-nbits", "--out", str(out)]) == 2  # exists

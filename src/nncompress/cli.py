@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "comparing outputs. A model the format cannot express is an error, never a "
                                      "folder with wrong weights.")
     exp.add_argument("model_dir", type=Path, help="a folder written by nncompress.save (e.g. RUN/model)")
-    exp.add_argument("--format", choices=["hf", "compressed-tensors", "sentence-transformers"], default="hf",
+    exp.add_argument("--format", choices=["hf", "compressed-tensors", "sentence-transformers", "onnx-nbits"],
+                     default="hf",
                      help="hf: transformers' save_pretrained layout (float weights); compressed-tensors: the same "
                           "with integer weight-only layers packed (transformers loads it with the compressed-tensors "
                           "package); sentence-transformers: a folder SentenceTransformer(path) loads (sentence "
-                          "encoders such as hf:minilm)")
+                          "encoders such as hf:minilm); onnx-nbits: an ONNX file (--out FILE.onnx) whose 4/8-bit "
+                          "weight-only Linears are MatMulNBits nodes ONNX Runtime runs")
     exp.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
     exp.add_argument("--trust-code", action="store_true",
                      help="allow the saved manifest to import the module:factory it names (only for folders you trust)")
@@ -346,6 +348,17 @@ def _export(args: argparse.Namespace) -> int:
     from .saving import load
     from .zoo.hf import load_hf_tokenizer
     model = load(args.model_dir, trust_code=args.trust_code)
+    if args.format == "onnx-nbits":
+        from .export.hf import token_inputs
+        from .export.onnx_nbits import export_nbits_onnx
+        from .zoo.models import example_input
+        if args.out.exists():
+            from .core.errors import NNCompressError
+            raise NNCompressError(f"{args.out} exists; choose another --out")
+        hf = hasattr(model, "model") and hasattr(getattr(model, "model"), "config")
+        inputs = token_inputs(model) if hf else example_input(model, batch=2)
+        print(f"wrote {export_nbits_onnx(model, inputs, args.out)} (run in ONNX Runtime: same outputs)")
+        return 0
     if args.format in ("hf", "compressed-tensors"):
         save = save_hf if args.format == "hf" else save_compressed_tensors
         print(f"wrote {save(model, args.out)} (reloaded by transformers: same outputs)")
