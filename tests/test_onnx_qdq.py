@@ -39,11 +39,14 @@ def test_file_holds_qdq_nodes_and_int8_weights(mlp_qdq):
     assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 9   # per layer: input Q+DQ, weight, bias
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
     weights = [a for n, a in inits.items() if n.endswith("weight_q")]
-    assert len(weights) == 3 and all(a.dtype == np.int8 for a in weights)
+    # U8U8: the symmetric int8 codes c stored as c + 128 with zero point 128 (one byte each, as int8)
+    assert len(weights) == 3 and all(a.dtype == np.uint8 for a in weights)
+    assert all(inits[n.replace("weight_q", "weight_zero")].tolist() == [128] * len(a) for n, a in inits.items()
+               if n.endswith("weight_q"))
     assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2]   # no float weight left
-    # the int8 codes are the wrapper's own: dequantized, they are the fake-quant weight bit for bit
+    # the codes are the wrapper's own: dequantized, they are the fake-quant weight bit for bit
     w, s = inits["net_0.weight_q"], inits["net_0.weight_scale"]
-    assert np.array_equal(w.astype(np.float32) * s[:, None], q.net[0].quantized_weight().detach().numpy())
+    assert np.array_equal((w.astype(np.float32) - 128) * s[:, None], q.net[0].quantized_weight().detach().numpy())
     assert {"QGemm"} <= set(optimized_op_counts(path))   # onnxruntime fused them into int8 kernels
 
 
@@ -140,6 +143,7 @@ def _assert_int8_tables(path, model):
     assert sum(a.nbytes for a in inits.values()) < 0.4 * fp32_bytes   # (node metadata dominates a tiny file)
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_bert_static_qdq_runs_int8_matmuls(tiny_bert, tmp_path):
     model, data = tiny_bert
     # every Linear, the pooler included: it is dead code for mean pooling, so the exporter drops it
@@ -176,10 +180,62 @@ def test_dynamic_onnx_equals_hand_computed_integer_arithmetic(tmp_path):
     got = onnx_run(path, x)
     assert np.allclose(got, ref, rtol=1e-5, atol=1e-6)
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    assert np.array_equal(inits["0.weight_q"], layer.weight_q.numpy().T)   # the torch layer's own codes
+    # the torch layer's own codes, stored as uint8 + 128 with zero point 128 (U8U8: no int16 saturation)
+    assert inits["0.weight_q"].dtype == np.uint8 and set(inits["0.weight_zero"].tolist()) == {128}
+    assert np.array_equal(inits["0.weight_q"].astype(np.int16) - 128, layer.weight_q.numpy().T)
     assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2]
 
 
+def _int16_saturating_case(k=128, n=16, m=6):
+    """Inputs where a u8 x s8 kernel that adds product pairs in int16 (VPMADDUBSW, x86 without
+    AVX512-VNNI) saturates: activations at 255 against weight codes +-127 (pairs of 64770)."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.where(torch.rand(n, k, generator=g) < 0.5, 127, -127).to(torch.int8)
+    codes[::2] = 127
+    x = torch.rand(m, k, generator=g) * 0.1
+    x[:, ::2] = 1.0
+    return x, codes
+
+
+def test_dynamic_onnx_is_exact_where_int8_weights_saturate(tmp_path):
+    """The uint8 weights run onnxruntime's U8U8 kernels: the hand-computed integer arithmetic on every CPU,
+    also on inputs where int8 weights (U8S8) would saturate int16 pair sums on AVX2-only CPUs."""
+    from nncompress.export.onnx_dynamic import export_dynamic_onnx
+    from nncompress.quant.native import Int8DynamicConfig
+    x, codes = _int16_saturating_case()
+    q = nncompress.apply(torch.nn.Sequential(torch.nn.Linear(codes.shape[1], codes.shape[0])), Int8DynamicConfig())
+    with torch.no_grad():
+        q[0].weight_q.copy_(codes)
+    path = export_dynamic_onnx(q, x, tmp_path / "sat.onnx")
+    x64 = x.double().numpy()
+    s = np.float32(x64.max() / 255)                       # range [0, max]: zero point 0
+    xq = np.clip(np.round(x64 / s), 0, 255)
+    layer = q[0]
+    ref = (xq @ codes.double().numpy().T) * float(s) * layer.weight_scale.double().numpy() + layer.bias.double().numpy()
+    assert np.allclose(onnx_run(path, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    ops = optimized_op_counts(path)
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == 1   # still one fused int8 kernel
+
+
+def test_qdq_onnx_is_exact_where_int8_weights_saturate(tmp_path):
+    """Static QDQ, signed and unsigned activations: QGemm on uint8 weights equals the integer arithmetic."""
+    x, codes = _int16_saturating_case()
+    for signed in (False, True):
+        act = QuantSpec(format=IntFormat(bits=8, signed=signed, symmetric=signed))
+        model = torch.nn.Sequential(torch.nn.Linear(codes.shape[1], codes.shape[0]))
+        with torch.no_grad():
+            model[0].weight.copy_(codes.float() * 0.01)
+        data = type("D", (), {"calib": [(x, None)], "example_batch": lambda self, n: x[:n]})()
+        q = nncompress.apply(model, QuantizeConfig(weight=W8A8.weight, activation=act, calib_batches=1),
+                             context=Context(data=data)).eval()
+        path = export_qdq_onnx(q, x, tmp_path / f"sat{signed}.onnx", tolerance=1e-4)
+        assert optimized_op_counts(path)["QGemm"] == 1
+        with torch.no_grad():
+            ref = q(x).double().numpy()
+        assert np.allclose(onnx_run(path, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_bert_dynamic_onnx_fuses_and_keeps_fidelity(tiny_bert, tmp_path):
     from nncompress.core import Targets
     from nncompress.export.onnx_dynamic import export_dynamic_onnx

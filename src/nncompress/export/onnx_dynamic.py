@@ -1,22 +1,27 @@
-"""INT8 deployment with dynamic activations: int8 weights in the file, activations quantized at run time.
+"""INT8 deployment with dynamic activations: int8 weight codes in the file, activations quantized at run time.
 
 `export_dynamic_onnx` takes a model converted by the `int8_dynamic` transform (`Int8DynamicLinear`
 layers, quant/native.py) and writes an ONNX graph in which each of those layers is
 
-    DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q int8, x_zero, 0) -> Cast(float) -> Mul(s_x * s_w) [-> Add(b)]
+    DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q + 128, x_zero, 128) -> Cast(float) -> Mul(s_x * s_w)
+    [-> Add(b)]     (W_q + 128: the int8 codes stored as uint8, zero point 128: see below)
 
 standard ONNX ops only (opset >= 11), which onnxruntime's CPU optimizer fuses into
 `DynamicQuantizeMatMul` / `MatMulIntegerToFloat` int8 kernels (bias folded in; layers reading the same
 input, e.g. Q/K/V, share one DynamicQuantizeLinear after its common-subexpression pass): on
 all-MiniLM-L6-v2 the optimized graph runs exactly the kernels of onnxruntime's own `quantize_dynamic`
-(per-channel). The weight codes and per-channel scales are the layer's own, and the embedding tables
-are stored as int8 rows (`quantize_embeddings`), so the file is about a quarter of the fp32 one. Activations differ
-from the torch layer by design: ONNX's DynamicQuantizeLinear is uint8, asymmetric, one scale per tensor
-(the torch kernel uses one symmetric scale per row), so the check against torch is a tolerance on the
-relative L2 error, not bit equality.
+(per-channel), in their U8U8 variant. The weight codes and per-channel scales are the layer's own, and the
+embedding tables are stored as int8 rows (`quantize_embeddings`), so the file is about a quarter of the
+fp32 one. Activations differ from the torch layer by design: ONNX's DynamicQuantizeLinear is uint8,
+asymmetric, one scale per tensor (torch's fbgemm kernel takes the same grid, 7-bit where it would
+saturate; its int_mm kernel one symmetric scale per row), so the check against torch is a tolerance on
+the relative L2 error, not bit equality.
 
-Note: onnxruntime's u8s8 kernels on x86 CPUs without AVX512-VNNI/AMX may saturate int16 sums
-(the reason for quantize_dynamic's `reduce_range`); the export checks the numbers where it runs.
+The weight codes are stored as uint8 with zero point 128 (`onnx_qdq.uint8_codes`: code c as c + 128,
+the same numbers and bytes), not as int8: onnxruntime's x86 U8S8 kernels (int8 weights) saturate int16
+pair sums on CPUs without AVX512-VNNI (255 * 127 * 2 > 32767; the reason for quantize_dynamic's
+`reduce_range`), and a file runs on whatever CPU it is deployed to. Its U8U8 kernels are exact on
+every CPU with the full 8-bit activation grid, at some speed (AVX2: ~1.2x slower GEMMs than U8S8).
 
 >>> import os, tempfile, torch, torch.nn as nn
 >>> import nncompress
@@ -48,7 +53,7 @@ from ..eval.measure import Inputs
 from ..core import set_module
 from ..quant.native import Int8DynamicLinear
 from .onnx import export_onnx
-from .onnx_qdq import _find_layer, qdq_op_counts, quantize_gather_tables, replace_graph, verify_onnx
+from .onnx_qdq import _find_layer, qdq_op_counts, quantize_gather_tables, replace_graph, uint8_codes, verify_onnx
 
 __all__ = ["export_dynamic_onnx", "qdq_op_counts"]
 
@@ -127,8 +132,10 @@ def _insert_dynamic(proto: Any, plans: dict[str, dict[str, Any]]) -> None:
         name, _ = found
         done.add(name)
         p, tag = plans[name], name.replace(".", "_") or "layer"
-        wq = const(f"{tag}.weight_q", np.ascontiguousarray(p["codes"].T).astype(np.int8))    # (I, O)
-        wz = const(f"{tag}.weight_zero", np.zeros(p["codes"].shape[0], np.int8))             # (O,) per column
+        codes, zero = uint8_codes(np.ascontiguousarray(p["codes"].T), np.zeros(p["codes"].shape[0], np.int32),
+                                  signed=True)                                                 # U8U8: exact
+        wq = const(f"{tag}.weight_q", codes)                                                   # (I, O) uint8
+        wz = const(f"{tag}.weight_zero", zero)                                                 # (O,) 128s
         ws = const(f"{tag}.weight_scale", p["w_scale"].astype(np.float32))                   # (O,)
         x = node.input[0]
         nodes += [

@@ -1,10 +1,23 @@
 """INT8 deployment: a fake-quantized model as an ONNX QDQ graph that ONNX Runtime runs with int8 kernels.
 
 Each quantized layer becomes `QuantizeLinear -> DequantizeLinear` on its input (the wrapper's own
-activation scale / zero point), `DequantizeLinear` on an int8 weight initializer (the wrapper's
+activation scale / zero point), `DequantizeLinear` on an 8-bit weight initializer (the wrapper's
 per-channel or per-tensor weight codes, exactly what the fake-quant forward uses) and, when its input
 is quantized, an int32 bias dequantized with scale `s_x * s_w` (the layout ONNX Runtime's QDQ
-transformer fuses into QLinearConv / QGemm / QLinearMatMul). Everything else stays float.
+transformer fuses into QLinearConv / QGemm / QLinearMatMul / MatMulIntegerToFloat). Everything else
+stays float.
+
+Weights and activations are written as uint8 (the U8U8 format): signed codes c with zero point z are
+stored as c + 128 with zero point z + 128 (`uint8_codes`), the same numbers and the same bytes
+(symmetric int8 weights: codes 1..255, zero point 128). ONNX Runtime's x86 U8S8 kernels (int8
+weights) multiply with VPMADDUBSW, which adds two u8 * s8 products into an int16 and saturates on
+CPUs without AVX512-VNNI (AVX2; 255 * 127 * 2 = 64770 > 32767): an MLP on digits came out 10%
+(relative L2) off the fake-quant model on an AVX2 EPYC. Its U8U8 kernels widen to int16 before
+multiplying and accumulate in int32, exact on every CPU, so a file checked on one machine computes
+the same integers on the one it is deployed to (measured on AVX2: QGemm, QLinearMatMul,
+MatMulIntegerToFloat, QLinearConv 1x1 / 3x3 / depthwise and DynamicQuantizeMatMul all fuse and equal
+the integer arithmetic). The cost: U8U8 GEMMs run slower than U8S8 ones where those are exact
+(AVX2: ~1.2x on a 2048x384x1536 GEMM; AVX512-VNNI CPUs lose more, their VPDPBUSD being U8S8 only).
 
 The numbers match the PyTorch fake-quant model up to the int32 bias rounding (|error| <= s_x s_w / 2
 per output) and rare rounding ties; `export_qdq_onnx` checks the relative L2 error in onnxruntime
@@ -22,14 +35,15 @@ the file from 59 MB to 24 MB (fp32: 91 MB) at the same fidelity (~0.993 cosine t
 >>> import os, tempfile, torch, torch.nn as nn
 >>> from nncompress.core import Context
 >>> from nncompress.formats import IntFormat
->>> from nncompress.quant import QuantizeConfig, QuantSpec, quantize
+>>> import nncompress
+>>> from nncompress.quant import QuantizeConfig, QuantSpec
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <...>
 >>> x = torch.randn(32, 16)
 >>> class Data: calib = [(x, None)]; example_batch = lambda self, n: x[:n]
 >>> cfg = QuantizeConfig(weight=QuantSpec(format=IntFormat(bits=8)), calib_batches=1,
 ...                      activation=QuantSpec(format=IntFormat(bits=8, signed=True)))
->>> q = quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), cfg, Context(data=Data()))
+>>> q = nncompress.apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), cfg, context=Context(data=Data()))
 >>> with tempfile.TemporaryDirectory() as d:
 ...     path = export_qdq_onnx(q, x[:2], os.path.join(d, "q.onnx"))
 ...     ops = qdq_op_counts(path)
@@ -59,7 +73,7 @@ from ..quant.fake_quant import QuantWrapper
 from ..quant.storage import weight_codes
 from .onnx import Exporter, export_onnx
 
-__all__ = ["export_qdq_onnx", "quantize_gather_tables", "qdq_op_counts", "optimized_op_counts"]
+__all__ = ["export_qdq_onnx", "quantize_gather_tables", "qdq_op_counts", "optimized_op_counts", "uint8_codes"]
 
 DEFAULT_TOLERANCE = 0.05  # relative L2 error vs the fake-quant model: bias rounding and rare activation ties
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -150,6 +164,22 @@ def _layer_plan(name: str, w: QuantWrapper) -> dict[str, Any]:
     return plan
 
 
+def uint8_codes(codes: np.ndarray, zero: np.ndarray | int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit codes and zero point(s) as uint8 (ONNX Runtime's U8U8 format, exact on every CPU): signed
+    codes shift by 128 with their zero point, so `(c + 128) - (z + 128) = c - z`; unsigned ones stay.
+
+    >>> c, z = uint8_codes(np.array([-127, 0, 127]), np.zeros(3, np.int32), signed=True)
+    >>> c.tolist(), z.tolist(), c.dtype.name
+    ([1, 128, 255], [128, 128, 128], 'uint8')
+    """
+    shift = 128 if signed else 0
+    c, z = np.asarray(codes).astype(np.int32) + shift, np.asarray(zero).astype(np.int32) + shift
+    if c.size and (c.min() < 0 or c.max() > 255) or z.size and (z.min() < 0 or z.max() > 255):
+        raise UnsupportedOpError(f"codes outside the {'signed' if signed else 'unsigned'} 8-bit range "
+                                 f"({int(c.min()) - shift}..{int(c.max()) - shift}); no 8-bit kernel takes them")
+    return c.astype(np.uint8), z.astype(np.uint8)
+
+
 def _find_layer(arr: np.ndarray, plans: dict[str, dict[str, Any]]) -> tuple[str, bool] | None:
     """(layer, transposed) whose dequantized weight equals the initializer `arr` exactly."""
     for name, p in plans.items():
@@ -229,14 +259,14 @@ def _insert_qdq(proto: Any, plans: dict[str, dict[str, Any]], int8_unfused: bool
             continue
         done.add(name)
         p, tag = plans[name], name.replace(".", "_") or "layer"
-        # weight: int8/uint8 codes, dequantized per output channel (axis 1 when stored (in, out))
-        wtype = np.int8 if p["w_signed"] else np.uint8
+        # weight: uint8 codes (signed ones + 128, `uint8_codes`), dequantized per output channel (axis 1
+        # when stored (in, out))
         codes = p["codes"].reshape(p["merged"].shape)
         codes = codes.T if transposed else codes
         per_tensor = p["w_scale"].size == 1
         w_scale = p["w_scale"][:1].reshape(()) if per_tensor else p["w_scale"]
-        w_zero = (p["w_zero"][:1].reshape(()) if per_tensor else p["w_zero"]).astype(wtype)
-        wq = const(f"{tag}.weight_q", codes.astype(wtype))
+        codes, w_zero = uint8_codes(codes, p["w_zero"][:1].reshape(()) if per_tensor else p["w_zero"], p["w_signed"])
+        wq = const(f"{tag}.weight_q", codes)
         attrs = {} if per_tensor else {"axis": 1 if transposed else 0}
         nodes.append(helper.make_node("DequantizeLinear", [wq, const(f"{tag}.weight_scale", w_scale),
                                                            const(f"{tag}.weight_zero", w_zero)],
@@ -280,18 +310,19 @@ def _quantize_input(node: Any, tag: str, a: dict[str, Any], nodes: list[Any], co
                     shared: dict[tuple[Any, ...], str]) -> None:
     """QuantizeLinear -> DequantizeLinear in front of `node`'s first input, with the wrapper's qparams.
 
+    uint8 like the weights (signed activations: zero point + 128, the same grid shifted): U8U8 layers.
     Layers reading the same tensor with the same qparams (Q/K/V calibrate on one input) share one pair.
     """
     from onnx import helper
 
-    key = (node.input[0], float(a["scale"]), a["zero"], a["signed"])
+    _, zero = uint8_codes(np.zeros(0), a["zero"], a["signed"])
+    key = (node.input[0], float(a["scale"]), int(zero))
     if key in shared:
         node.input[0] = shared[key]
         return
     shared[key] = f"{tag}.input_dq"
-    atype = np.int8 if a["signed"] else np.uint8
     s = const(f"{tag}.input_scale", np.array(a["scale"], np.float32))
-    z = const(f"{tag}.input_zero", np.array(a["zero"], atype))
+    z = const(f"{tag}.input_zero", zero)
     nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [f"{tag}.input_q"], name=f"{tag}.input_q"))
     nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.input_q", s, z], [f"{tag}.input_dq"],
                                   name=f"{tag}.input_dq"))

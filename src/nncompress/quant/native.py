@@ -16,9 +16,20 @@ kernel="fbgemm" (default, the fast one): `torch.ops.quantized.linear_dynamic` on
         s_x = (hi - lo) / 255, z = round(-lo / s_x), x_q = clamp(round(x / s_x) + z, 0, 255)
         y = ((x_q - z) @ W_q^T) * s_x * s_w + b
 
-    CPU only (fbgemm); on a GPU use kernel="int_mm". reduce_range=True uses 7-bit activations (what torch.ao's quantize_dynamic does by default) so
-    that CPUs without AVX512-VNNI cannot saturate int16 partial sums; it costs accuracy
-    (all-MiniLM-L6-v2: ~0.95 cosine instead of ~0.99).
+    CPU only (fbgemm); on a GPU use kernel="int_mm".
+
+    reduce_range: on x86 CPUs without AVX512-VNNI (AVX2, e.g. AMD EPYC before Zen 4), fbgemm's u8 x s8
+    kernel multiplies with VPMADDUBSW, which adds two u8 * s8 products into an int16 and saturates:
+    255 * 127 * 2 = 64770 > 32767, so full 8-bit activations against large weight codes give wrong
+    sums (measured on an AVX2 EPYC: 514 instead of 1016 for 8 activations at 255 against codes 127).
+    With 7-bit activations (qmax 127, `reduce_range=True`, torch.ao's quantize_dynamic default) a pair
+    is at most 127 * 127 * 2 = 32258 and the GEMM is exact. The default `reduce_range=None` decides on
+    the machine that runs the layer: `fbgemm_saturates()` runs the kernel once on such a crafted input
+    and compares with the exact integer sum; it is True there (7-bit activations: exact, at some
+    accuracy: all-MiniLM-L6-v2 ~0.95 cosine instead of ~0.99) and False on VNNI CPUs, whose VPDPBUSD
+    accumulates in int32 (full 8-bit activations, exact). The setting is stored as given (None stays
+    auto), so a checkpoint moved to another CPU picks that CPU's answer. An explicit False on a
+    saturating CPU runs as asked, with a one-time warning that the results are saturated.
 kernel="int_mm" (the oracle, slower): one symmetric scale per row, our own elementwise code, then
     `torch._int_mm` (exact int32 GEMM; CPU kernels in torch >= 2.4):
 
@@ -36,7 +47,8 @@ rebuilds them (int8 codes and scales come from the safetensors file).
 >>> bool(torch.allclose(q(x), int8_linear_reference(x, q.weight_q, q.weight_scale, q.bias).float(), atol=1e-5))
 True
 >>> f = Int8DynamicLinear.from_linear(layer)   # fbgemm: same weight codes, per-tensor activations
->>> bool(torch.allclose(f(x), fbgemm_linear_reference(x, f.weight_q, f.weight_scale, f.bias).float(), atol=1e-4))
+>>> ref = fbgemm_linear_reference(x, f.weight_q, f.weight_scale, f.bias, reduce_range=f.effective_reduce_range)
+>>> bool(torch.allclose(f(x), ref.float(), atol=1e-4))   # 8-bit or, where fbgemm saturates, 7-bit activations
 True
 >>> q.weight_q.dtype, tuple(q.weight_scale.shape)
 (torch.int8, (4,))
@@ -44,6 +56,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Literal
 
@@ -59,7 +72,7 @@ from .fake_quant import QuantLinear
 from .storage import weight_codes
 
 __all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "quantize_rows", "int8_linear",
-           "int8_linear_reference", "fbgemm_prepack", "fbgemm_linear_reference"]
+           "int8_linear_reference", "fbgemm_prepack", "fbgemm_linear_reference", "fbgemm_saturates"]
 
 Kernel = Literal["fbgemm", "int_mm"]
 
@@ -129,6 +142,44 @@ def fbgemm_linear_reference(x: Tensor, weight_q: Tensor, weight_scale: Tensor, b
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
+def fbgemm_saturates() -> bool:
+    """True when this CPU's fbgemm dynamic linear saturates int16 pair sums with 8-bit activations.
+
+    Runs `quantized.linear_dynamic` once (per quantized engine, then cached) on activations that
+    quantize to 255 against weight codes 127, where each pair of products (64770) overflows int16, and
+    compares with the exact integer result: x86 CPUs without AVX512-VNNI (VPMADDUBSW) saturate, VNNI
+    CPUs (VPDPBUSD, int32 accumulation) do not. `Int8DynamicLinear(reduce_range=None)` uses 7-bit
+    activations where this is True.
+    """
+    return _fbgemm_saturates(torch.backends.quantized.engine)
+
+
+@functools.lru_cache(maxsize=None)
+def _fbgemm_saturates(engine: str) -> bool:
+    m, k, n = 4, 64, 8                      # a full SIMD width of K, several rows and columns
+    x = torch.ones(m, k)                    # range [0, 1]: s_x = 1/255, zero point 0, every code 255
+    w_q = torch.full((n, k), QMAX, dtype=torch.int8)
+    w_q[1::2] = -QMAX                       # and rows of -127: negative pair sums saturate at -32768
+    scale = torch.ones(n)
+    with torch.no_grad():
+        got = torch.ops.quantized.linear_dynamic(x, fbgemm_prepack(w_q, scale, None), False)
+    ref = fbgemm_linear_reference(x, w_q, scale, None)
+    return not torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+_warned_saturation = False
+
+
+def _warn_saturation() -> None:
+    global _warned_saturation
+    if not _warned_saturation:
+        _warned_saturation = True
+        warnings.warn("Int8DynamicLinear(reduce_range=False): fbgemm saturates int16 pair sums on this CPU "
+                      "(no AVX512-VNNI), so full 8-bit activations give saturated, inexact outputs; set "
+                      "reduce_range=None (auto: 7-bit activations here) or True, or use kernel='int_mm'",
+                      RuntimeWarning, stacklevel=3)
+
+
 def weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8 codes of a weight (O, I): (codes (O, I) int8, scale (O,))."""
     codes, scale = quantize_rows(w.detach())
@@ -147,9 +198,10 @@ class Int8DynamicLinear(Wrapper):
 
     holds_values = True
     rewrap_types = (nn.Linear,)
+    reduce_range: bool | None   # fbgemm's activation grid: True 7-bit, False 8-bit, None auto (per CPU)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernel: Kernel = "fbgemm",
-                 reduce_range: bool = False):
+                 reduce_range: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel, self.reduce_range = kernel, reduce_range
@@ -160,7 +212,7 @@ class Int8DynamicLinear(Wrapper):
         self._packed_key: tuple[int, ...] | None = None
 
     @classmethod
-    def from_linear(cls, layer: nn.Module, *, kernel: Kernel = "fbgemm", reduce_range: bool = False
+    def from_linear(cls, layer: nn.Module, *, kernel: Kernel = "fbgemm", reduce_range: bool | None = None
                     ) -> "Int8DynamicLinear":
         """From an `nn.Linear` (weights rounded here) or a weight-only `QuantLinear` (its codes kept)."""
         base = layer.base if isinstance(layer, QuantLinear) else layer
@@ -189,8 +241,16 @@ class Int8DynamicLinear(Wrapper):
         if self._packed is None or key != self._packed_key:
             self._packed = fbgemm_prepack(self.weight_q, self.weight_scale, self.bias)
             self._packed_key = key
+        if self.reduce_range is False and fbgemm_saturates():
+            _warn_saturation()
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed,
-                                                  self.reduce_range).to(x.dtype)
+                                                  self.effective_reduce_range).to(x.dtype)
+
+    @property
+    def effective_reduce_range(self) -> bool:
+        """The activation grid fbgemm runs with here: `reduce_range`, or when it is None (auto)
+        7-bit where this CPU's kernel saturates (`fbgemm_saturates()`), 8-bit elsewhere."""
+        return fbgemm_saturates() if self.reduce_range is None else bool(self.reduce_range)
 
     # the prepacked weight is derived state: rebuilt when a buffer is written in place (its version
     # counter moves), loaded or moved
@@ -224,8 +284,10 @@ class Int8DynamicLinear(Wrapper):
         return layer.to(self.weight_q.device)
 
     def extra_repr(self) -> str:
+        rr = "" if self.kernel != "fbgemm" else (", reduce_range=auto" if self.reduce_range is None
+                                                else f", reduce_range={self.reduce_range}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kernel={self.kernel}" + (", reduce_range=True" if self.reduce_range else ""))
+                f"kernel={self.kernel}" + rr)
 
     # ---- the wrapper protocol (core.surgery) ----------------------------------------------------
 
@@ -239,8 +301,11 @@ class Int8DynamicLinear(Wrapper):
 
     @classmethod
     def rebuild(cls, desc: dict[str, Any], child: Any) -> "Int8DynamicLinear":
+        # the setting as saved: None (auto) resolves on the CPU that loads it; checkpoints written
+        # before the auto setting hold a bool, kept as the explicit choice it now means
+        rr = desc.get("reduce_range", False)
         return cls(int(desc["in_features"]), int(desc["out_features"]), bool(desc["bias"]), kernel=desc["kernel"],
-                   reduce_range=bool(desc.get("reduce_range", False)))
+                   reduce_range=None if rr is None else bool(rr))
 
     def rewrap(self, layer: nn.Module, first: bool) -> "Int8DynamicLinear":
         return Int8DynamicLinear.from_linear(layer, kernel=self.kernel, reduce_range=self.reduce_range)
@@ -285,12 +350,14 @@ class Int8DynamicConfig(Config):
 
     kernel: "fbgemm" (fast; per-tensor uint8 activations chosen by fbgemm at run time) or "int_mm"
             (per-row symmetric int8 activations, `torch._int_mm`; more accurate, slower on CPU).
-    reduce_range: fbgemm only: 7-bit activations, for CPUs without AVX512-VNNI (int16 saturation).
+    reduce_range: fbgemm only: True 7-bit activations, False 8-bit, None (default) decided on the
+            machine that runs the layer: 7-bit where fbgemm saturates int16 pair sums (x86 without
+            AVX512-VNNI, `fbgemm_saturates()`), 8-bit elsewhere; kept as None in saved checkpoints.
     Choose the layers with `targets`.
     """
 
     kernel: Kernel = "fbgemm"
-    reduce_range: bool = False
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         check(self.kernel in ("fbgemm", "int_mm"), "kernel", f"must be 'fbgemm' or 'int_mm', got {self.kernel!r}")
