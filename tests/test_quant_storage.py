@@ -69,7 +69,8 @@ def test_packed_bytes_follow_bits_and_reload_is_exact(tmp_path, digits, name):
     if name.startswith("ternary"):  # ternary stores alpha (one float per group) beside the codes
         per_row = name == "ternary"
         expected += sum(4 * (m.base.weight.shape[0] if per_row else 1) for m in q.modules() if isinstance(m, QuantWrapper))
-    assert path.stat().st_size - header == expected
+    # packed codes, or Huffman-coded ones when that is smaller (codecs.MIN_HUFFMAN codes or more)
+    assert path.stat().st_size - header <= expected
     assert path.stat().st_size <= 1.05 * expected + 4096  # the JSON header is the only overhead
     codecs = json.loads(entries["__metadata__"]["codecs"])
     assert {codecs[k]["codec"] for k in codecs if k.endswith("base.weight")} == {"int_codes"}
@@ -133,7 +134,7 @@ def test_qat_output_saves_as_packed_codes(tmp_path, method):
         expected += 4 * sum(m.base.weight.shape[0] for m in q.modules() if isinstance(m, QuantWrapper))
     path = tmp_path / "m" / "model.safetensors"
     header, entries = _header_bytes(path)
-    assert path.stat().st_size - header == expected                     # 16 KiB of codes for the 256 x 256 weight
+    assert path.stat().st_size - header <= expected                     # at most 16 KiB of codes for 256 x 256
     assert packed_size(256 * 256, 2) == 16384 and expected < 20_000       # not 256 KiB of float32
     codecs = json.loads(entries["__metadata__"]["codecs"])
     assert {codecs[k]["codec"] for k in codecs if k.endswith("base.weight")} == {"int_codes"}
@@ -186,7 +187,7 @@ def test_embedding_weight_quantization_saves_packed_and_reloads(tmp_path, spec):
     header, entries = _header_bytes(path)
     expected = sum(packed_size(t.numel(), 4) if k.endswith("base.weight") else t.numel() * t.element_size()
                    for k, t in q.state_dict().items())
-    assert path.stat().st_size - header == expected
+    assert path.stat().st_size - header <= expected  # packed, or Huffman-coded when smaller
     codecs = json.loads(entries["__metadata__"]["codecs"])
     assert codecs["emb.base.weight"]["codec"] == "int_codes"
 

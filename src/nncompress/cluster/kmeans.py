@@ -17,12 +17,14 @@ large weights, which matter most.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from ..formats.huffman import code_lengths
 
 Init = Literal["linear", "density", "random"]
 
@@ -110,29 +112,12 @@ def cluster_weight(w: Tensor, k: int, groups: int = 1, init: Init = "linear", ke
 
 def huffman_lengths(counts: list[int]) -> list[int]:
     """Code length of each symbol in a Huffman code for these frequencies (0 for unused symbols;
-    a lone used symbol still takes 1 bit).
+    a lone used symbol still takes 1 bit): the code the checkpoint writer stores (`formats.huffman`).
 
     >>> huffman_lengths([5, 2, 1, 1, 0])
     [1, 2, 3, 3, 0]
     """
-    used = [(c, i) for i, c in enumerate(counts) if c > 0]
-    lengths = [0] * len(counts)
-    if len(used) == 1:
-        lengths[used[0][1]] = 1
-    if len(used) <= 1:
-        return lengths
-    # heap of (weight, tie-break, symbols under this node); merging two nodes deepens their symbols
-    heap = [(c, n, [i]) for n, (c, i) in enumerate(used)]
-    heapq.heapify(heap)
-    tie = len(heap)
-    while len(heap) > 1:
-        c1, _, s1 = heapq.heappop(heap)
-        c2, _, s2 = heapq.heappop(heap)
-        for i in s1 + s2:
-            lengths[i] += 1
-        heapq.heappush(heap, (c1 + c2, tie, s1 + s2))
-        tie += 1
-    return lengths
+    return code_lengths(np.asarray(counts, dtype=np.int64)).tolist()
 
 
 def huffman_bits(indices: Tensor, num_symbols: int | None = None) -> int:
