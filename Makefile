@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm bench-ddp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
-	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm
+	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm bench-ddp
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -53,6 +53,10 @@ $(PEERS)/.installed:
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q -c constraints.txt torch llmcompressor==0.14.0.1
 	touch $(PEERS)/.installed
+
+# issue 13: every training stage in one process and under torchrun --nproc_per_node 2
+bench-ddp: $(VENV)/.bench
+	$(BIN)/python benchmarks/ddp.py --out BENCHMARKS.md
 
 bench-lm: $(VENV)/.bench $(PEERS)/.installed
 	$(BIN)/python benchmarks/lm.py --out BENCHMARKS.md

@@ -49,6 +49,7 @@ def loaded_alone(folder, model, inputs, kind, tmp_path):
     return float(diff)
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_a_pruned_and_quantized_llama_loads_in_transformers_alone_with_its_outputs(tmp_path):
     torch.manual_seed(0)
     data = text(batch_size=4, seq_len=32, calib=8)
@@ -66,6 +67,7 @@ def test_a_pruned_and_quantized_llama_loads_in_transformers_alone_with_its_outpu
     assert loaded_alone(folder, model, x, "lm", tmp_path) < 1e-4
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_an_int8_minilm_loads_in_transformers_alone_with_its_embeddings(tmp_path):
     """The trap: the inner model's own save_pretrained writes wrapper names that transformers ignores
     and loads random weights without a word. save_hf writes the layers the wrappers compute."""
@@ -105,6 +107,7 @@ def test_what_a_config_cannot_express_is_an_error_and_writes_nothing(tmp_path):
         save_hf(tiny_llama(**SMALL), tmp_path / "taken")
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_cli_exports_a_saved_model(tmp_path):
     model, _ = nncompress.zoo.build_model({"name": "tiny_llama", "kwargs": SMALL})
     nncompress.save(model, tmp_path / "saved")
@@ -154,6 +157,7 @@ def test_cli_writes_a_sentence_transformers_folder_only_for_an_encoder(tmp_path)
     assert not (tmp_path / "lm-st").exists()
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_w4_weights_leave_in_the_compressed_tensors_format_that_transformers_loads(tmp_path):
     from nncompress.export.hf import save_compressed_tensors
 
@@ -178,6 +182,7 @@ def test_w4_weights_leave_in_the_compressed_tensors_format_that_transformers_loa
     assert not (tmp_path / "w8a8").exists()
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_w4_weights_run_in_onnx_runtime_as_matmulnbits(tmp_path):
     import onnx
 
@@ -205,6 +210,7 @@ def test_w4_weights_run_in_onnx_runtime_as_matmulnbits(tmp_path):
     assert not (tmp_path / "g8.onnx").exists()
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_cli_writes_matmulnbits_onnx_from_a_saved_w4_model(tmp_path):
     model, _ = nncompress.zoo.build_model({"name": "tiny_llama", "kwargs": SMALL})
     w4 = QuantSpec(format=IntFormat(bits=4), granularity=PerGroup(axis=1, size=16))

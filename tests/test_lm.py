@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nncompress import load
-from nncompress.core import DataError, ModelLoadError, TrainConfig, fit
+from nncompress.core import DataError, ModelLoadError, Targets, TrainConfig, fit
 from nncompress.core.objectives import tokens_as_rows
 from nncompress.eval.metrics import perplexity
 from nncompress.recipe import parse_recipe
@@ -93,15 +93,45 @@ def test_a_recipe_compresses_the_lm_and_reports_perplexity(tmp_path):
     assert second.report.stages[0].quality == base.quality
 
 
-def test_search_and_sensitivity_say_they_cannot_rank_perplexity_yet(tmp_path):
-    from nncompress.analysis.sensitivity import _evaluator
-    from nncompress.core import NNCompressError
-    from nncompress.search.evaluate import Evaluator
+def test_sensitivity_ranks_layers_by_the_rise_in_perplexity():
+    from nncompress.analysis.sensitivity import sensitivity
 
-    with pytest.raises(NNCompressError, match="lower is better"):
-        Evaluator(parse_recipe({**RECIPE, "stages": []}), tmp_path)
-    with pytest.raises(DataError, match="perplexity"):
-        _evaluator(tiny_llama(**SMALL), text(seq_len=32), 1, "cpu")
+    torch.manual_seed(0)
+    data = text(batch_size=8, seq_len=64, calib=8)
+    model = tiny_llama(**SMALL)
+    fit(model, data.train, lambda m, b: torch.nn.functional.cross_entropy(*tokens_as_rows(m(b[0]), None, b[1])[::2]),
+        TrainConfig(epochs=1, lr=3e-3, max_steps=40))
+    names = ["model.model.layers.0.mlp.down_proj", "model.model.layers.1.self_attn.o_proj"]
+    result = sensitivity(model, data, ratios=(0.0, 0.9), targets=Targets(include=tuple(names)), max_batches=2)
+    assert result.metric == "perplexity" and result.units == names
+    for u in names:  # pruning 90% of a layer's weights makes perplexity rise: a positive drop, as for accuracy
+        (q0, q9), (d0, d9) = result.quality[u], result.drop(u)
+        assert q0 == result.baseline and d0 == 0 and q9 > result.baseline and d9 == pytest.approx(q9 - result.baseline)
+    assert result.most_sensitive()[0] == max(names, key=lambda u: result.drop(u)[1])
+    assert result.max_ratio(names[0], threshold=result.drop(names[0])[1] + 1) == 0.9
+
+
+@pytest.mark.slow
+def test_search_ranks_candidates_by_perplexity_lower_first(tmp_path):
+    from nncompress.cli import main
+
+    recipe = {**RECIPE, "name": "lm-search", "search": {
+        "space": {"stages[0].weight.format.bits": [2, 8]}, "proxy": {"epochs": 0}, "promote": 2}}
+    (tmp_path / "lm.yaml").write_text(json.dumps(recipe))
+    args = ["search", str(tmp_path / "lm.yaml"), "--trials", "5", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(args + ["--max-drop", "0.05"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["objectives"][0] == "perplexity (min)"
+    ref, points = report["reference"]["quality"], {p["point"]["stages[0].weight.format.bits"]: p for p in report["points"]}
+    assert sorted(points) == [2, 8] and 1 < ref < 30  # perplexities, as measured: positive
+    w2, w8 = points[2], points[8]
+    assert w8["quality"] < w2["quality"] and abs(w8["quality"] - ref) < 0.05 < w2["quality"] - ref
+    # W8 is better (lower perplexity), W2 smaller: both on the front; only W8 is within a rise of 0.05
+    assert {p["label"] for p in report["front"]} == {w2["label"], w8["label"]}
+    assert report["goal"]["met"] and dict(report["goal"]["picks"])["smallest"] == w8["label"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"{w8['quality']:.4f} (+{w8['quality'] - ref:.4f})" in md
 
 
 class _Branches(torch.nn.Module):  # a ModuleList whose members do not chain: each reads the input

@@ -408,6 +408,43 @@ def test_epi_callback_stabilizes_when_training_stops_moving_the_subnetwork():
     assert [s.stable for s in steps] == [False, False, True]
 
 
+def test_prune_until_stable_trains_until_the_indicator_fires_then_prunes():
+    import nncompress
+    from nncompress.core import Context, history
+    from nncompress.prune import PruneConfig
+    from nncompress.zoo.loaders import build_data, build_model
+
+    torch.manual_seed(0)
+    data = build_data({"name": "digits"})
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64]}})  # untrained
+    pruned = nncompress.apply(model, PruneConfig(ratio=0.5, until_stable={"max_epochs": 12, "threshold": 0.05},
+                                                 lr=3e-3), context=Context(data=data))
+    rec = history(pruned)[-1]["record"]["until_stable"]
+    assert rec["fired_epoch"] is not None and rec["epochs"] == rec["fired_epoch"] < 12  # stopped early
+    assert len(rec["distance"]) == rec["epochs"] and all(d < 0.05 for d in rec["distance"][-2:])  # patience 2
+    assert pruned.net[0].out_features == 32
+    from nncompress.eval.metrics import accuracy
+    assert accuracy(pruned, data.test) > 0.5  # trained, then pruned (no fine-tune): far above 10% chance
+    never = nncompress.apply(build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64]}})[0],
+                             PruneConfig(ratio=0.5, until_stable={"max_epochs": 2, "threshold": 1e-9}),
+                             context=Context(data=data))
+    rec = history(never)[-1]["record"]["until_stable"]
+    assert rec["fired_epoch"] is None and rec["epochs"] == 2 and "did not fire within 2 epochs" in rec["note"]
+    with pytest.raises(ConfigError, match="until_stable.max_epochs"):
+        PruneConfig.from_dict({"until_stable": {"max_epochs": 0}})
+    with pytest.raises(ConfigError, match="sparsity"):
+        EarlyPruningIndicator(sparsity=1.5)
+
+
+def test_fit_stops_after_the_epoch_its_callback_says():
+    x = _correlated(n=64)
+    data = _bundle(x, (x[:, 0] > 0).long())
+    seen = []
+    losses = fit(_mlp(), data.train, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+                 TrainConfig(epochs=10, lr=1e-2), stop_after_epoch=lambda e: seen.append(e) or e == 3)
+    assert seen == [1, 2, 3] and len(losses) == 3
+
+
 def test_penalties_are_usable_as_extra_losses():
     model = _mlp()
     targets = Targets(include=("0",))

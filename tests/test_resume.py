@@ -127,6 +127,7 @@ def test_interrupted_run_keeps_whole_stages_and_resumes_to_the_same_model(
     assert json.loads((out / "report.json").read_text())["stages"][1]["stage"] == "01_finetune"
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_sigterm_stops_the_cli_cleanly_and_resume_finishes_the_run(tmp_path, reference):
     state, _ = reference
     recipe, out = write_recipe(tmp_path), tmp_path / "run"

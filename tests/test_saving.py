@@ -52,6 +52,7 @@ def test_user_factory_and_tied_weights(tmp_path, monkeypatch):
     assert torch.equal(model(x), again(x))
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_hf_minilm_round_trip(tmp_path):
     model, tok = build_model({"name": "hf:minilm"})
     with torch.no_grad():

@@ -263,6 +263,7 @@ def test_nothing_to_compress_says_which(tmp_path, capsys, stages, words):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # subprocesses / transformers loads: seconds each (CI runs the slow tier)
 def test_interrupted_search_resumes_from_its_storage(searched, tmp_path):
     _, _, cache, _ = searched
     recipe = tmp_path / "tiny.yaml"

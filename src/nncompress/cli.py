@@ -117,7 +117,7 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
                       "(sqlite:///s.db, postgresql://...) or a .db / .log file (default: OUT.study.db beside --out)")
     goal = srch.add_mutually_exclusive_group()
     goal.add_argument("--max-drop", default=None, metavar="X", help="the smallest and the fastest point within X of "
-                      "the baseline's quality (quality units: 0.01 = 1 point of accuracy)")
+                      "the baseline's quality (quality units: 0.01 = 1 point of accuracy; for perplexity, a rise of X)")
     goal.add_argument("--target-latency", default=None, metavar="T",
                       help="the best quality at most this latency: 5ms, or 2x (twice as fast as the baseline)")
     goal.add_argument("--target-size", default=None, metavar="S",
@@ -212,6 +212,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "list":
         return _list()
+    from .core import distributed
+    if distributed.launched() > 1 and args.command not in ("run", "demo"):
+        from .core.errors import NNCompressError
+        raise NNCompressError(f"`nncompress {args.command}` runs in one process; only `run` (and `demo`) train "
+                              "data-parallel under torchrun: launch it without torchrun")
     if args.command == "report":
         return _report(args)
     if args.command == "sensitivity":
@@ -240,8 +245,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{path}: valid ({len(recipe.stages)} stages: {', '.join(s.config.kind for s in recipe.stages) or 'none'})")
         return 0
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[nncompress] {msg}", file=sys.stderr))
-    result = run_recipe(recipe, out, cache_dir=args.cache, progress=not args.quiet, log=log,
-                        resume=resume is not None, trust_code=getattr(args, "trust_code", False))
+    try:
+        result = run_recipe(recipe, out, cache_dir=args.cache, progress=not args.quiet, log=log,
+                            resume=resume is not None, trust_code=getattr(args, "trust_code", False))
+    finally:
+        distributed.shutdown()
+    if distributed.launched() > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # torchrun: rank 0 prints the report
     print(result.report.to_markdown())
     print(f"\nrun directory: {result.path}  (model: {result.path / 'model'}, plot: {result.path / 'pareto.png'})")
     return 0

@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import ConfigError, Context, DataError, Targets
-from ..eval.metrics import accuracy, embed
+from ..eval.metrics import accuracy, embed, perplexity
+from ..eval.report import higher_is_better
 from ..export.atomic import atomic_path
 from ..graph import Group
 from ..prune.importance import member_tensor
@@ -59,12 +60,13 @@ UnitKind = Literal["element", "channel"]
 
 @dataclasses.dataclass(frozen=True)
 class SensitivityResult:
-    """Quality of the model with one unit pruned at each ratio; drop = baseline - quality.
+    """Quality of the model with one unit pruned at each ratio; drop = how much worse than the
+    baseline (baseline - quality; quality - baseline for perplexity, where lower is better).
 
     unit:     "element" (units are layers, keyed by module name) or "channel" (units are coupled
               groups, keyed by the group's first producing module: the name `PruneConfig.overrides`
               matches)
-    metric:   "accuracy" or "cosine" (embedding fidelity to the unpruned model)
+    metric:   "accuracy", "cosine" (embedding fidelity to the unpruned model) or "perplexity"
     ratios:   the pruned fractions swept, ascending
     baseline: quality of the unpruned model on the same batches
     quality:  unit -> quality at each ratio
@@ -90,12 +92,19 @@ class SensitivityResult:
         return list(self.quality)
 
     def drop(self, unit: str) -> tuple[float, ...]:
-        """baseline - quality at each ratio (positive: worse than unpruned)."""
-        return tuple(self.baseline - q for q in self._curve(unit))
+        """How much worse than unpruned at each ratio (positive: worse).
+
+        >>> SensitivityResult("element", "perplexity", (0.5,), 4.0, {"fc": (4.5,)}, {"fc": 1}, {"fc": ("fc",)}).drop("fc")
+        (0.5,)
+        """
+        return tuple(self._worse(q) for q in self._curve(unit))
+
+    def _worse(self, q: float) -> float:
+        return self.baseline - q if higher_is_better(self.metric) else q - self.baseline
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """`(unit, ratio, quality, drop)` for every unit and ratio, units in model order."""
-        return [(u, r, q, self.baseline - q) for u in self.units for r, q in zip(self.ratios, self.quality[u])]
+        return [(u, r, q, self._worse(q)) for u in self.units for r, q in zip(self.ratios, self.quality[u])]
 
     def most_sensitive(self) -> list[str]:
         """Units sorted by mean drop over the sweep, most sensitive first (stable for ties)."""
@@ -179,7 +188,7 @@ class SensitivityResult:
             ax.plot(self.ratios, self.quality[u], marker="o", ms=3, lw=1.2, label=label)
         what = "channels removed from the group" if self.unit == "channel" else "weights pruned in the layer"
         ax.set_xlabel(f"fraction of {what}")
-        ax.set_ylabel(self.metric)
+        ax.set_ylabel(self.metric if higher_is_better(self.metric) else f"{self.metric} (lower is better)")
         ax.set_title(f"{self.unit} sensitivity ({len(self.units)} units)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -270,7 +279,8 @@ def sensitivity(model: nn.Module, data: Any, *, ratios: Iterable[float] = DEFAUL
     """Prune each unit alone at each ratio (on a copy) and measure quality on `data.test`.
 
     data:        anything with `.test` (batches `(x, y)`, or model inputs for embedding data) and
-                 `.task` ("classification" -> accuracy; "embedding" -> cosine to the unpruned outputs)
+                 `.task` ("classification" -> accuracy; "embedding" -> cosine to the unpruned outputs;
+                 "language_model" -> perplexity, where a drop is a rise)
     unit:        "element": each Linear/Conv layer's weight, pruned by `importance` in
                  ("magnitude" = "l1" = "l2", "random"); "channel": each prunable coupled group, ranked by a
                  registered structured criterion (default "l2")
@@ -352,10 +362,10 @@ def _evaluator(model: nn.Module, data: Any, max_batches: int | None,
     if task == "classification":
         return "accuracy", lambda m: accuracy(m, batches, device)
     if task == "language_model":
-        raise DataError("sensitivity: language-model data is judged by perplexity (lower is better), which the "
-                        "analysis does not rank yet; compare stages with `nncompress run` for now")
+        return "perplexity", lambda m: perplexity(m, batches, device)["perplexity"]
     if task != "embedding":
-        raise DataError(f"sensitivity: unknown task {task!r}; expected 'classification' or 'embedding'")
+        raise DataError(f"sensitivity: unknown task {task!r}; expected 'classification', 'embedding' or "
+                        "'language_model'")
     reference = embed(model, batches, device).flatten(1).double()  # (N, D)
 
     def cosine(m: nn.Module) -> float:

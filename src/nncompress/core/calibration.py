@@ -12,6 +12,10 @@ about has run, so calibrating early layers of a deep model costs little. `sequen
 a stack of blocks one at a time on cached inputs, so block k is calibrated on the outputs of the
 already compressed blocks before it, with memory bounded by one block's activations.
 
+Under torchrun (every rank calibrating in step, as recipe stages do) the batches are dealt out: rank r
+feeds batches r, r + N, ... and the sums are all-reduced (`LayerStats.all_reduce`), so every rank ends
+with the statistics of all the batches, as one process computes them up to float summation order.
+
 >>> import torch, torch.nn as nn
 >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 >>> x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
@@ -84,6 +88,20 @@ class LayerStats:
         flat = y.reshape(-1, y.shape[-1]).abs().double()               # (rows, C)
         self.out_abs = _acc(self.out_abs, flat.sum(0))
         self.out_rows += flat.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum (absmax: max) this rank's statistics with the other ranks' (`calibrate` under torchrun)."""
+        from . import distributed
+        tensors = (self.sum, self.sq, self.absmax, self.xtx, self.out_abs)
+        layout = distributed.all_gather_object([None if t is None else tuple(t.shape) for t in tensors])
+        if any(other != layout[0] for other in layout):
+            raise DataError(f"calibration under torchrun: the ranks' inputs to a module differ in shape ({layout}); "
+                            "calibrate in one process")
+        counts = distributed.all_reduce_sum([float(self.count), float(self.gram_rows), float(self.out_rows)])
+        self.count, self.gram_rows, self.out_rows = (int(round(v)) for v in counts)
+        self.sum, self.sq, self.xtx, self.out_abs = (
+            distributed.all_reduce_tensor(t) for t in (self.sum, self.sq, self.xtx, self.out_abs))
+        self.absmax = distributed.all_reduce_tensor(self.absmax, op="max")
 
     def mean(self) -> Tensor:
         """E[x] per input channel (I,)."""
@@ -214,11 +232,12 @@ def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[s
             stack.enter_context(m.register_forward_hook(post(n), with_kwargs=True))
         stack.enter_context(evaluating(model))
         fed = 0
-        for i, batch in enumerate(take(loader, batches)):
+        mine, dealt = _dealt(take(loader, batches))
+        for j, (i, batch) in enumerate(mine):
             inputs = batch_inputs(batch) if runner is None else None
             mask = (inputs.get("attention_mask") if isinstance(inputs, Mapping) else None) if runner is None else (
                 masks[i] if i < len(masks) else None)
-            state.update(batch=i, seen=set(), anchor=None, mask=mask)
+            state.update(batch=j, seen=set(), anchor=None, mask=mask)
             fed += 1
             try:
                 (runner or (lambda m, b: feed(m, b, device)))(model, batch)
@@ -226,9 +245,36 @@ def calibrate(model: nn.Module, loader: Iterable, wants: Mapping[str, Iterable[s
                 pass
     if not fed:
         raise DataError("the calibration loader yielded no batches; give the data a calib split with at least one")
+    if dealt:
+        _all_reduce(stats)
     if first_group:
         return {n: stats[n] for n in group}
     return {n: s for n, s in stats.items() if s.shapes is not None}
+
+
+def _dealt(batches: Iterable) -> tuple[list[tuple[int, Any]], bool]:
+    """This rank's share of the calibration batches, with their indices, and whether they were dealt
+    out (under torchrun with at least one batch per rank; otherwise every rank feeds them all)."""
+    from . import distributed
+    items = list(enumerate(batches))
+    size = distributed.world()
+    if size == 1 or len(items) < size:
+        return items, False
+    return items[distributed.rank()::size], True
+
+
+def _all_reduce(stats: dict[str, LayerStats]) -> None:
+    from . import distributed
+    reached = sorted(n for n, st in stats.items() if st.shapes is not None)
+    everyone = distributed.all_gather_object(reached)
+    if any(names != reached for names in everyone):
+        raise DataError("calibration under torchrun: the ranks' batches reached different modules "
+                        f"({' vs '.join(map(str, everyone))}); calibrate in one process")
+    done: set[int] = set()
+    for n in reached:  # a first_group's members share one set of sums: reduced once
+        if id(stats[n]) not in done:
+            done.add(id(stats[n]))
+            stats[n].all_reduce()
 
 
 def io_shapes(model: nn.Module, names: Sequence[str], inputs: Any) -> dict[str, tuple]:

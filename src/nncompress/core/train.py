@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config, check
 from .errors import TrainingError
 
@@ -69,12 +70,16 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, what:
 def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *,
         extra_losses: tuple[LossFn, ...] = (), optimizer: torch.optim.Optimizer | None = None,
         after_step: Callable[[nn.Module], None] | None = None, progress: bool = False,
-        desc: str = "train") -> list[float]:
+        desc: str = "train", stop_after_epoch: Callable[[int], bool] | None = None) -> list[float]:
     """Train `model` in place; returns the mean loss of each epoch.
 
     extra_losses: terms added to the loss (distillation, sparsity penalties)
     after_step:   called after each optimizer step (e.g. to re-apply masks)
+    stop_after_epoch: called with the epoch number (from 1) after each epoch; True ends training there
+                  (the optimizer state and learning-rate schedule run on as one training)
     A non-finite loss stops training with a `TrainingError` that says where and what to change.
+    Under torchrun each global batch is split across the ranks and gradients are averaged
+    (`core.distributed`): the same steps as one process, up to float reduction order.
     """
     n_batches = len(loader) if hasattr(loader, "__len__") else None
     total = cfg.epochs * n_batches if n_batches else None
@@ -83,40 +88,54 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *
     opt = optimizer or make_optimizer(model.parameters(), cfg, desc)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
              if cfg.lr_schedule == "cosine" and total else None)
+    distributed.init_from_env(_device(model))
+    sync = distributed.GradientSync()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if sync.active:
+        distributed.broadcast_state([model, *_owners(params, model)])
     was_training = model.training
     model.train()
     history: list[float] = []
     step = 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=not progress or not distributed.is_main(), leave=False)
     try:
-        for epoch in range(cfg.epochs):
-            losses = []
-            for i, batch in enumerate(loader):
-                loss = _loss(model, batch, loss_fn, extra_losses)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                        f"lower the learning rate (lr={cfg.lr:g}) or set max_grad_norm, and check the data for NaNs")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.sam_rho:
-                    _sharpness_aware(model, batch, loss_fn, extra_losses, opt, cfg.sam_rho)
-                if cfg.max_grad_norm:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                if after_step is not None:
-                    after_step(model)
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+        with distributed.data_parallel(model):
+            for epoch in range(cfg.epochs):
+                losses = []
+                for i, batch in enumerate(loader):
+                    part = sync.split(batch)
+                    if part is None:  # fewer rows than ranks: skipped on every rank
+                        continue
+                    batch, weight = part
+                    opt.zero_grad(set_to_none=True)
+                    loss = _loss(model, batch, loss_fn, extra_losses) * weight
+                    loss.backward()
+                    value = sync.reduce(params, loss.item())
+                    if not math.isfinite(value):
+                        raise TrainingError(
+                            f"{desc}: loss became {value} at epoch {epoch + 1}, step {i + 1}; "
+                            f"lower the learning rate (lr={cfg.lr:g}) or set max_grad_norm, and check the data for NaNs")
+                    if cfg.sam_rho:
+                        _sharpness_aware(model, batch, loss_fn, extra_losses, opt, cfg.sam_rho, weight, sync, params)
+                    if cfg.max_grad_norm:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    opt.step()
+                    sync.buffers([model])
+                    if sched is not None:
+                        sched.step()
+                    if after_step is not None:
+                        after_step(model)
+                    losses.append(value)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}")
+                    if cfg.max_steps and step >= cfg.max_steps:
+                        break
+                history.append(sum(losses) / max(len(losses), 1))
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
-            history.append(sum(losses) / max(len(losses), 1))
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
+                if stop_after_epoch is not None and stop_after_epoch(epoch + 1):
+                    break
     finally:
         bar.close()
         model.train(was_training)
@@ -130,8 +149,25 @@ def _loss(model: nn.Module, batch: Any, loss_fn: LossFn, extra_losses: tuple[Los
     return loss
 
 
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _owners(params: list[torch.nn.Parameter], model: nn.Module) -> list[nn.Module]:
+    """Parameters trained beside the model (feature adapters), wrapped so they can be broadcast."""
+    inside = {id(p) for p in model.parameters()}
+    outside = [p for p in params if id(p) not in inside]
+    if not outside:
+        return []
+    holder = nn.Module()
+    holder.params = nn.ParameterList(outside)
+    return [holder]
+
+
 def _sharpness_aware(model: nn.Module, batch: Any, loss_fn: LossFn, extra_losses: tuple[LossFn, ...],
-                     opt: torch.optim.Optimizer, rho: float) -> None:
+                     opt: torch.optim.Optimizer, rho: float, weight: float = 1.0,
+                     sync: "distributed.GradientSync | None" = None, trained: list | None = None) -> None:
     """SAM: replace the gradient at w by the gradient at w + rho g / ||g|| (the worst point of a ball of
     radius rho, to first order), then step from w; flatter minima prune and quantize with less damage
     (seed 000). Costs a second forward and backward per step."""
@@ -143,7 +179,10 @@ def _sharpness_aware(model: nn.Module, batch: Any, loss_fn: LossFn, extra_losses
         for p, e in zip(params, shifts):
             p.add_(e)
     opt.zero_grad(set_to_none=True)
-    _loss(model, batch, loss_fn, extra_losses).backward()
+    loss = _loss(model, batch, loss_fn, extra_losses) * weight
+    loss.backward()
+    if sync is not None:
+        sync.reduce(trained or params, loss.item())
     with torch.no_grad():
         for p, e in zip(params, shifts):
             p.sub_(e)

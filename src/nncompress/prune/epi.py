@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from ..core import Targets
+from ..core import Config, ConfigError, Context, Targets, TrainConfig, check, fit
+from ..core.objectives import objective
 from .masks import global_masks, unstructured_mask
 
 Masks = dict[str, torch.Tensor]
@@ -108,9 +109,12 @@ class EarlyPruningIndicator:
                  scope: Literal["layer", "global"] = "layer", threshold: float = 0.02, patience: int = 2,
                  window: int = 1, targets: Targets | None = None):
         if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"EarlyPruningIndicator: sparsity must be in [0, 1), got {sparsity}")
+            raise ConfigError("sparsity", f"must be in [0, 1), got {sparsity}")
         if patience < 1 or window < 1:
-            raise ValueError(f"EarlyPruningIndicator: patience and window must be >= 1, got {patience}, {window}")
+            raise ConfigError("patience" if patience < 1 else "window", f"must be >= 1, got {patience}, {window}")
+        if granularity not in ("channel", "element") or scope not in ("layer", "global"):
+            raise ConfigError("granularity" if granularity not in ("channel", "element") else "scope",
+                              f"must be channel / element and layer / global, got {granularity!r}, {scope!r}")
         self.sparsity, self.granularity, self.scope = sparsity, granularity, scope
         self.threshold, self.patience, self.window = threshold, patience, window
         self.targets = targets or Targets()
@@ -144,3 +148,56 @@ class EarlyPruningIndicator:
     def stable(self) -> bool:
         """Whether the last call found the sub-network stable."""
         return bool(self.history) and self.history[-1].stable
+
+
+@dataclasses.dataclass(frozen=True)
+class UntilStable(Config):
+    """A stage's `until_stable`: train before pruning until the indicator fires (seed 000's "when to
+    prune"), with the stage's training options.
+
+    max_epochs: train at most this long; if the indicator has not fired, prune then (the record says so)
+    threshold, patience, window: as `EarlyPruningIndicator`
+    """
+
+    max_epochs: int = 20
+    threshold: float = 0.02
+    patience: int = 2
+    window: int = 1
+
+    def __post_init__(self):
+        check(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        check(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
+        check(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        check(self.window >= 1, "window", f"must be >= 1, got {self.window}")
+
+
+def train_until_stable(model: nn.Module, ctx: Context, until: UntilStable, sparsity: float,
+                       granularity: Literal["channel", "element"], scope: Literal["layer", "global"],
+                       train: TrainConfig, desc: str = "until-stable") -> dict:
+    """Train `model` on the stage's objective until the indicator (its sub-network: what `sparsity`
+    at `granularity` / `scope` keeps) fires, or for `until.max_epochs`. Returns the record a stage
+    keeps: the epoch it fired at (None if it did not), the epochs trained, and the distance to the
+    previous sub-network after each epoch. One training run: the optimizer and schedule carry on."""
+    indicator = EarlyPruningIndicator(sparsity, granularity, scope, until.threshold, until.patience, until.window,
+                                      ctx.targets)
+    loss = objective(ctx, "until_stable", model)
+    indicator(model)  # the sub-network before any training: the first epoch is compared with it
+    when: list[int] = []
+
+    def stable(epoch: int) -> bool:
+        if indicator(model).stable:
+            when.append(epoch)
+        return bool(when)
+
+    max_epochs = until.max_epochs
+    fit(model, ctx.data.train, loss, TrainConfig.of(train, epochs=max_epochs), progress=ctx.progress, desc=desc,
+        stop_after_epoch=stable)
+    fired = when[0] if when else None
+    trained = fired or max_epochs
+    record = {"fired_epoch": fired, "epochs": trained, "max_epochs": max_epochs,
+              "distance": [round(h.distance, 5) for h in indicator.history[1:]]}
+    if fired is None:
+        record["note"] = (f"the indicator did not fire within {max_epochs} epochs (1 - EPI stayed above "
+                          f"{indicator.threshold} for {indicator.patience} epochs in a row); pruned after {max_epochs}")
+    ctx.log(f"{desc}: " + (f"sub-network stable at epoch {fired}" if fired else record["note"]))
+    return record

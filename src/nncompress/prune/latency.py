@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Config, ConfigError, Context, check, lookup
+from ..core import distributed
 from ..core.config import parse_target  # noqa: F401  (re-exported: the prune doc names it here)
 from .importance import LOSS_UNITS
 
@@ -199,6 +200,10 @@ def prune_to_latency(model: nn.Module, scored: list, config: Any, ctx: Context, 
     """
     spec: LatencyTarget = config.latency
     value, unit = parse_target(config.target_latency)
+    if distributed.world() > 1:
+        # each rank would time its own copy on shared cores, plan differently and diverge
+        raise ConfigError("target_latency", "is measured in one process; run this stage without torchrun "
+                                            "(or give keep_macs instead)")
     table = lookup("latency_table", "measure")(model, inputs, runtime=spec.runtime, threads=spec.threads,
                                                device=spec.device, step=spec.step, cache_dir=ctx.cache_dir)
     measure = lookup("latency", "measure")

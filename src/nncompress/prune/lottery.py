@@ -93,9 +93,11 @@ def _find_ticket(model: nn.Module, layers: dict[str, nn.Module], config: Lottery
         if rewind is None and steps == config.rewind_steps:
             rewind = _snapshot(model)
 
+    curves = ctx.record.setdefault("epoch_losses", [])  # one list per round, then the ticket's
     for r in range(1, config.rounds + 1):
-        fit(model, ctx.data.train, loss_fn, TrainConfig.of(config), after_step=after_step, progress=ctx.progress,
-            desc=f"lottery round {r}")
+        curves.append([round(x, 6) for x in fit(model, ctx.data.train, loss_fn, TrainConfig.of(config),
+                                                after_step=after_step, progress=ctx.progress,
+                                                desc=f"lottery round {r}")])
         if rewind is None:
             raise ConfigError("rewind_steps", f"{config.rewind_steps} is more than the {steps} steps of the "
                               f"first round; lower rewind_steps or raise epochs")
@@ -109,8 +111,9 @@ def _find_ticket(model: nn.Module, layers: dict[str, nn.Module], config: Lottery
         enforce(layers, masks)
     final = config.epochs if config.final_epochs is None else config.final_epochs
     if final:
-        fit(model, ctx.data.train, loss_fn, TrainConfig.of(config, epochs=final),
-            after_step=lambda m: enforce(layers, masks), progress=ctx.progress, desc="lottery ticket")
+        curves.append([round(x, 6) for x in fit(model, ctx.data.train, loss_fn, TrainConfig.of(config, epochs=final),
+                                                after_step=lambda m: enforce(layers, masks),
+                                                progress=ctx.progress, desc="lottery ticket")])
     return masks, levels
 
 

@@ -25,6 +25,7 @@ from ..core import ConfigError, Context, TrainConfig, check, fit, lookup, plain_
 from ..core.errors import DataError
 from ..core.reconstruct import recalibrate_norms, reconstruction_on, refit_to_reference
 from ..graph import build_graph
+from .epi import UntilStable, train_until_stable
 from .importance import NEEDS, RANKED_AS_IS, collect_stats
 from .latency import LatencyTarget, parse_target, prune_to_latency
 from .structural import apply_record, remove_groups
@@ -52,6 +53,9 @@ class PruneConfig(TrainConfig):
                   then the pruned model is timed and the plan tightened until the target is met
     steps, epochs: the iterative schedule: `steps` prune steps, each followed by `epochs` of fine-tune
     penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
+    until_stable: `{max_epochs: 20}` trains before pruning until the Early Pruning Indicator (seed
+                  000) finds the dominant sub-network (the channels `ratio` keeps, by L2 norm) stable
+                  (`epi.UntilStable`); the record says at which epoch it fired, or that it did not
     calib_batches: batches used by data-driven criteria (and by reconstruction)
     reconstruct:  after each removal, "lstsq": re-fit the layers that read the removed channels by least
                   squares so they reproduce the unpruned model's outputs on the calibration data, layer by
@@ -77,6 +81,7 @@ class PruneConfig(TrainConfig):
     penalty_epochs: int = 0
     penalty_strength: float = 1e-4
     penalty_alpha: float = 0.0
+    until_stable: UntilStable | None = None
     calib_batches: int = 8
     reconstruct: Literal["auto", "lstsq", "bn", "none"] = "auto"
 
@@ -117,6 +122,10 @@ class PruneConfig(TrainConfig):
 def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     """Structured pruning of coupled channel groups; the model physically shrinks."""
     inputs = example_inputs(model, ctx)
+    if config.until_stable is not None:
+        ctx.record["until_stable"] = train_until_stable(
+            model, ctx, config.until_stable, config.ratio, "channel", "global" if config.scope == "global" else "layer",
+            TrainConfig.of(config), "prune-until-stable")
     if config.penalty != "none":
         sparse_train(model, config, ctx, inputs)
     budget = config.keep_macs or config.keep_params

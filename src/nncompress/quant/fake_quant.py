@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import NNCompressError, Wrapper, lookup, wrapper
+from ..core import NNCompressError, Wrapper, distributed, lookup, wrapper
 from ..core.surgery import cut_plain, keep_indices
 from ..formats import IntFormat, PerChannel, PerTensor, expand_scale  # noqa: F401  (IntFormat: the doctest)
 from . import observers as _observers  # noqa: F401  (registers the observers a spec names)
@@ -134,7 +134,7 @@ class FakeQuant(nn.Module):
             self.observe(x)
             return x
         if self.track and self.training:
-            self.observe(x)
+            self.observe(distributed.global_rows(x.detach()))  # under torchrun: the whole global batch, as one process
             self.finish()
         return self.quantize(x)
 

@@ -120,6 +120,11 @@ class PartialRun:
         return run
 
     @classmethod
+    def peek(cls, final: Path, recipe: Recipe) -> "PartialRun":
+        """The interrupted run's state, read only (a torchrun rank other than 0 resuming beside rank 0)."""
+        return cls._read(_resumable(final), recipe)
+
+    @classmethod
     def _read(cls, path: Path, recipe: Recipe) -> "PartialRun":
         state = _read_progress(path)
         report = Report.from_json(json.dumps(state["report"]))

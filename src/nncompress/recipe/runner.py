@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import Context, TrainConfig, apply, fit, history
+from ..core import Context, TrainConfig, apply, distributed, fit, history
 from ..core.errors import DataError, NNCompressError
 from ..core.objectives import tokens_as_rows
 from ..eval.report import Report, pareto_png
@@ -71,6 +71,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, cache_dir: str 
         raise NNCompressError("resume: give the run directory of the interrupted run (out=...)")
     final = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_sources(recipe, trust_code)
+    distributed.init_from_env(recipe.measure.device)
+    if not distributed.is_main():
+        return _follow(recipe, final, Path(cache_dir) if cache_dir else default_cache_dir(), resume, trust_code)
     check_out_dir(final)
     _remove_stale_temps(final.parent, log)
     run = PartialRun.reopen(final, recipe, log) if resume else PartialRun.start(final, recipe)
@@ -116,6 +119,21 @@ def _run(recipe: Recipe, run: "PartialRun", cache: Path, progress: bool, log, tr
     atomic_write_text(run.path / "report.md", report.to_markdown() + "\n")
     pareto_png(report, run.path / "pareto.png")
     return RunResult(run.path, report, model)
+
+
+def _follow(recipe: Recipe, final: Path, cache: Path, resume: bool, trust_code: bool) -> RunResult:
+    """A rank other than 0 under torchrun: the same stages on the same data, training its shard of
+    each batch beside rank 0; it measures nothing and writes nothing (rank 0 owns the run directory)."""
+    def quiet(_: str) -> None:
+        pass
+
+    run = PartialRun.peek(final, recipe) if resume else PartialRun(partial_dir(final))
+    model, teacher, data = _starting_point(recipe, run, cache, False, quiet, trust_code)
+    ctx = Context(data=data, teacher=teacher, device=torch.device(recipe.measure.device), progress=False, log=quiet,
+                  cache_dir=str(cache))
+    for stage in recipe.stages[run.stages_done:]:
+        model = apply_stage(recipe, stage, model, ctx)
+    return RunResult(final, Report(), model)
 
 
 def apply_stage(recipe: Recipe, stage: Stage, model: nn.Module, ctx: Context) -> nn.Module:
@@ -229,6 +247,8 @@ def pretrain(model: nn.Module, data, recipe: Recipe, cache: Path, progress: bool
 
     fit(model, data.train, loss_fn, cfg, progress=progress, desc="pretrain")
     model.eval()
+    if not distributed.is_main():
+        return
     _remove_stale_temps(path.parent, log)
     with atomic_path(path) as tmp:
         save_model(model, str(tmp))

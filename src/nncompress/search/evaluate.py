@@ -26,16 +26,17 @@ import torch.nn as nn
 
 from ..core import Context
 from ..core.errors import NNCompressError
-from ..eval.report import StageMetrics, higher_is_better
-from ..recipe.measure import QUALITY, Measurer
+from ..eval.report import StageMetrics
+from ..recipe.measure import Measurer
 from ..recipe.runner import apply_stage, prepare, seed_everything
 from ..recipe.schema import Recipe
+from .front import score
 
 @dataclasses.dataclass
 class Objectives:
     """What a candidate measured: the three objectives and the full row a run's report would show."""
 
-    quality: float
+    quality: float  # the score maximised: the quality, negated when lower is better (`front.score`)
     latency: float          # median of the candidate / median of the uncompressed model, timed interleaved
     latency_ms: float
     bytes: int
@@ -62,10 +63,6 @@ class Evaluator:
                  log: Callable[[str], None] = lambda msg: None, trust_code: bool = False, runtime: str = "torch"):
         seed_everything(recipe.seed)
         self.model, self.data = prepare(recipe, cache, progress, log, trust_code)
-        if not higher_is_better(QUALITY[self.data.task]):
-            raise NNCompressError(f"search: data {recipe.data.name!r} is judged by {QUALITY[self.data.task]} (lower "
-                                  "is better), which the search cannot rank yet; compare recipes with "
-                                  "`nncompress run` for now")
         # distillation freezes the teacher it is given: candidates start from copies of `model`, and
         # read (and are timed against) this separate copy, as a run does
         self.teacher = copy.deepcopy(self.model).eval()
@@ -118,6 +115,6 @@ def _objectives(row: StageMetrics, runtime: str, seconds: float, why: list[str])
                               f"bytes {row.file_bytes}, {runtime} latency "
                               f"{'yes' if lat is not None else 'no: ' + ('; '.join(why) or 'not timed')}); "
                               "the candidate cannot be ranked")
-    return Objectives(quality=row.quality, latency=lat.median_ms / ref.median_ms, latency_ms=lat.median_ms,
+    return Objectives(quality=score(row.quality_name, row.quality), latency=lat.median_ms / ref.median_ms, latency_ms=lat.median_ms,
                       bytes=row.file_bytes, metrics=row.to_dict(), seconds=round(seconds, 3))
 

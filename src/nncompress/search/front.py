@@ -1,7 +1,9 @@
 """Pareto fronts and the goals a user states, over measured points (pure functions, no I/O).
 
 A point is better when its quality is higher and its latency and bytes are lower. Seed 002: keep only
-the Pareto-optimal networks; a goal then picks one of them.
+the Pareto-optimal networks; a goal then picks one of them. A quality where lower is better
+(perplexity) enters as its negation (`score`) and is shown as itself (`quality_text`), so every rule
+here reads "higher is better"; `--max-drop X` then lets perplexity rise by X.
 
 >>> a = Point("a", quality=0.95, latency=0.5, latency_ms=5.0, bytes=100)
 >>> b = Point("b", quality=0.90, latency=0.6, latency_ms=6.0, bytes=120)
@@ -22,7 +24,28 @@ import re
 from typing import Any, Literal
 
 from ..core.errors import ConfigError
-from ..eval.report import human_bytes
+from ..eval.report import higher_is_better, human_bytes
+
+
+def score(quality_name: str, value: float) -> float:
+    """What the search maximises for a measured quality: itself, or its negation when lower is better.
+
+    >>> score("accuracy", 0.9), score("perplexity", 4.5)
+    (0.9, -4.5)
+    """
+    return value if higher_is_better(quality_name) else -value
+
+
+def quality_text(quality_name: str, s: float, ref: float | None = None) -> str:
+    """A score shown as the quality it stands for, with the change from the score `ref` when given.
+
+    >>> quality_text("accuracy", 0.95, 0.98), quality_text("perplexity", -4.2, -4.0)
+    ('95.0% (-3.0)', '4.2000 (+0.2000)')
+    """
+    value, base = score(quality_name, s), None if ref is None else score(quality_name, ref)
+    if quality_name == "accuracy":
+        return f"{value * 100:.1f}%" + ("" if base is None else f" ({(value - base) * 100:+.1f})")
+    return f"{value:.4f}" + ("" if base is None else f" ({value - base:+.4f})")
 
 
 @dataclasses.dataclass
@@ -201,10 +224,10 @@ def choose(goal: Goal, front: list[Point], ref: Point) -> Verdict:
     if goal.kind == "front":
         return Verdict(goal, True, [], None, f"whole Pareto front: {len(front)} points")
     ok = [p for p in front if within(goal, p, ref)]
-    pct = ref.info.get("quality_name", "accuracy") == "accuracy"
+    name = ref.info.get("quality_name", "accuracy")
 
     def _q(p: Point) -> str:
-        return f"{p.quality * 100:.1f}%" if pct else f"{p.quality:.4f}"
+        return quality_text(name, p.quality)
 
     def _show(p: Point) -> str:
         return f"{p.label} ({_q(p)}, {1 / p.latency:.2f}x faster / {p.latency_ms:.3g} ms, {human_bytes(p.bytes)})"

@@ -14,7 +14,7 @@ import yaml
 from ..core.errors import NNCompressError
 from ..eval.report import human_bytes
 from ..export.atomic import scratch_dir
-from .front import Point, front_2d
+from .front import Point, front_2d, quality_text, score
 from .results import FORMAT, SearchResult
 
 
@@ -102,8 +102,8 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
     r = result
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
-    pct = r.reference.info.get("quality_name") == "accuracy"
-    scale = 100.0 if pct else 1.0
+    name = r.reference.info.get("quality_name", "accuracy")
+    scale = 100.0 if name == "accuracy" else score(name, 1.0)  # a perplexity axis shows perplexity, better up
     for k, (cost, xlabel, xs) in enumerate((
             ("latency", f"latency, {r.spec.runtime} b={_batch(r)} (x the uncompressed model, interleaved)", lambda p: p.latency),
             ("bytes", "size on disk (kB)", lambda p: p.bytes / 1e3))):
@@ -123,7 +123,9 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
                         color="C3")
         ax.scatter([xs(r.reference)], [r.reference.quality * scale], marker="*", s=120, color="k", label="uncompressed")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (%)" if pct else "quality")
+        ax.set_ylabel("accuracy (%)" if name == "accuracy" else name if scale > 0 else f"{name} (lower is better)")
+        if scale < 0:
+            ax.invert_yaxis()
         ax.grid(True, alpha=0.3)
         if k == 0:
             ax.legend(fontsize=7, loc="lower right")
@@ -190,12 +192,7 @@ def _secs(s: float | None) -> str:
 
 
 def _quality(r: SearchResult, q: float, delta: bool = False) -> str:
-    pct = r.reference.info.get("quality_name") == "accuracy"
-    text = f"{q * 100:.1f}%" if pct else f"{q:.4f}"
-    if delta:
-        d = q - r.reference.quality
-        text += f" ({d * 100:+.1f})" if pct else f" ({d:+.4f})"
-    return text
+    return quality_text(r.reference.info.get("quality_name", "accuracy"), q, r.reference.quality if delta else None)
 
 
 def _opt_q(r: SearchResult, q: float | None) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..eval.report import StageMetrics
-from .front import Point, Verdict, baseline_table, choose, Goal, pareto_front
+from ..eval.report import StageMetrics, higher_is_better
+from .front import Point, Verdict, baseline_table, choose, Goal, pareto_front, score
 from .space import SearchSpec
 from .study import as_point, proxy_points
 
@@ -40,15 +40,24 @@ class SearchResult:
         return sum(1 for row in self.comparison if row["dominated_by"])
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; qualities as measured (a perplexity stays positive), whichever way is better."""
+        name = self.reference.info.get("quality_name", "accuracy")
+
+        def q(v: float | None) -> float | None:
+            return None if v is None else score(name, v)  # its own inverse: the score back to the quality
+
         def pt(p: Point) -> dict[str, Any]:
-            return {"label": p.label, "quality": p.quality, "latency": p.latency, "latency_ms": p.latency_ms,
+            return {"label": p.label, "quality": q(p.quality), "latency": p.latency, "latency_ms": p.latency_ms,
                     "bytes": p.bytes, **{k: v for k, v in p.info.items() if k != "metrics"}}
+        comparison = [{**row, "best_within_latency": q(row["best_within_latency"]),
+                       "best_within_bytes": q(row["best_within_bytes"])} for row in self.comparison]
+        best = "max" if higher_is_better(name) else "min"
         return {"format": FORMAT, "recipe": self.spec.name, "study": self.study, "storage": self.storage,
-                "objectives": ["quality (max)", "latency relative to the baseline (min)", "bytes (min)"],
+                "objectives": [f"{name} ({best})", "latency relative to the baseline (min)", "bytes (min)"],
                 "reference": pt(self.reference), "front": [pt(p) for p in self.front],
                 "points": [pt(p) for p in self.points], "proxy": [pt(p) for p in self.proxy],
                 "baselines": [pt(p) for p in self.baselines], "goal": self.verdict.to_dict(),
-                "comparison": self.comparison, "dominated_baselines": self.dominated, "counts": self.counts,
+                "comparison": comparison, "dominated_baselines": self.dominated, "counts": self.counts,
                 "failures": self.failures, "workers": self.workers, "compute_s": self.compute_s,
                 "study_wall_s": self.study_wall_s, "run": self.run_info}
 
@@ -107,5 +116,5 @@ def collect(spec: SearchSpec, proxy_study: Any, full_study: Any, reference: Stag
 
 def reference_point(reference: StageMetrics) -> Point:
     """The uncompressed model as a point (latency 1.0: every ratio is against it)."""
-    return Point("baseline", reference.quality, 1.0, reference.latencies[0].median_ms, reference.file_bytes,
+    return Point("baseline", score(reference.quality_name, reference.quality), 1.0, reference.latencies[0].median_ms, reference.file_bytes,
                  info={"quality_name": reference.quality_name})

@@ -23,7 +23,7 @@ from ..eval.report import run_info
 from ..recipe.runner import check_out_dir, default_cache_dir
 from ..recipe.schema import read_recipe_yaml
 from .evaluate import Evaluator
-from .front import Goal, choose, pareto_front
+from .front import Goal, choose, pareto_front, quality_text
 from .report import check_out, write_output
 from .results import SearchResult, collect
 from .space import SearchSpec, parse_search
@@ -138,7 +138,7 @@ def _best(worker: Worker, goal: Goal, ref: Any) -> str:
     verdict = choose(goal, front, ref)
     label = verdict.picks[0][1] if verdict.picks else None
     best = next((p for p in front if p.label == label), None) or max(front, key=lambda p: p.quality)
-    q = f"{best.quality * 100:.1f}%" if ref.info["quality_name"] == "accuracy" else f"{best.quality:.4f}"
+    q = quality_text(ref.info["quality_name"], best.quality)
     return f"front {len(front)} · best {best.label}: {q}, {best.latency:.2f}x latency, {best.bytes / 1e3:.1f} kB"
 
 
