@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm bench-ddp clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm bench-ddp bench-epi-prune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
-	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm bench-ddp
+	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm bench-ddp \
+	bench-epi-prune
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -40,6 +41,10 @@ bench-baseline: $(VENV)/.bench
 # issue 12: SAM before pruning vs plain training, 3 seeds
 bench-sam-prune: $(VENV)/.bench
 	$(BIN)/python benchmarks/sam_prune.py --out BENCHMARKS.md
+
+# issue 14: pruning when the early pruning indicator fires vs after training vs at initialisation, 3 seeds
+bench-epi-prune: $(VENV)/.bench
+	$(BIN)/python benchmarks/epi_prune.py --out BENCHMARKS.md
 
 bench-owl: $(VENV)/.bench
 	$(BIN)/python benchmarks/owl.py --out BENCHMARKS.md

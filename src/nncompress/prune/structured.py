@@ -54,7 +54,8 @@ class PruneConfig(TrainConfig):
     steps, epochs: the iterative schedule: `steps` prune steps, each followed by `epochs` of fine-tune
     penalty, penalty_epochs, penalty_strength, penalty_alpha: sparse training before pruning
     until_stable: `{max_epochs: 20}` trains before pruning until the Early Pruning Indicator (seed
-                  000) finds the dominant sub-network (the channels `ratio` keeps, by L2 norm) stable
+                  000) finds the dominant sub-network (the channels `ratio` keeps, by L2 norm; under a
+                  keep_macs / keep_params budget b, the share 1 - sqrt(b)) stable
                   (`epi.UntilStable`); the record says at which epoch it fired, or that it did not
     calib_batches: batches used by data-driven criteria (and by reconstruction)
     reconstruct:  after each removal, "lstsq": re-fit the layers that read the removed channels by least
@@ -123,8 +124,10 @@ def _prune(model: nn.Module, config: PruneConfig, ctx: Context) -> nn.Module:
     """Structured pruning of coupled channel groups; the model physically shrinks."""
     inputs = example_inputs(model, ctx)
     if config.until_stable is not None:
+        budget = config.keep_macs or config.keep_params
+        share = 1 - math.sqrt(budget) if budget else config.ratio  # MACs and params fall as the square of widths
         ctx.record["until_stable"] = train_until_stable(
-            model, ctx, config.until_stable, config.ratio, "channel", "global" if config.scope == "global" else "layer",
+            model, ctx, config.until_stable, share, "channel", "global" if config.scope == "global" else "layer",
             TrainConfig.of(config), "prune-until-stable")
     if config.penalty != "none":
         sparse_train(model, config, ctx, inputs)
