@@ -97,7 +97,8 @@ class LayerStats:
         if any(other != layout[0] for other in layout):
             raise DataError(f"calibration under torchrun: the ranks' inputs to a module differ in shape ({layout}); "
                             "calibrate in one process")
-        counts = distributed.all_reduce_sum([float(self.count), float(self.gram_rows), float(self.out_rows)])
+        device = next((t.device for t in tensors if t is not None), torch.device("cpu"))  # nccl reduces on the GPU
+        counts = distributed.all_reduce_sum([float(self.count), float(self.gram_rows), float(self.out_rows)], device)
         self.count, self.gram_rows, self.out_rows = (int(round(v)) for v in counts)
         self.sum, self.sq, self.xtx, self.out_abs = (
             distributed.all_reduce_tensor(t) for t in (self.sum, self.sq, self.xtx, self.out_abs))

@@ -168,9 +168,10 @@ class GradientSync:
     global batch's mean loss, `buffers(modules)` averages the floating buffers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.size = world()
         self.rank = rank()
+        self.device = torch.device(device)  # where collectives run (nccl: the GPU)
 
     @property
     def active(self) -> bool:
@@ -197,8 +198,9 @@ class GradientSync:
         if not self.active:
             return loss
         grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([_flat(grads), torch.tensor([loss / self.size], dtype=torch.float32)]) if grads else \
-            torch.tensor([loss / self.size])
+        device = grads[0].device if grads else self.device
+        flat = torch.cat([_flat(grads), torch.tensor([loss / self.size], dtype=torch.float32, device=device)]) \
+            if grads else torch.tensor([loss / self.size], device=device)
         dist.all_reduce(flat)
         flat[:-1].div_(self.size)
         _unflat(flat[:-1], grads)
@@ -289,8 +291,8 @@ def global_rows(x: torch.Tensor) -> torch.Tensor:
     quantiles). Elsewhere `x` itself: calibration and measurement run whole on each rank."""
     if not _TRAINING or world() == 1:
         return x
-    sizes = [torch.zeros((), dtype=torch.long) for _ in range(world())]
-    dist.all_gather(sizes, torch.tensor(x.shape[0]))
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world())]  # nccl: on the GPU
+    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
     most = int(max(sizes))
     padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[:x.shape[0]] = x

@@ -89,7 +89,7 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: LossFn, cfg: TrainConfig, *
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
              if cfg.lr_schedule == "cosine" and total else None)
     distributed.init_from_env(_device(model))
-    sync = distributed.GradientSync()
+    sync = distributed.GradientSync(_device(model))
     params = [p for group in opt.param_groups for p in group["params"]]
     if sync.active:
         distributed.broadcast_state([model, *_owners(params, model)])
