@@ -160,3 +160,18 @@ def test_files_written_before_huffman_and_combinations_still_decode():
     idx = torch.bucketize(w.reshape(-1), codebook)
     old_cb = {"codebook": codebook, "index": pack(idx, 3)}
     assert torch.equal(decode_tensor(old_cb, {"codec": "codebook", "bits": 3, "shape": [64, 8], "dtype": "float32"}), w)
+
+
+def test_huffman_code_lengths_stay_within_the_limit_for_very_skewed_counts():
+    import numpy as np
+    from nncompress.formats import huffman
+    fib = [1, 1]
+    while len(fib) < 60:
+        fib.append(fib[-1] + fib[-2])  # Fibonacci counts: the deepest Huffman tree (59 levels unlimited)
+    lengths = huffman.code_lengths(np.array(fib[::-1] + [0] * 196))
+    assert lengths.max() <= huffman.MAX_BITS and (lengths[:60] > 0).all() and (lengths[60:] == 0).all()
+    assert float((2.0 ** -lengths[:60]).sum()) <= 1.0  # still a prefix code
+    symbols = np.repeat(np.arange(60), 3)
+    parts, meta = huffman.encode(symbols, 256)
+    assert (huffman.decode(parts, meta, symbols.size) == symbols).all()
+    assert huffman.code_lengths(np.zeros(4, dtype=np.int64)).tolist() == [0, 0, 0, 0]

@@ -41,10 +41,11 @@ def code_lengths(counts: np.ndarray, max_bits: int = MAX_BITS) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.int64)
     used = np.flatnonzero(counts)
     lengths = np.zeros(counts.size, dtype=np.int64)
-    if used.size == 1:
+    if used.size <= 1:
         lengths[used] = 1
         return lengths
     weights = counts[used].astype(np.float64)
+    shift = max_bits - 2
     while True:
         heap = [(w, i, (i,)) for i, w in enumerate(weights)]
         heapq.heapify(heap)
@@ -60,7 +61,10 @@ def code_lengths(counts: np.ndarray, max_bits: int = MAX_BITS) -> np.ndarray:
         if depth.max() <= max_bits:
             lengths[used] = depth
             return lengths
-        weights = np.maximum(weights, weights.max() / 2 ** (max_bits - 2))  # flatten the rare tail, retry
+        # too deep: raise the rare symbols' weights to a floor, higher each retry; at shift 0 every weight
+        # is equal and the depth is ceil(log2(symbols)), so this ends
+        shift = max(shift - 1, 0)
+        weights = np.maximum(weights, weights.max() / 2 ** shift)
 
 
 def _canonical(lengths: np.ndarray) -> np.ndarray:
