@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-baseline bench-prune-structured bench-sparsity bench-prune-layers bench-quantize bench-quantize-int8 bench-quantize-lowbit \
 	bench-pipelines bench-distill bench-distill-scarce bench-lowrank bench-deep-compression \
-	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm bench-ddp bench-epi-prune clean
+	bench-deep-compression-80 bench-composition bench-latency-prune bench-search bench-search-ort bench-mixed-precision bench-sam-prune bench-owl bench-awq bench-lm bench-ddp bench-epi-prune bench-distill-recovery bench-distill-minilm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ test-slow: $(STAMP)
 
 bench: bench-baseline bench-prune-structured bench-sparsity bench-quantize bench-mixed-precision bench-pipelines \
 	bench-composition bench-latency-prune bench-search bench-search-ort bench-sam-prune bench-owl bench-awq bench-lm bench-ddp \
-	bench-epi-prune
+	bench-epi-prune bench-distill-recovery bench-distill-minilm
 
 bench-baseline: $(VENV)/.bench
 	$(BIN)/python benchmarks/baseline.py --out BENCHMARKS.md
@@ -45,6 +45,14 @@ bench-sam-prune: $(VENV)/.bench
 # issue 14: pruning when the early pruning indicator fires vs after training vs at initialisation, 3 seeds
 bench-epi-prune: $(VENV)/.bench
 	$(BIN)/python benchmarks/epi_prune.py --out BENCHMARKS.md
+
+# issue 14: stage-wise distillation vs plain KD recovering a pruned CNN, same epochs, 3 seeds
+bench-distill-recovery: $(VENV)/.bench
+	$(BIN)/python benchmarks/distill_recovery.py --out BENCHMARKS.md
+
+# issue 14: attention-probability KL / hidden-state distillation of a pruned all-MiniLM-L6-v2
+bench-distill-minilm: $(VENV)/.bench
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/distill_minilm.py --out BENCHMARKS.md
 
 bench-owl: $(VENV)/.bench
 	$(BIN)/python benchmarks/owl.py --out BENCHMARKS.md

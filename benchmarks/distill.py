@@ -53,7 +53,7 @@ def methods(epochs: int, lr: float) -> dict[str, list]:
         "logits KD": [FinetuneConfig(**kd)],
         "logits + hints": [FinetuneConfig(**kd, features=STAGES, feature_weight=1.0, feature_normalize=True)],
         "logits + AT": [FinetuneConfig(**kd, features=STAGES, feature_weight=0.0, attention_weight=10.0)],
-        "stage-wise + logits KD": [ProgressiveConfig(stages=("stem",) + STAGES, epochs=1, lr=lr, head_epochs=0,
+        "stage-wise + logits KD": [ProgressiveConfig(stages=("stem",) + STAGES, epochs=1, lr=lr, head_epochs=0, target="features",
                                                      feature_normalize=True), FinetuneConfig(**kd)],
     }
 

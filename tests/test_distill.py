@@ -229,7 +229,8 @@ def test_progressive_finished_blocks_stay_frozen_while_later_ones_train(tiny_dat
     only_first = nncompress.apply(tiny_cnn((4, 8, 8)), ProgressiveConfig(stages=("layers.0",), epochs=3, lr=1e-2,
                                                                          head_epochs=0), context=ctx)
     torch.manual_seed(5)
-    cfg = ProgressiveConfig(stages=("layers.0", "layers.1", "layers.2"), epochs=3, head_epochs=4, lr=1e-2)
+    cfg = ProgressiveConfig(stages=("layers.0", "layers.1", "layers.2"), epochs=3, head_epochs=4, lr=1e-2,
+                            final="head")
     full = nncompress.apply(tiny_cnn((4, 8, 8)), cfg, context=ctx)
     first, done = only_first.layers[0].state_dict(), full.layers[0].state_dict()
     assert all(torch.equal(first[k], done[k]) for k in first)  # untouched by layers.1/2 and the head phase
@@ -250,8 +251,69 @@ def test_progressive_config_errors():
     with pytest.raises(ConfigError, match="stages: no module named 'layers.9'"):
         nncompress.apply(m, ProgressiveConfig(stages=("layers.9",)), context=Context(data=data, teacher=m))
     with pytest.raises(ConfigError, match="head_epochs: every parameter belongs to a stage"):
-        nncompress.apply(m, ProgressiveConfig(stages=("",), epochs=0), context=Context(data=data,
+        nncompress.apply(m, ProgressiveConfig(stages=("",), epochs=0, final="head"), context=Context(data=data,
                                                                                        teacher=copy.deepcopy(m)))
+
+
+def test_fitted_adapter_of_a_pruned_student_passes_the_kept_channels_through():
+    from nncompress.distill.progressive import fitted_adapter
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
+    student = copy.deepcopy(teacher)
+    kept = [0, 2, 5]
+    student[0] = nn.Linear(5, 3)
+    with torch.no_grad():  # the student is the teacher with channels 1, 3, 4 removed
+        student[0].weight.copy_(teacher[0].weight[kept])
+        student[0].bias.copy_(teacher[0].bias[kept])
+    x = torch.randn(256, 5)
+    adapter = fitted_adapter(student, teacher, "1", "1", x, damp=1e-6)
+    s_out, t_out = student(x), teacher(x)
+    with torch.no_grad():
+        mapped = adapter(s_out)
+    assert torch.allclose(mapped[:, kept], t_out[:, kept], atol=1e-3)  # the kept channels, as they are
+    w = adapter.proj.weight
+    assert torch.allclose(w[kept], torch.eye(3), atol=1e-3)
+    # the removed channels: the least-squares prediction from the kept ones, better than zero
+    removed = [1, 3, 4]
+    assert (mapped[:, removed] - t_out[:, removed]).pow(2).sum() <= t_out[:, removed].pow(2).sum()
+
+
+def test_progressive_outputs_target_trains_each_block_through_the_teachers_remaining_layers(tiny_data):
+    teacher = tiny_cnn((8, 16, 16), seed=1).eval()
+    student = tiny_cnn((4, 8, 8))
+    before = copy.deepcopy(student.state_dict())
+    # layers.2's output reaches the loss only through the teacher's pool and fc: the block must still learn
+    cfg = ProgressiveConfig(stages=("layers.2",), epochs=6, lr=1e-2, head_epochs=0, target="outputs")
+    out = nncompress.apply(student, cfg, context=Context(data=tiny_data, teacher=teacher))
+    after = out.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("layers.2.") and "running" not in k)
+    assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("layers.2."))
+    losses = nncompress.history(out)[-1]["record"]["stage_losses"]["layers.2"]
+    assert losses[-1] < losses[0]
+    for t in teacher.parameters():
+        assert not t.requires_grad  # the teacher is read, never trained
+
+
+def test_progressive_final_all_trains_the_staged_blocks_too(tiny_data):
+    teacher = tiny_cnn((8, 16, 16), seed=1).eval()
+    ctx = Context(data=tiny_data, teacher=teacher)
+    runs = {}
+    for final in ("head", "all"):
+        torch.manual_seed(3)
+        cfg = ProgressiveConfig(stages=("layers.0",), epochs=1, lr=1e-2, head_epochs=2, final=final,
+                                target="features")
+        runs[final] = nncompress.apply(tiny_cnn((4, 8, 8)), cfg, context=ctx).state_dict()
+    # the same block phase; then only "all" moves layers.0's weights
+    assert any(not torch.equal(runs["head"][k], runs["all"][k]) for k in runs["head"] if k.startswith("layers.0."))
+
+
+def test_progressive_new_field_errors():
+    with pytest.raises(ConfigError, match="target: must be one of"):
+        ProgressiveConfig(stages=("stem",), target="logits")
+    with pytest.raises(ConfigError, match="final: must be one of"):
+        ProgressiveConfig(stages=("stem",), final="everything")
+    cfg = ProgressiveConfig.from_dict({"stages": ["stem"], "target": "both", "final": "all"})
+    assert ProgressiveConfig.from_dict(cfg.to_dict()) == cfg
 
 
 class TinyEncoder(nn.Module):
@@ -290,6 +352,16 @@ def test_embedding_distillation_with_token_features():
     record = nncompress.history(out)[-1]["record"]
     assert record["adapters"] == {"proj": "FeatureAdapter"}  # (N, T, 4) -> (N, T, 8) on the last axis
     assert record["epoch_losses"][-1] < record["epoch_losses"][0]
+
+
+def test_progressive_outputs_target_on_an_embedding_model_with_dict_inputs():
+    torch.manual_seed(0)
+    teacher, student = TinyEncoder(8).eval(), TinyEncoder(4)
+    cfg = ProgressiveConfig(stages=("proj",), epochs=10, lr=1e-2, head_epochs=2, final="all")
+    out = nncompress.apply(student, cfg, context=Context(data=TinyText(), teacher=teacher))
+    record = nncompress.history(out)[-1]["record"]
+    losses = record["stage_losses"]["proj"]  # (N, T, 4) through the adapter into the teacher's masked mean + out
+    assert losses[-1] < losses[0] and record["head_losses"][-1] <= record["head_losses"][0]
 
 
 def test_finetune_after_sparsify_keeps_the_pruned_zeros():

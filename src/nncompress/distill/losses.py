@@ -22,8 +22,8 @@ from ..core.errors import DataError
 # the task / logits / embedding losses live with the one objective builder in core; re-exported here
 from ..core.objectives import embedding_distill_loss, kd_logits_loss, kd_loss  # noqa: F401
 
-__all__ = ["attention_kl_loss", "attention_map", "attention_transfer_loss", "embedding_distill_loss",
-           "feature_kd_loss", "kd_logits_loss", "kd_loss"]
+__all__ = ["attention_kl_loss", "attention_kl_matrix", "attention_map", "attention_transfer_loss",
+           "embedding_distill_loss", "feature_kd_loss", "hidden_state_loss", "kd_logits_loss", "kd_loss"]
 
 
 def feature_kd_loss(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -71,10 +71,24 @@ def attention_transfer_loss(student: torch.Tensor, teacher: torch.Tensor, p: flo
     return (qs - qt).pow(2).sum(1).mean()
 
 
-def attention_kl_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def _query_mask(mask: torch.Tensor | None, n: int, q: int, device: torch.device) -> torch.Tensor:
+    """The token mask (N, Q) as floats (1: a real token); all ones when None."""
+    if mask is None:
+        return torch.ones(n, q, device=device)
+    if tuple(mask.shape) != (n, q):
+        raise DataError(f"attention / hidden-state distillation: token mask {tuple(mask.shape)} does not match "
+                        f"{n} sequences of {q} tokens; pass the batch's attention_mask (N, T)")
+    return mask.to(device=device, dtype=torch.float32)
+
+
+def attention_kl_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Transformer attention transfer: KL(teacher || student) between attention probabilities
     (N, H, Q, K) (rows sum to 1), mean over batch, heads and queries. When head counts differ,
     both are averaged over heads first (MiniLM-style distillation keeps head counts equal instead).
+
+    mask: (N, Q) token mask (1: real token); padded queries are left out of the mean (padded keys
+          already have probability 0 in both, so they add nothing).
 
     >>> a = torch.softmax(torch.randn(1, 2, 3, 3), -1)
     >>> float(attention_kl_loss(a, a))
@@ -86,4 +100,43 @@ def attention_kl_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float =
         raise DataError(f"attention_kl_loss: attention shapes {tuple(student.shape)} and {tuple(teacher.shape)} "
                         f"differ beyond the head count; pair layers with the same sequence length")
     kl = teacher * (teacher.clamp_min(eps).log() - student.clamp_min(eps).log())  # (N, H, Q, K)
-    return kl.sum(-1).mean()
+    if mask is None:
+        return kl.sum(-1).mean()
+    m = _query_mask(mask, student.shape[0], student.shape[2], student.device)  # (N, Q)
+    return (kl.sum(-1) * m[:, None, :]).sum() / (m.sum().clamp_min(1) * student.shape[1])
+
+
+def attention_kl_matrix(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+                        eps: float = 1e-12) -> torch.Tensor:
+    """(H_s, H_t): the KL of `attention_kl_loss` between every student head and every teacher head.
+
+    >>> a = torch.softmax(torch.randn(2, 3, 4, 4), -1)
+    >>> attention_kl_matrix(a[:, [2, 0]], a).argmin(1).tolist()   # each head finds the one it was cut from
+    [2, 0]
+    """
+    m = _query_mask(mask, student.shape[0], student.shape[2], student.device)  # (N, Q)
+    log_s = student.clamp_min(eps).log()  # (N, Hs, Q, K)
+    log_t = teacher.clamp_min(eps).log()  # (N, Ht, Q, K)
+    entropy = (teacher * log_t).sum(-1)  # (N, Ht, Q): sum_k t log t
+    cross = torch.einsum("nhqk,ngqk->nhgq", teacher, log_s)  # (N, Ht, Hs, Q): sum_k t log s
+    kl = entropy[:, :, None, :] - cross  # (N, Ht, Hs, Q)
+    return (kl * m[:, None, None, :]).sum((0, 3)).T / m.sum().clamp_min(1)  # (Hs, Ht)
+
+
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """TinyBERT's hidden-state loss: MSE between same-shaped token features (N, T, D) (adapt widths
+    first), over real tokens only when a (N, T) token `mask` is given.
+
+    >>> s, t = torch.zeros(1, 2, 2), torch.tensor([[[1.0, 1.0], [9.0, 9.0]]])
+    >>> float(hidden_state_loss(s, t, mask=torch.tensor([[1, 0]])))   # the padded token is left out
+    1.0
+    """
+    if student.shape != teacher.shape:
+        raise DataError(f"hidden_state_loss: student hidden states {tuple(student.shape)} and teacher hidden states "
+                        f"{tuple(teacher.shape)} differ; map the student's width with a FeatureAdapter first")
+    if mask is None:
+        return F.mse_loss(student, teacher)
+    m = _query_mask(mask, student.shape[0], student.shape[1], student.device)  # (N, T)
+    sq = (student - teacher).pow(2).mean(-1)  # (N, T)
+    return (sq * m).sum() / m.sum().clamp_min(1)
