@@ -24,8 +24,9 @@ $(VENV)/.bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/nncompress demo
 
+# the default tier on two worker processes (every test runs torch on one thread): ~2.5 min on 2 cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # the slow tier: full example recipes (MiniLM end to end) and the whole composition matrix; CI runs it too
 test-slow: $(STAMP)
