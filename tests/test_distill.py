@@ -280,6 +280,7 @@ def test_fitted_adapter_of_a_pruned_student_passes_the_kept_channels_through():
 
 def test_progressive_outputs_target_trains_each_block_through_the_teachers_remaining_layers(tiny_data):
     teacher = tiny_cnn((8, 16, 16), seed=1).eval()
+    teacher_before = copy.deepcopy(teacher.state_dict())
     student = tiny_cnn((4, 8, 8))
     before = copy.deepcopy(student.state_dict())
     # layers.2's output reaches the loss only through the teacher's pool and fc: the block must still learn
@@ -290,8 +291,19 @@ def test_progressive_outputs_target_trains_each_block_through_the_teachers_remai
     assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("layers.2."))
     losses = nncompress.history(out)[-1]["record"]["stage_losses"]["layers.2"]
     assert losses[-1] < losses[0]
-    for t in teacher.parameters():
-        assert not t.requires_grad  # the teacher is read, never trained
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())  # read, never trained
+
+
+def test_a_teacher_is_given_back_trainable_and_in_its_mode(tiny_data):
+    teacher = tiny_cnn((8, 16, 16), seed=1)  # in train mode, every parameter trainable
+    nncompress.apply(tiny_cnn((4, 8, 8)), FinetuneConfig(epochs=1, kd_alpha=0.9),
+                     context=Context(data=tiny_data, teacher=teacher))
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    teacher.eval()
+    nncompress.apply(tiny_cnn((4, 8, 8)), ProgressiveConfig(stages=("layers.0",), epochs=1, head_epochs=1),
+                     context=Context(data=tiny_data, teacher=teacher))
+    assert not teacher.training
+    nncompress.apply(teacher, FinetuneConfig(epochs=1), context=Context(data=tiny_data))  # still trainable
 
 
 def test_progressive_final_all_trains_the_staged_blocks_too(tiny_data):

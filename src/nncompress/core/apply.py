@@ -7,9 +7,10 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -42,7 +43,8 @@ def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any]
     ctx.edits = Edits()
     transform = transform_for(config)
     try:
-        out = transform.fn(model, config, ctx)
+        with _teacher_kept(ctx.teacher, model):
+            out = transform.fn(model, config, ctx)
     except NNCompressError as e:  # every error says which stage it came from
         named = _in_stage(e, config.kind)
         if named is e:
@@ -56,6 +58,25 @@ def apply(model: nn.Module, config: Config, targets: Targets | Mapping[str, Any]
     if SOURCE_ATTR in vars(model) and out is not model:
         setattr(out, SOURCE_ATTR, getattr(model, SOURCE_ATTR))
     return out
+
+
+@contextlib.contextmanager
+def _teacher_kept(teacher: nn.Module | None, model: nn.Module) -> Iterator[None]:
+    """A stage freezes the teacher it reads (eval mode, no gradients); afterwards the teacher's
+    `requires_grad` flags and train / eval modes are given back as they were, so a model lent as a
+    teacher can still be trained. (A teacher that is the model itself is the stage's to change.)"""
+    if teacher is None or teacher is model:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    modes = [(m, m.training) for m in teacher.modules()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _in_stage(e: NNCompressError, kind: str) -> NNCompressError:
