@@ -42,7 +42,7 @@ from nncompress.export.onnx_dynamic import export_dynamic_onnx  # noqa: E402
 from nncompress.export.onnx_qdq import export_qdq_onnx, optimized_op_counts  # noqa: E402
 from nncompress.formats import IntFormat  # noqa: E402
 from nncompress.quant import QuantizeConfig, QuantSpec  # noqa: E402
-from nncompress.quant.native import Int8DynamicConfig  # noqa: E402
+from nncompress.quant.native import Int8DynamicConfig, fbgemm_saturates  # noqa: E402
 from nncompress.zoo.loaders import build_data, build_model  # noqa: E402
 
 ENCODER = Targets(include=("*encoder*",), types=(nn.Linear,))
@@ -119,6 +119,7 @@ def run(args, tmp: Path) -> dict:
     fid = lambda emb: embedding_fidelity(ref, emb, k=10)  # noqa: E731
     x1 = data.example_batch(1)
     rows: dict[str, dict] = {}
+    extra_cpu = {"saturates": fbgemm_saturates()}
     # ---- ONNX Runtime
     paths = {"fp32 ONNX": export_onnx(model, data.example_batch(2), tmp / "fp32.onnx")}
     static = ours_static(model, data, args)
@@ -166,7 +167,7 @@ def run(args, tmp: Path) -> dict:
             rows[name][f"ms{b}"] = lat.median_ms
             rows[name][f"x{b}"] = lats[0].median_ms / lat.median_ms
     layers = per_layer(model, data, ref, args) if args.per_layer else []
-    return {"rows": rows, "n": ref.shape[0], "layers": layers, **extra}
+    return {"rows": rows, "n": ref.shape[0], "layers": layers, **extra, **extra_cpu}
 
 
 def table(header, rows):
@@ -212,10 +213,14 @@ def render(args, res) -> str:
         f"dequantizing only the gathered rows (`quantize_embeddings=True`, the default); ORT's tools store them "
         f"as uint8 with one scale per table. The dynamic export with fp32 tables (`quantize_embeddings=False`) "
         f"is {res['fp32_tables_bytes']:,} bytes at cosine {res['fp32_tables_cosine']:.4f}. After onnxruntime's "
-        f"graph optimizations our dynamic graph and ORT's quantize_dynamic run the same int8 kernels (listed "
-        f"above; the Q/K/V projections share one DynamicQuantizeLinear), so their latencies differ by noise. "
+        f"graph optimizations our dynamic graph and ORT's quantize_dynamic run the same int8 operators (listed "
+        f"above; the Q/K/V projections share one DynamicQuantizeLinear), but our files store the symmetric int8 "
+        f"weight codes as uint8 with zero point 128, so ONNX Runtime runs its U8U8 GEMM, exact on every CPU; "
+        f"ORT's tools store int8 weights (U8S8), faster on CPUs without AVX512-VNNI, where its int16 pair "
+        f"sums can saturate (this CPU {'saturates' if res['saturates'] else 'does not saturate'}). "
         f"The torch rows: nncompress int8_dynamic runs fbgemm's `quantized::linear_dynamic` on weights "
-        f"prepacked from its own int8 codes, full 8-bit per-tensor activations; the `int_mm` oracle "
+        f"prepacked from its own int8 codes, full 8-bit per-tensor activations"
+        f"{' against the codes at half resolution (this CPU saturates int16 pair sums: round(q/2), scales doubled, exact)' if res['saturates'] else ''}; the `int_mm` oracle "
         f"(per-row symmetric activations, exact int32 GEMM) is the most faithful but its eager elementwise "
         f"quantize/rescale passes cost more than the GEMM saves ({to['x1']:.2f}x / {to['x32']:.2f}x); "
         f"torch.ao's default 7-bit activations (reduce_range) cost it fidelity.\n\n"

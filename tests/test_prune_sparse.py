@@ -436,6 +436,31 @@ def test_prune_until_stable_trains_until_the_indicator_fires_then_prunes():
         EarlyPruningIndicator(sparsity=1.5)
 
 
+def test_sparsify_until_stable_trains_until_the_weights_settle_then_sparsifies():
+    import nncompress
+    from nncompress.core import Context, history
+    from nncompress.prune.sparsity import SparsityConfig
+    from nncompress.zoo.loaders import build_data, build_model
+
+    torch.manual_seed(0)
+    data = build_data({"name": "digits"})
+    model, _ = build_model({"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64]}})  # untrained
+    cfg = SparsityConfig.from_dict({"ratio": 0.5, "scope": "global", "lr": 3e-3,
+                                    "until_stable": {"max_epochs": 12, "threshold": 0.05}})
+    sparse = nncompress.apply(model, cfg, context=Context(data=data))
+    rec = history(sparse)[-1]["record"]["until_stable"]
+    assert rec["fired_epoch"] is not None and rec["epochs"] == rec["fired_epoch"] < 12
+    assert len(rec["distance"]) == rec["epochs"] and all(d < 0.05 for d in rec["distance"][-2:])
+    weights = [m.weight for m in sparse.modules() if isinstance(m, nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(zeros - 0.5) < 0.01
+    from nncompress.eval.metrics import accuracy
+    assert accuracy(sparse, data.test) > 0.5  # trained before sparsifying: far above 10% chance
+    with pytest.raises(ConfigError, match="until_stable: the early pruning indicator watches single weights"):
+        SparsityConfig.from_dict({"granularity": {"kind": "nm", "n": 2, "m": 4}, "until_stable": {}})
+    assert SparsityConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_fit_stops_after_the_epoch_its_callback_says():
     x = _correlated(n=64)
     data = _bundle(x, (x[:, 0] > 0).long())

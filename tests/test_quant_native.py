@@ -51,10 +51,14 @@ def test_fbgemm_kernel_matches_float64_reference_of_its_integer_arithmetic(shape
     x, layer = torch.randn(m, k) * 2 + 0.3, nn.Linear(k, n)   # asymmetric range: the zero point matters
     q = Int8DynamicLinear.from_linear(layer, reduce_range=reduce_range)
     assert q.kernel == "fbgemm" and q.reduce_range is reduce_range
-    assert q.effective_reduce_range is (fbgemm_saturates() if reduce_range is None else reduce_range)
+    codes, scale, seven_bit = q.kernel_operands()
+    assert seven_bit is bool(reduce_range)   # 7-bit activations only when asked for
+    halved = reduce_range is None and fbgemm_saturates()   # auto on a saturating CPU: codes at half resolution
+    assert torch.equal(codes, torch.round(q.weight_q / 2).to(torch.int8) if halved else q.weight_q)
+    assert torch.equal(scale, q.weight_scale * 2 if halved else q.weight_scale)
     int_mm = Int8DynamicLinear.from_linear(layer, kernel="int_mm")
-    assert torch.equal(q.weight_q, int_mm.weight_q)   # the same weight codes feed both kernels
-    ref = fbgemm_linear_reference(x, q.weight_q, q.weight_scale, q.bias, reduce_range=q.effective_reduce_range)
+    assert torch.equal(q.weight_q, int_mm.weight_q)   # the same stored weight codes feed both kernels
+    ref = fbgemm_linear_reference(x, codes, scale, q.bias, reduce_range=seven_bit)
     if reduce_range is False and fbgemm_saturates():
         # 8-bit activations asked for on a CPU whose kernel saturates (no AVX512-VNNI): it runs, and says so
         import nncompress.quant.native as native
@@ -77,14 +81,16 @@ def test_auto_reduce_range_is_exact_on_this_cpu():
     k, n = 256, 32
     layer = nn.Linear(k, n)
     q = Int8DynamicLinear.from_linear(layer)
-    assert q.reduce_range is None and q.effective_reduce_range is fbgemm_saturates()
+    assert q.reduce_range is None and q.kernel_operands()[2] is False   # 8-bit activations on every CPU
     with torch.no_grad():   # every row holds codes +-127 throughout: worst case for pairwise int16 sums
         q.weight_q.copy_(torch.where(torch.rand(n, k) < 0.5, 127, -127).to(torch.int8))
         q.weight_q[::2] = 127
     x = torch.rand(6, k) * 0.1
-    x[:, ::2] = 1.0         # half of each row quantizes to the grid's top (255, or 127 in 7-bit)
+    x[:, ::2] = 1.0         # half of each row quantizes to the grid's top (255)
     x[0] = 1.0
-    ref = fbgemm_linear_reference(x, q.weight_q, q.weight_scale, q.bias, reduce_range=q.effective_reduce_range)
+    codes, scale, seven_bit = q.kernel_operands()
+    assert int(codes.abs().max()) == (64 if fbgemm_saturates() else 127)
+    ref = fbgemm_linear_reference(x, codes, scale, q.bias, reduce_range=seven_bit)
     got = q(x).double()
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # the probe's answer is the kernel's behaviour: with 8-bit activations it is exact iff it does not saturate

@@ -29,6 +29,7 @@ from ..core.surgery import plain_sites
 from ..core import names, register
 from ..core.objectives import objective, require_data
 from ..core.calibration import BlockInputs, LayerStats, block_chain, calibrate, gradient_sums, sequential_blocks
+from .epi import UntilStable, train_until_stable
 from .granularity import NM, Element, Pattern, Vector, granularity_from_dict, granularity_to_dict
 from .masks import (global_masks, magnitude_scores, nm_mask, pattern_mask, random_scores, row_mask,
                     snip_scores, sparsegpt_prune, taylor_scores, unstructured_mask, vector_mask,
@@ -59,6 +60,10 @@ class SparsityConfig(TrainConfig):
                   2024: a layer's ratio falls with its share of outlier Wanda scores, above `owl_m` times its
                   mean, within ratio +- `owl_lambda`, the parameter-weighted mean kept at `ratio`; wanda /
                   sparsegpt, element, one-shot)
+    until_stable: `{max_epochs: 20}` trains on the stage's objective before sparsifying until the Early
+                  Pruning Indicator (seed 000) sees the top weights at `ratio` (element granularity, the
+                  stage's scope) stop moving (`epi.UntilStable`), then sparsifies; the record says at which
+                  epoch it fired, or that it did not within max_epochs
     """
 
     renamed: ClassVar[dict[str, str]] = {
@@ -85,6 +90,7 @@ class SparsityConfig(TrainConfig):
     layer_budgets: Literal["uniform", "owl"] = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    until_stable: UntilStable | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -125,6 +131,8 @@ class SparsityConfig(TrainConfig):
             check(self.owl_m > 0, "owl_m", f"must be > 0, got {self.owl_m}")
             check(0 <= self.owl_lambda <= min(self.target, 1 - self.target), "owl_lambda",
                   f"must keep every layer's ratio in [0, 1]: 0 <= owl_lambda <= {min(self.target, 1 - self.target):g}")
+        check(self.until_stable is None or isinstance(g, Element), "until_stable",
+              f"the early pruning indicator watches single weights; use granularity: element, not {kind}")
         check(not (self.soft or self.schedule == "gradual") or self.epochs > 0, "epochs",
               "soft masks and the gradual schedule act while training; set epochs > 0")
 
@@ -197,6 +205,10 @@ def _sparsify(model: nn.Module, config: SparsityConfig, ctx: Context, sites: lis
         if not layers:
             raise ConfigError("targets", "no Linear or Conv layer left to sparsify; widen targets"
                               + (f" (skipped: {skipped})" if skipped else ""))
+        if config.until_stable is not None:
+            ctx.record["until_stable"] = train_until_stable(
+                model, ctx, config.until_stable, config.target, "element", config.scope, TrainConfig.of(config),
+                "sparsify-until-stable")
         job = _Job(model, layers, config, ctx, torch.Generator().manual_seed(config.seed), [])
         job.loss = objective(ctx, "sparsify.epochs", model) if config.epochs else None
         masks = _run(job)

@@ -25,11 +25,15 @@ kernel="fbgemm" (default, the fast one): `torch.ops.quantized.linear_dynamic` on
     With 7-bit activations (qmax 127, `reduce_range=True`, torch.ao's quantize_dynamic default) a pair
     is at most 127 * 127 * 2 = 32258 and the GEMM is exact. The default `reduce_range=None` decides on
     the machine that runs the layer: `fbgemm_saturates()` runs the kernel once on such a crafted input
-    and compares with the exact integer sum; it is True there (7-bit activations: exact, at some
-    accuracy: all-MiniLM-L6-v2 ~0.95 cosine instead of ~0.99) and False on VNNI CPUs, whose VPDPBUSD
-    accumulates in int32 (full 8-bit activations, exact). The setting is stored as given (None stays
-    auto), so a checkpoint moved to another CPU picks that CPU's answer. An explicit False on a
-    saturating CPU runs as asked, with a one-time warning that the results are saturated.
+    and compares with the exact integer sum. Where it is True, the layer keeps 8-bit activations and
+    packs its weight codes at half resolution instead (round(q / 2) in [-64, 64], scales doubled; the
+    stored 8-bit codes do not change): a pair is at most 255 * 64 * 2 = 32640, exact, and per-tensor
+    activations, the coarser of the two grids, keep their precision (all-MiniLM-L6-v2: 0.9909 cosine
+    to fp32, against 0.9761 with 7-bit activations; 0.9933 with 8-bit codes on a VNNI CPU). On
+    VNNI CPUs, whose VPDPBUSD accumulates in int32, codes and activations are 8-bit. `kernel_operands()`
+    says what the GEMM runs. The setting is stored as given (None stays auto), so a checkpoint moved to
+    another CPU picks that CPU's answer. An explicit False on a saturating CPU runs as asked, with a
+    one-time warning that the results are saturated.
 kernel="int_mm" (the oracle, slower): one symmetric scale per row, our own elementwise code, then
     `torch._int_mm` (exact int32 GEMM; CPU kernels in torch >= 2.4):
 
@@ -47,8 +51,9 @@ rebuilds them (int8 codes and scales come from the safetensors file).
 >>> bool(torch.allclose(q(x), int8_linear_reference(x, q.weight_q, q.weight_scale, q.bias).float(), atol=1e-5))
 True
 >>> f = Int8DynamicLinear.from_linear(layer)   # fbgemm: same weight codes, per-tensor activations
->>> ref = fbgemm_linear_reference(x, f.weight_q, f.weight_scale, f.bias, reduce_range=f.effective_reduce_range)
->>> bool(torch.allclose(f(x), ref.float(), atol=1e-4))   # 8-bit or, where fbgemm saturates, 7-bit activations
+>>> codes, scale, reduce_range = f.kernel_operands()   # where fbgemm saturates: codes at half resolution
+>>> ref = fbgemm_linear_reference(x, codes, scale, f.bias, reduce_range=reduce_range)
+>>> bool(torch.allclose(f(x), ref.float(), atol=1e-4))
 True
 >>> q.weight_q.dtype, tuple(q.weight_scale.shape)
 (torch.int8, (4,))
@@ -77,6 +82,7 @@ __all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "quantize_rows", "int8_line
 Kernel = Literal["fbgemm", "int_mm"]
 
 QMAX = 127  # symmetric int8 grid [-127, 127]: no zero point, so no correction term in the GEMM
+HALF = 64   # the codes fbgemm packs at half resolution where it saturates: 255 * 64 * 2 fits int16
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -148,8 +154,8 @@ def fbgemm_saturates() -> bool:
     Runs `quantized.linear_dynamic` once (per quantized engine, then cached) on activations that
     quantize to 255 against weight codes 127, where each pair of products (64770) overflows int16, and
     compares with the exact integer result: x86 CPUs without AVX512-VNNI (VPMADDUBSW) saturate, VNNI
-    CPUs (VPDPBUSD, int32 accumulation) do not. `Int8DynamicLinear(reduce_range=None)` uses 7-bit
-    activations where this is True.
+    CPUs (VPDPBUSD, int32 accumulation) do not. `Int8DynamicLinear(reduce_range=None)` packs its
+    weight codes at half resolution where this is True (see `Int8DynamicLinear.kernel_operands`).
     """
     return _fbgemm_saturates(torch.backends.quantized.engine)
 
@@ -176,7 +182,8 @@ def _warn_saturation() -> None:
         _warned_saturation = True
         warnings.warn("Int8DynamicLinear(reduce_range=False): fbgemm saturates int16 pair sums on this CPU "
                       "(no AVX512-VNNI), so full 8-bit activations give saturated, inexact outputs; set "
-                      "reduce_range=None (auto: 7-bit activations here) or True, or use kernel='int_mm'",
+                      "reduce_range=None (auto: half-resolution weight codes here) or True (7-bit activations), "
+                      "or use kernel='int_mm'",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -198,7 +205,7 @@ class Int8DynamicLinear(Wrapper):
 
     holds_values = True
     rewrap_types = (nn.Linear,)
-    reduce_range: bool | None   # fbgemm's activation grid: True 7-bit, False 8-bit, None auto (per CPU)
+    reduce_range: bool | None   # True 7-bit activations, False 8-bit, None auto (per CPU: kernel_operands)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernel: Kernel = "fbgemm",
                  reduce_range: bool | None = None):
@@ -238,19 +245,23 @@ class Int8DynamicLinear(Wrapper):
         if self.kernel == "int_mm":
             return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
         key = self._buffers_version()
+        codes, scale, reduce_range = self.kernel_operands()
         if self._packed is None or key != self._packed_key:
-            self._packed = fbgemm_prepack(self.weight_q, self.weight_scale, self.bias)
+            self._packed = fbgemm_prepack(codes, scale, self.bias)
             self._packed_key = key
         if self.reduce_range is False and fbgemm_saturates():
             _warn_saturation()
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed,
-                                                  self.effective_reduce_range).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, reduce_range).to(x.dtype)
 
-    @property
-    def effective_reduce_range(self) -> bool:
-        """The activation grid fbgemm runs with here: `reduce_range`, or when it is None (auto)
-        7-bit where this CPU's kernel saturates (`fbgemm_saturates()`), 8-bit elsewhere."""
-        return fbgemm_saturates() if self.reduce_range is None else bool(self.reduce_range)
+    def kernel_operands(self) -> tuple[Tensor, Tensor, bool]:
+        """(weight codes (O, I), scales (O,), 7-bit activations?) that fbgemm's GEMM runs here: the stored
+        codes and the grid `reduce_range` sets; when it is None (auto) on a CPU whose kernel saturates
+        (`fbgemm_saturates()`), the codes at half resolution, round(q / 2) in [-64, 64] with the scales
+        doubled, against 8-bit activations (exact: a pair of products is at most 255 * 64 * 2 = 32640)."""
+        if self.reduce_range is None and fbgemm_saturates():
+            halved = torch.round(self.weight_q.float() / 2).clamp(-HALF, HALF).to(torch.int8)
+            return halved, self.weight_scale * 2, False
+        return self.weight_q, self.weight_scale, bool(self.reduce_range)
 
     # the prepacked weight is derived state: rebuilt when a buffer is written in place (its version
     # counter moves), loaded or moved
@@ -351,8 +362,9 @@ class Int8DynamicConfig(Config):
     kernel: "fbgemm" (fast; per-tensor uint8 activations chosen by fbgemm at run time) or "int_mm"
             (per-row symmetric int8 activations, `torch._int_mm`; more accurate, slower on CPU).
     reduce_range: fbgemm only: True 7-bit activations, False 8-bit, None (default) decided on the
-            machine that runs the layer: 7-bit where fbgemm saturates int16 pair sums (x86 without
-            AVX512-VNNI, `fbgemm_saturates()`), 8-bit elsewhere; kept as None in saved checkpoints.
+            machine that runs the layer: 8-bit activations against weight codes packed at half resolution
+            where fbgemm saturates int16 pair sums (x86 without AVX512-VNNI, `fbgemm_saturates()`), 8-bit
+            codes elsewhere; kept as None in saved checkpoints.
     Choose the layers with `targets`.
     """
 
