@@ -245,13 +245,14 @@ class Int8DynamicLinear(Wrapper):
         if self.kernel == "int_mm":
             return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
         key = self._buffers_version()
-        codes, scale, reduce_range = self.kernel_operands()
-        if self._packed is None or key != self._packed_key:
+        if self._packed is None or key != self._packed_key:   # the operands are derived once per packing
+            codes, scale, _ = self.kernel_operands()
             self._packed = fbgemm_prepack(codes, scale, self.bias)
             self._packed_key = key
         if self.reduce_range is False and fbgemm_saturates():
             _warn_saturation()
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, reduce_range).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed,
+                                                  bool(self.reduce_range)).to(x.dtype)
 
     def kernel_operands(self) -> tuple[Tensor, Tensor, bool]:
         """(weight codes (O, I), scales (O,), 7-bit activations?) that fbgemm's GEMM runs here: the stored
